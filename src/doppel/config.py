@@ -1,0 +1,147 @@
+"""Typed, validated configs for each stage.
+
+One name per knob: the dataclass field `session_gap` is the YAML key `session_gap` and the flag
+`--session-gap`. Precedence: field defaults, then `--config file.yaml`, then flags given on the
+command line. The resolved config is written next to the stage's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import click
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or file is invalid; the message is shown to the user as is."""
+
+
+def knob(default: Any, help: str, **extra: Any) -> Any:
+    """A config field with its help text (shown by `--help`)."""
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    session_gap: float = knob(10.0, "minutes of silence that start a new session")
+    include_groups: bool = knob(False, "also use group chats (off by default)")
+    chat: tuple[str, ...] = knob((), "use only these chats (name or id; repeatable)")
+    exclude_chat: tuple[str, ...] = knob((), "never use these chats (name or id; repeatable)")
+    me: str | None = knob(None, "the account owner's id, e.g. user123 (overrides detection)")
+    train_on: tuple[str, ...] = knob(("all",), "whose turns are targets: all, me, or names/ids")
+    eval_fraction: float = knob(0.05, "share of each chat's newest sessions held out for eval")
+    keep_service: bool = knob(False, "keep service messages (calls, pins…) as [action] lines")
+    keep_forwarded: bool = knob(False, "keep forwarded messages (not the sender's own words)")
+    keep_media: bool = knob(False, "keep media without a caption as [photo]-style lines")
+    redact: bool = knob(False, "replace phone numbers, e-mails and card numbers by placeholders")
+    pseudonymize: bool = knob(False, "replace people's names by consistent aliases")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.session_gap <= 60 * 24 * 365:
+            raise ConfigError(f"session_gap must be a positive number of minutes, got {self.session_gap}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.train_on:
+            raise ConfigError("train_on needs at least one value: all, me, or a name/id")
+
+
+C = TypeVar("C")
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Check and convert one YAML value to the field's type."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(name, args[0], v) for v in items)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    if kind in (int, str) and not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load(cls: type[C], path: Path | None, overrides: Mapping[str, Any]) -> C:
+    """Build a config: defaults < YAML file < overrides. Raises `ConfigError`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of option: value")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update(overrides)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+def dump(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    data = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items()}
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding one flag per config field (`session_gap` → `--session-gap`)."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(dataclasses.fields(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            args = typing.get_args(kind)
+            extra: dict[str, Any] = {"default": None, "help": f.metadata.get("help")}
+            if kind is bool:
+                decl = [f"{flag}/--no-{flag[2:]}", f.name]
+            else:
+                decl = [flag, f.name]
+                inner = next((a for a in args if a is not type(None)), kind)
+                if typing.get_origin(kind) is tuple:
+                    extra.update(multiple=True, default=())
+                    inner = args[0]
+                if typing.get_origin(inner) is Literal:
+                    extra["type"] = click.Choice([str(a) for a in typing.get_args(inner)])
+                elif inner in (int, float):
+                    extra["type"] = inner
+                elif inner is Path:
+                    extra["type"] = click.Path(path_type=Path)
+            func = click.option(*decl, **extra)(func)
+        return func
+
+    return decorate
+
+
+def given(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags the user actually gave (unset flags are None or an empty tuple)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in params.items() if k in names and v is not None and v != ()}

@@ -1,0 +1,176 @@
+"""`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
+
+The dataset is built in a temporary sibling directory and swapped into place only when complete,
+so a failed run never leaves a half-written dataset and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from doppel import config, privacy, sessions
+from doppel.config import PrepareConfig
+from doppel.sessions import Census, Session
+from doppel.telegram import ExportError, Header, UnusualLayout, iter_export, read_header
+
+TRAIN_FILE, EVAL_FILE, STATS_FILE = "sessions.train.jsonl", "sessions.eval.jsonl", "stats.json"
+
+
+def prepare(export: Path, out: Path, cfg: PrepareConfig,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Build the dataset in `out` and return its stats. Raises `ExportError` on bad input."""
+    header = read_header(export)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        census = _collect(export, header, cfg, work / "spool.jsonl", progress)
+        stats = _write(census, header, cfg, work)
+        (work / "spool.jsonl").unlink()
+        write_stats(stats, work)
+        config.dump(cfg, work / "config.yaml")
+        _swap(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return stats
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / STATS_FILE).exists():
+        raise ExportError(f"{out} is not empty and not a doppel dataset; refusing to replace it")
+
+
+def _swap(work: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
+             progress: Callable[[int, int], None] | None) -> Census:
+    size = export.stat().st_size if export.is_file() else (export / "result.json").stat().st_size
+    for general in (False, True):
+        with spool.open("w", encoding="utf-8") as handle:
+            try:
+                items = iter_export(export, general=general,
+                                    on_read=(lambda n: progress(n, size)) if progress else None)
+                return sessions.collect(items, cfg, handle)
+            except UnusualLayout:
+                continue  # the general reader starts over from the first byte
+    raise AssertionError("unreachable: the general reader does not raise UnusualLayout")
+
+
+def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> dict[str, Any]:
+    unmatched = [v for v in cfg.chat if v not in census.matched]
+    if unmatched:
+        raise ExportError(f"--chat {unmatched[0]!r} matched no chat in the export")
+    owner = sessions.resolve_owner(header, census, cfg)
+    activity = sum(census.senders, Counter())
+    labels = sessions.unique_labels(census.names, activity)
+    trained = sessions.trained_ids(cfg, owner, labels)
+    rename: Callable[[str], str] = lambda text: text  # noqa: E731
+    if cfg.pseudonymize:
+        alias = privacy.aliases(sid for sid, _ in activity.most_common())
+        rename = privacy.name_replacer({n: alias[s] for s, n in census.names.items() if n})
+        labels = {sid: alias.get(sid, label) for sid, label in labels.items()}
+    spool = work / "spool.jsonl"
+
+    def kept() -> Iterator[Session]:
+        with spool.open(encoding="utf-8") as handle:
+            yield from sessions.sessions(handle, census, labels, trained, rename)
+
+    per_chat = Counter(s.chat["id"] for s in kept())
+    if not per_chat:
+        raise ExportError("no usable conversations in the export: no session with a reply "
+                          "(check the chat selection, --include-groups or --train-on)")
+    to_eval = sessions.eval_counts(per_chat, cfg.eval_fraction)
+    seen: Counter[int] = Counter()
+    counts = Counter[str]()
+    speakers: dict[str, Counter[str]] = {}
+    n_turns = n_messages = 0
+    with (work / TRAIN_FILE).open("w", encoding="utf-8") as train, \
+            (work / EVAL_FILE).open("w", encoding="utf-8") as held_out:
+        for session in kept():
+            chat = session.chat["id"]
+            seen[chat] += 1
+            split = "eval" if seen[chat] > per_chat[chat] - to_eval[chat] else "train"
+            counts[split] += 1
+            (held_out if split == "eval" else train).write(
+                json.dumps(session.to_json(), ensure_ascii=False) + "\n")
+            for turn in session.turns:
+                person = speakers.setdefault(turn.speaker_id, Counter())
+                person["messages"] += len(turn.messages)
+                person["turns"] += 1
+                n_messages += len(turn.messages)
+            n_turns += len(session.turns)
+    total = counts["train"] + counts["eval"]
+    owner_name = labels.get(owner) if owner else None
+    return _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat),
+                  n_turns / total, n_messages)
+
+
+def _stats(census: Census, owner: str | None, owner_name: str | None, labels: dict[str, str],
+           speakers: dict[str, Counter[str]], counts: Counter[str], chats: int,
+           turns_per_session: float, messages: int) -> dict[str, Any]:
+    ranked = sorted(speakers.items(), key=lambda kv: (-kv[1]["messages"], kv[0]))
+    total = counts["train"] + counts["eval"]
+    return {
+        "owner": {"id": owner, "name": owner_name},
+        "chats": chats,
+        "sessions": {"train": counts["train"], "eval": counts["eval"]},
+        "turns_per_session": round(turns_per_session, 4),
+        "messages_per_session": round(messages / total, 4),
+        "messages": messages,
+        "speakers": [{"id": sid, "name": labels[sid], "messages": c["messages"], "turns": c["turns"]}
+                     for sid, c in ranked],
+        "dropped": dict(census.dropped.most_common()),
+        "excluded_chats": dict(census.excluded_chats.most_common()),
+    }
+
+
+def write_stats(stats: dict[str, Any], out: Path) -> None:
+    (out / STATS_FILE).write_text(json.dumps(stats, ensure_ascii=False, indent=1) + "\n",
+                                  encoding="utf-8")
+
+
+def load_sessions(dataset: Path, split: str = "train") -> Iterator[Session]:
+    """Read one split of a dataset directory."""
+    path = dataset / (TRAIN_FILE if split == "train" else EVAL_FILE)
+    if not path.is_file():
+        raise ExportError(f"{dataset} is not a doppel dataset (no {path.name}); run doppel prepare")
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            yield Session.from_json(json.loads(line))
+
+
+def summary(stats: dict[str, Any], top: int = 5) -> list[str]:
+    """Human summary lines of a dataset's stats."""
+    total = stats["sessions"]["train"] + stats["sessions"]["eval"]
+    lines = [f"{total:,} sessions from {stats['chats']:,} chats, "
+             f"{stats['messages_per_session']:.2f} messages per session on average "
+             f"({stats['sessions']['train']:,} train, {stats['sessions']['eval']:,} eval)"]
+    owner = stats["owner"]
+    lines.append(f"you: {owner['name']} ({owner['id']})" if owner["id"] else "you: unknown (--me)")
+    people = ", ".join(f"{s['name']} {s['messages']:,}" for s in stats["speakers"][:top])
+    lines.append(f"top speakers (messages): {people}")
+    if stats["dropped"]:
+        lines.append("messages dropped: "
+                     + ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()))
+    if stats.get("excluded_chats"):
+        lines.append("chats not used: "
+                     + ", ".join(f"{k} {v:,}" for k, v in stats["excluded_chats"].items()))
+    return lines

@@ -1,0 +1,256 @@
+"""Chat selection, filtering, owner and speaker resolution, time-gap sessions, and the eval split.
+
+Two passes keep memory independent of the export's size: `collect` streams the export once and
+spools candidate sessions (ids only) to disk while counting people; `finalize` resolves the owner
+and unique speaker labels, applies the minimum-context rule and splits train/eval per chat.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from doppel import privacy
+from doppel.config import PrepareConfig
+from doppel.telegram import Chat, ExportError, Header, Message
+
+SERVICE_CHAT = 777000  # "Telegram" notifications: login codes
+GROUP_TYPES = frozenset({"private_group", "private_supergroup", "public_supergroup"})
+_EXCLUSION = {
+    "bot_chat": "bot", "saved_messages": "saved messages", "replies": "replies",
+    "verification_codes": "verification codes", "private_channel": "channel",
+    "public_channel": "channel",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    speaker: str
+    speaker_id: str
+    messages: tuple[str, ...]
+    train: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    chat: dict[str, Any]  # {"id", "name", "type"}
+    start: int
+    end: int
+    turns: tuple[Turn, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "chat": self.chat, "start": self.start, "end": self.end,
+                "turns": [{"speaker": t.speaker, "speaker_id": t.speaker_id,
+                           "messages": list(t.messages), "train": t.train} for t in self.turns]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Session:
+        turns = tuple(Turn(t["speaker"], t["speaker_id"], tuple(t["messages"]), bool(t["train"]))
+                      for t in data["turns"])
+        return cls(data["id"], data["chat"], data["start"], data["end"], turns)
+
+
+@dataclass
+class Census:
+    """What the first pass learned about the export (small: per chat and per person)."""
+
+    chats: list[Chat] = field(default_factory=list)
+    senders: list[Counter[str]] = field(default_factory=list)  # per chat: kept messages per id
+    names: dict[str, str | None] = field(default_factory=dict)
+    dropped: Counter[str] = field(default_factory=Counter)
+    excluded_chats: Counter[str] = field(default_factory=Counter)
+    matched: set[str] = field(default_factory=set)  # --chat values that matched a chat
+
+
+def _matches(chat: Chat, wanted: Iterable[str]) -> str | None:
+    for value in wanted:
+        if value.lstrip("-").isdigit() and int(value) == chat.id:
+            return value
+        if chat.name is not None and value.casefold() == chat.name.casefold():
+            return value
+    return None
+
+
+def exclusion(chat: Chat, cfg: PrepareConfig, census: Census) -> str | None:
+    """Why a chat is not used (None when it is)."""
+    if cfg.chat:
+        hit = _matches(chat, cfg.chat)
+        if hit is None:
+            return "not chosen"
+        census.matched.add(hit)
+    if _matches(chat, cfg.exclude_chat) is not None:
+        return "excluded by --exclude-chat"
+    if cfg.chat:
+        return None
+    if chat.type == "personal_chat":
+        return "Telegram service" if chat.id == SERVICE_CHAT else None
+    if chat.type in GROUP_TYPES:
+        return None if cfg.include_groups else "group"
+    return _EXCLUSION.get(chat.type or "", "other")
+
+
+def message_text(m: Message, cfg: PrepareConfig) -> str | None:
+    """The text a message contributes, or None with the reason counted by the caller."""
+    if m.kind == "service":
+        return f"[{m.media}]" if cfg.keep_service else None
+    if m.forwarded and not cfg.keep_forwarded:
+        return None
+    if m.kind == "media":
+        return f"[{m.media}]" if cfg.keep_media else None
+    if m.kind in ("empty", "unsupported"):
+        return None
+    text = m.text.strip()
+    if text and cfg.redact:
+        text = privacy.redact(text, m.sensitive)
+    return text or None
+
+
+def _drop_reason(m: Message) -> str:
+    if m.forwarded and m.kind != "service":
+        return "forwarded"
+    return m.kind if m.kind in ("service", "media", "unsupported") else "empty"
+
+
+def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str]) -> Census:
+    """First pass: stream the export, spool each session with at least two turns as JSON."""
+    census = Census()
+    gap = cfg.session_gap * 60
+    skipping = True
+    turns: list[list[Any]] = []  # [sender_id, [texts]]
+    first_id = start = last = 0
+
+    def flush() -> None:
+        if len(turns) >= 2:
+            spool.write(json.dumps([len(census.chats) - 1, first_id, start, last, turns],
+                                   ensure_ascii=False) + "\n")
+        elif turns:
+            census.dropped["single-speaker session"] += 1
+        turns.clear()
+
+    for item in items:
+        if isinstance(item, Chat):
+            flush()
+            census.chats.append(item)
+            census.senders.append(Counter())
+            reason = exclusion(item, cfg, census)
+            skipping = reason is not None
+            if skipping:
+                census.excluded_chats[reason or ""] += 1
+            continue
+        if skipping:
+            census.dropped["excluded chat"] += 1
+            continue
+        text = message_text(item, cfg)
+        if text is None:
+            census.dropped[_drop_reason(item)] += 1
+            continue
+        census.senders[-1][item.sender_id] += 1
+        if item.sender_name is not None or item.sender_id not in census.names:
+            census.names[item.sender_id] = item.sender_name
+        # total seconds between messages: a gap of a day and two minutes is a day, not two minutes
+        if turns and item.ts - last > gap:
+            flush()
+        if not turns:
+            first_id, start = item.id, item.ts
+        if turns and turns[-1][0] == item.sender_id:
+            turns[-1][1].append(text)
+        else:
+            turns.append([item.sender_id, [text]])
+        last = item.ts
+    flush()
+    return census
+
+
+def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | None:
+    """The owner's id by the rules of the export format; `--me` overrides."""
+    if cfg.me:
+        me = cfg.me if not cfg.me.isdigit() else f"user{cfg.me}"
+        return me
+    if header.owner_id:
+        return header.owner_id
+    saved = next((c for c in census.chats if c.type == "saved_messages"), None)
+    if saved is not None:
+        return f"user{saved.id}"
+    personal = [(c, s) for c, s in zip(census.chats, census.senders, strict=True)
+                if c.type in ("personal_chat", "bot_chat") and s]
+    if header.layout == "single" and personal:
+        chat, senders = personal[0]
+        others = [sid for sid in senders if sid != f"user{chat.id}"]
+        return others[0] if others else None
+    if header.layout == "full" and personal:
+        common = set.intersection(*(set(s) for _, s in personal))
+        if len(common) == 1:
+            return common.pop()
+    if header.layout == "single":
+        counts = sum(census.senders, Counter())
+        listing = "; ".join(f"{sid} {census.names.get(sid) or 'Deleted Account'} ({n} messages)"
+                            for sid, n in counts.most_common(10))
+        raise ExportError(f"cannot tell which member is you in a group export; pass --me ID, one of: "
+                          f"{listing or 'no senders found'}")
+    return None
+
+
+def unique_labels(names: dict[str, str | None], activity: Counter[str]) -> dict[str, str]:
+    """Display name per id; when ids share a name, the less active ones get "Name (2)", "(3)"…"""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for sid in sorted(names, key=lambda s: (-activity[s], s)):
+        by_name[names[sid] or "Deleted Account"].append(sid)
+    labels: dict[str, str] = {}
+    taken = set(by_name)
+    for name, ids in by_name.items():
+        labels[ids[0]] = name
+        for n, sid in enumerate(ids[1:], 2):
+            label = f"{name} ({n})"
+            while label in taken:
+                n += 1
+                label = f"{name} ({n})"
+            taken.add(label)
+            labels[sid] = label
+    return labels
+
+
+def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str]) -> set[str] | None:
+    """Ids whose turns are targets (None: everyone). Unknown names are an error with suggestions."""
+    if "all" in cfg.train_on:
+        return None
+    chosen: set[str] = set()
+    by_label = {label.casefold(): sid for sid, label in labels.items()}
+    for value in cfg.train_on:
+        if value == "me":
+            if owner is None:
+                raise ExportError("--train-on me needs to know who you are; pass --me ID")
+            chosen.add(owner)
+        elif value in labels or (value.isdigit() and f"user{value}" in labels):
+            chosen.add(value if value in labels else f"user{value}")
+        elif value.casefold() in by_label:
+            chosen.add(by_label[value.casefold()])
+        else:
+            close = difflib.get_close_matches(value, labels.values(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ExportError(f"--train-on {value!r} is not a speaker in this export{hint}")
+    return chosen
+
+
+def sessions(spool: Iterable[str], census: Census, labels: dict[str, str],
+             trained: set[str] | None, rename: Callable[[str], str]) -> Iterator[Session]:
+    """Sessions from the spool that satisfy the minimum-context rule, in file order."""
+    for line in spool:
+        chat_index, first_id, start, end, raw_turns = json.loads(line)
+        turns = tuple(Turn(labels[sid], sid, tuple(rename(t) for t in texts),
+                           trained is None or sid in trained) for sid, texts in raw_turns)
+        if not any(t.train for t in turns[1:]):
+            continue  # a reply needs context: some trained turn must follow another turn
+        chat = census.chats[chat_index]
+        name = chat.name if chat.type != "personal_chat" else labels.get(f"user{chat.id}", chat.name)
+        yield Session(f"{chat.id}:{first_id}", {"id": chat.id, "name": rename(name or ""),
+                                                "type": chat.type}, start, end, turns)
+
+
+def eval_counts(per_chat: Counter[int], fraction: float) -> dict[int, int]:
+    """How many of each chat's newest sessions go to eval (rounded half up)."""
+    return {chat: int(n * fraction + 0.5) for chat, n in per_chat.items()}

@@ -1,0 +1,385 @@
+"""Streaming reader for Telegram Desktop JSON exports (both layouts) → `Chat` and `Message` records.
+
+Facts about the format (field shapes, quirks, owner rules) are in docs/telegram-format.md.
+Memory stays constant in the file size: ijson's C backend builds one message at a time, and chat
+boundaries are found by scanning the byte stream for chat headers (see `_scan`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import ijson
+
+from doppel.repair import RepairingReader
+
+Layout = Literal["full", "single"]
+OnRead = Callable[[int], None] | None  # told the number of bytes read so far
+_USER_SHIFT = 1 << 32  # v1.4.8-v2.7.1 exports wrote peer ids shifted by 2^32 (users) / 2^33 (chats)
+_SENSITIVE = frozenset({"phone", "email", "bank_card"})
+_MEDIA_KEYS = (
+    "photo", "file", "contact_information", "location_information", "poll", "todo_list",
+    "game_title", "invoice_information", "giveaway_information", "paid_stars_amount", "place_name",
+)
+
+
+class ExportError(Exception):
+    """The input is not a readable Telegram Desktop JSON export."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    id: int
+    type: str | None
+    name: str | None
+    left: bool = False  # from the `left_chats` section of a full export
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    ts: int  # unix seconds, UTC
+    sender_id: str  # "user123", "channel123", "chat123"
+    sender_name: str | None  # display name at export time; None for deleted accounts
+    text: str  # plain text: caption for media, the emoji for a sticker
+    kind: Literal["text", "sticker", "media", "service", "empty", "unsupported"]
+    media: str | None = None  # media type or service action, e.g. "photo", "voice_message"
+    forwarded: bool = False
+    sensitive: tuple[tuple[str, str], ...] = ()  # (type, text) of phone/e-mail/bank-card entities
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    layout: Layout
+    owner_id: str | None  # from personal_information (full export) or None
+
+
+def peer_id(raw: int | str | None) -> str:
+    """Normalise a `from_id` of any format version to the "user123" form."""
+    if isinstance(raw, str):
+        return raw
+    if raw is None:
+        return "unknown"
+    if raw >= 2 * _USER_SHIFT:
+        return f"chat{raw - 2 * _USER_SHIFT}"
+    return f"user{raw - _USER_SHIFT if raw >= _USER_SHIFT else raw}"
+
+
+def chat_id(raw: Any) -> int:
+    """Bare chat id; undoes the shift of v1.4.8-v2.7.1 exports."""
+    value = int(raw)
+    if value >= 2 * _USER_SHIFT:
+        return value - 2 * _USER_SHIFT
+    return value - _USER_SHIFT if value >= _USER_SHIFT else value
+
+
+def _timestamp(m: dict[str, Any]) -> int:
+    unix = m.get("date_unixtime")
+    if unix is not None:
+        return int(unix)
+    # Exports before v3.7.6 have only local wall-clock time; gaps between messages are still right
+    # except across a DST change.
+    return int(datetime.fromisoformat(m["date"]).replace(tzinfo=UTC).timestamp())
+
+
+def _text(raw: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
+    if isinstance(raw, str):
+        return raw, ()
+    if not raw:
+        return "", ()
+    parts: list[str] = []
+    sensitive: list[tuple[str, str]] = []
+    for part in raw:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict):
+            piece = part.get("text") or ""
+            if not isinstance(piece, str):
+                piece = str(piece)
+            parts.append(piece)
+            kind = part.get("type")
+            if kind in _SENSITIVE and piece:
+                sensitive.append((kind, piece))
+    return "".join(parts), tuple(sensitive)
+
+
+def to_message(m: dict[str, Any]) -> Message:
+    """Normalise one raw message object."""
+    kind = m.get("type")
+    if kind == "unsupported" or ("date" not in m and "date_unixtime" not in m):
+        return Message(int(m.get("id", 0)), 0, "unknown", None, "", "unsupported")
+    ts = _timestamp(m)
+    mid = int(m.get("id", 0))
+    if kind == "service":
+        sender = m.get("actor_id", m.get("from_id"))
+        action = m.get("action") or "custom_action"
+        return Message(mid, ts, peer_id(sender), m.get("actor"), "", "service", action)
+    text, sensitive = _text(m.get("text"))
+    sender_id = peer_id(m.get("from_id"))
+    forwarded = "forwarded_from" in m
+    media_type = m.get("media_type")
+    if media_type == "sticker" and not text:
+        emoji = m.get("sticker_emoji")
+        if emoji:
+            return Message(mid, ts, sender_id, m.get("from"), emoji, "sticker", "sticker", forwarded)
+    media = media_type or next((k for k in _MEDIA_KEYS if k in m), None)
+    if media is None and "self_destruct_period_seconds" in m:
+        media = "photo"
+    if text:
+        return Message(mid, ts, sender_id, m.get("from"), text, "text", media, forwarded, sensitive)
+    return Message(mid, ts, sender_id, m.get("from"), "", "media" if media else "empty", media,
+                   forwarded)
+
+
+# --- layout and owner ---------------------------------------------------------------------------
+
+def open_export(path: Path) -> BinaryIO:
+    """Open an export file, turning the common wrong inputs into one clear `ExportError`."""
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "result.json").is_file():
+            path = path / "result.json"
+        elif (path / "export_results.html").exists() or (path / "messages.html").exists():
+            raise ExportError(f"{path} is an HTML export; re-export with 'Machine-readable JSON'")
+        else:
+            raise ExportError(f"{path} has no result.json; point doppel at a Telegram JSON export")
+    handle = path.open("rb")
+    start = handle.read(512).lstrip(b"\xef\xbb\xbf \t\r\n")
+    handle.seek(0)
+    if start[:1] == b"<":
+        handle.close()
+        raise ExportError(f"{path} is an HTML export; re-export with 'Machine-readable JSON'")
+    if start[:1] != b"{":
+        handle.close()
+        raise ExportError(f"{path} is not a Telegram Desktop JSON export (no JSON object)")
+    return handle
+
+
+def read_header(path: Path) -> Header:
+    """Layout and owner id, from the keys written before the first chat."""
+    with open_export(path) as raw:
+        keys: set[str] = set()
+        owner: str | None = None
+        try:
+            for prefix, event, value in ijson.parse(RepairingReader(raw), use_float=True):
+                if prefix == "" and event == "map_key":
+                    keys.add(value)
+                    if value in ("messages", "chats", "left_chats"):
+                        break
+                elif prefix == "personal_information.user_id":
+                    owner = peer_id(int(value))
+        except ijson.JSONError as exc:
+            raise ExportError(f"{path} is not valid JSON ({_short(exc)}); is the file truncated?")
+    if "messages" in keys:
+        return Header("single", None)
+    if keys & {"chats", "left_chats", "personal_information", "about"}:
+        return Header("full", owner)
+    if {"info.json", "msgsCount"} & keys:
+        raise ExportError(f"{path} looks like an exteraGram export; use Telegram Desktop's JSON export")
+    raise ExportError(f"{path} is not a Telegram Desktop export (no 'messages' or 'chats' key)")
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+
+
+# --- the fast streaming pass --------------------------------------------------------------------
+
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+# A chat object as Telegram Desktop writes it: optional name, then type, id, messages.
+_HEADER = re.compile(
+    rb'(?:"name"\s*:\s*(null|' + _STRING + rb')\s*,\s*)?"type"\s*:\s*(null|' + _STRING
+    + rb')\s*,\s*"id"\s*:\s*(-?\d+)\s*,\s*"messages"\s*:\s*\[\Z'
+)
+_KEY = re.compile(rb'"(messages|chats|left_chats)"\s*:\s*([\[{])')
+_LOOKBACK = 4096  # a chat header (name of at most 255 characters, escaped) fits in this
+_CHUNK = 1 << 20
+
+
+class UnusualLayout(Exception):
+    """The fast byte scanner met a layout it does not know; read again with `general=True`."""
+
+
+def _escaped(buf: bytes, quote: int) -> bool:
+    """Whether the quote at `quote` is preceded by an odd run of backslashes (inside a string)."""
+    run = 0
+    while quote - run > 0 and buf[quote - run - 1] == 0x5C:
+        run += 1
+    return run % 2 == 1
+
+
+def _json_string(raw: bytes) -> str:
+    return str(json.loads(raw))
+
+
+def _pieces(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[bytes | Chat | str]:
+    """Repaired bytes cut at anchors: a `Chat` after each chat header (just past `"messages": [`),
+    a list name ("chats" / "left_chats") just past `"chats": {`, with byte pieces in between."""
+    reader = RepairingReader(raw, _CHUNK, on_read)
+    tail = b""  # already handed-out bytes, kept as look-behind for chat headers
+    pending = b""
+    left = False
+    while True:
+        chunk = reader.read()
+        eof = not chunk
+        buf = tail + pending + chunk
+        # keep 64 bytes back so that no key is cut in half, except at the end of the file
+        limit = len(buf) if eof else max(len(tail), len(buf) - 64)
+        given = len(tail)
+        for match in _KEY.finditer(buf, len(tail), limit):
+            if _escaped(buf, match.start()):
+                continue
+            key = match.group(1).decode()
+            if key == "messages":
+                header = _HEADER.search(buf, max(0, match.end() - _LOOKBACK), match.end())
+                if header is None:
+                    raise UnusualLayout(f"unexpected 'messages' key at byte ~{reader.consumed}")
+                name = None if header.group(1) in (None, b"null") else _json_string(header.group(1))
+                kind = None if header.group(2) == b"null" else _json_string(header.group(2))
+                yield buf[given:match.end()]
+                yield Chat(chat_id(header.group(3)), kind, name, left)
+            elif match.group(2) == b"{" and layout == "full":
+                left = key == "left_chats"
+                yield buf[given:match.end()]
+                yield key
+            given = match.end()
+        if given < limit:
+            yield buf[given:limit]
+        if eof:
+            return
+        tail = buf[max(0, limit - _LOOKBACK):limit]
+        pending = buf[limit:]
+
+
+class _SegmentReader:
+    """File-like view of `_pieces` for ijson: one JSON document per chat list.
+
+    ijson's C generator yields every item parsed from one `read` before it reads again, and no
+    piece spans a chat header, so `chats` (announced, not yet taken) always ends with the chat of
+    the item just yielded.
+    """
+
+    def __init__(self, raw: BinaryIO, layout: Layout, on_read: OnRead) -> None:
+        self._pieces = _pieces(raw, layout, on_read)
+        self._seed = b""
+        self.chats: list[Chat] = []
+        self.next_list: str | None = None  # the list whose start ended the current segment
+
+    def begin(self, seed: bytes) -> None:
+        self._seed, self.next_list = seed, None
+
+    def skip_to_list(self) -> str | None:
+        for piece in self._pieces:
+            if isinstance(piece, str):
+                return piece
+        return None
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0 or self.next_list is not None:
+            return b""
+        if self._seed:
+            seed, self._seed = self._seed, b""
+            return seed
+        for piece in self._pieces:
+            if isinstance(piece, bytes):
+                if piece:
+                    return piece
+            elif isinstance(piece, Chat):
+                self.chats.append(piece)
+            else:
+                self.next_list = piece
+                return b""
+        return b""
+
+    def take_chats(self) -> Iterator[Chat]:
+        chats, self.chats = self.chats, []
+        return iter(chats)
+
+
+def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | dict[str, Any]]:
+    reader = _SegmentReader(raw, layout, on_read)
+    current = "messages" if layout == "single" else reader.skip_to_list()
+    while current is not None:
+        if layout == "single":
+            prefix = "messages.item"
+        else:
+            prefix = f"{current}.list.item.messages.item"
+            reader.begin(b'{"' + current.encode() + b'":{')
+        try:
+            for item in ijson.items(reader, prefix, use_float=True, buf_size=_CHUNK):
+                if reader.chats:
+                    yield from reader.take_chats()
+                yield item
+        except ijson.JSONError:
+            if reader.next_list is None:  # not our own cut at the start of the next list
+                raise
+        yield from reader.take_chats()
+        current = None if layout == "single" else reader.next_list
+
+
+# --- the general pass (any key order), used when the scanner is surprised ------------------------
+
+def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | dict[str, Any]]:
+    """Two ijson passes: chat metadata first, then messages; slower but independent of key order."""
+    lists = ("",) if layout == "single" else ("chats.list.item", "left_chats.list.item")
+    chats: list[Chat] = []
+    meta: dict[str, Any] = {}
+    for prefix, event, value in ijson.parse(RepairingReader(raw), use_float=True):
+        base = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+        if base in lists and event in ("string", "number", "null") and prefix != base:
+            meta[prefix.rsplit(".", 1)[-1]] = value
+        elif prefix in lists and event == "end_map":
+            chats.append(Chat(chat_id(meta.get("id", 0)), meta.get("type"), meta.get("name"),
+                              prefix.startswith("left_chats")))
+            meta = {}
+    raw.seek(0)
+    index = -1
+    builder: ijson.ObjectBuilder | None = None
+    item_prefixes = {f"{p}.messages.item" if p else "messages.item" for p in lists}
+    for prefix, event, value in ijson.parse(RepairingReader(raw, on_read=on_read), use_float=True):
+        if prefix in lists and event == "start_map":
+            index += 1
+            yield chats[index]
+        elif builder is not None:
+            builder.event(event, value)
+            if prefix in item_prefixes and event == "end_map":
+                yield builder.value
+                builder = None
+        elif prefix in item_prefixes and event == "start_map":
+            builder = ijson.ObjectBuilder()
+            builder.event(event, value)
+
+
+def iter_export(path: Path, general: bool = False,
+                on_read: OnRead = None) -> Iterator[Chat | Message]:
+    """Yield each chat, then its messages, in file order.
+
+    Raises `ExportError` on bad input. The fast path raises `UnusualLayout` (possibly after
+    yielding) when the file is not shaped as Telegram Desktop writes it; the caller then starts
+    over with `general=True`, which reads any key order and gives the authoritative error.
+    """
+    header = read_header(path)
+    with open_export(path) as raw:
+        if not general:
+            try:
+                for item in _fast(raw, header.layout, on_read):
+                    yield item if isinstance(item, Chat) else to_message(item)
+            except ijson.JSONError as exc:
+                raise UnusualLayout from exc
+            return
+        try:
+            for item in _general(raw, header.layout, on_read):
+                yield item if isinstance(item, Chat) else to_message(item)
+        except ijson.IncompleteJSONError as exc:
+            raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated")
+        except ijson.JSONError as exc:
+            raise ExportError(f"{path} is not valid JSON ({_short(exc)})")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ExportError(f"{path} has a malformed message ({_short(exc)})")

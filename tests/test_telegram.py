@@ -1,0 +1,160 @@
+from pathlib import Path
+
+import pytest
+from conftest import MAX, ME, T0, dialogue, full_export, msg, personal
+
+from doppel.synthetic import tdesktop_bytes
+from doppel.telegram import (
+    Chat,
+    ExportError,
+    Message,
+    UnusualLayout,
+    chat_id,
+    iter_export,
+    peer_id,
+    read_header,
+    to_message,
+)
+
+
+def items(path: Path, general: bool = False) -> list:
+    return list(iter_export(path, general=general))
+
+
+def test_full_export_yields_each_chat_then_its_messages(write):
+    left = [{"name": "News", "type": "public_channel", "id": 9, "messages": [msg(7, 5, ME, "gm")]}]
+    path = write(full_export([personal(MAX, dialogue()), {"type": "saved_messages", "id": ME,
+                                                           "messages": []}], left=left))
+    got = items(path)
+    assert got == [
+        Chat(MAX, "personal_chat", "Max"),
+        Message(1, T0, f"user{MAX}", "Max Orlov", "yo", "text"),
+        Message(2, T0 + 10, f"user{MAX}", "Max Orlov", "gym later?", "text"),
+        Message(3, T0 + 30, f"user{ME}", "Me Owner", "го))", "text"),
+        Chat(ME, "saved_messages", None),
+        Chat(9, "public_channel", "News", left=True),
+        Message(7, T0 + 5, f"user{ME}", "Me Owner", "gm", "text"),
+    ]
+    assert read_header(path).layout == "full" and read_header(path).owner_id == f"user{ME}"
+    assert items(path, general=True) == got
+
+
+def test_single_chat_export(write):
+    path = write(personal(MAX, dialogue()))
+    assert read_header(path).layout == "single" and read_header(path).owner_id is None
+    got = items(path)
+    assert got[0] == Chat(MAX, "personal_chat", "Max") and [m.text for m in got[1:]] == [
+        "yo", "gym later?", "го))"]
+    assert items(path, general=True) == got
+
+
+def test_entity_list_text_and_sensitive_entities():
+    raw = msg(1, 0, MAX, ["call ", {"type": "bold", "text": "me"}, " at ",
+                          {"type": "phone", "text": "+44 7700 900123"}, " ",
+                          {"type": "email", "text": "a@b.org"}, {"type": "custom_emoji", "text": "🔥",
+                                                                 "document_id": "5"}])
+    m = to_message(raw)
+    assert m.text == "call me at +44 7700 900123 a@b.org🔥"
+    assert m.sensitive == (("phone", "+44 7700 900123"), ("email", "a@b.org"))
+
+
+def test_message_kinds():
+    sticker = to_message(msg(1, 0, MAX, "", media_type="sticker", sticker_emoji="👍", file="x"))
+    voice = to_message(msg(2, 0, MAX, "", media_type="voice_message", file="x"))
+    caption = to_message(msg(3, 0, MAX, "look", photo="p.jpg"))
+    forward = to_message(msg(4, 0, MAX, "news", forwarded_from=None))
+    dice = to_message(msg(5, 0, MAX, ""))
+    burn = to_message(msg(6, 0, MAX, "", photo_file_size=0, self_destruct_period_seconds=10))
+    service = to_message({"id": 7, "type": "service", "date": "2024-01-01T00:00:00",
+                          "date_unixtime": "5", "actor": "Max", "actor_id": "user201",
+                          "action": "phone_call", "text": "", "text_entities": []})
+    assert (sticker.kind, sticker.text) == ("sticker", "👍")
+    assert (voice.kind, voice.media) == ("media", "voice_message")
+    assert (caption.kind, caption.text, caption.media) == ("text", "look", "photo")
+    assert forward.forwarded and forward.kind == "text"
+    assert dice.kind == "empty"
+    assert (burn.kind, burn.media) == ("media", "photo")
+    assert (service.kind, service.media, service.sender_id, service.ts) == (
+        "service", "phone_call", "user201", 5)
+    assert to_message({"id": 8, "type": "unsupported"}).kind == "unsupported"
+
+
+def test_old_format_ids_and_dates():
+    assert peer_id(4294967296 + 55) == "user55" and peer_id(77) == "user77"
+    assert peer_id(8589934592 + 9) == "chat9" and peer_id("channel5") == "channel5"
+    assert chat_id(10083966286) == 1494031694
+    old = {"id": 1, "type": "message", "date": "2020-01-01T00:00:10", "from": "A", "from_id": 5,
+           "text": "x"}
+    assert to_message(old).ts == 1577836810 and to_message(old).sender_id == "user5"
+
+
+def test_invalid_bytes_are_repaired_while_streaming(write):
+    path = write(personal(MAX, [msg(1, 0, MAX, "line one\u2028line two\x0bend"),
+                                msg(2, 5, MAX, "C:\\x41")]))
+    assert b"\\u2028\x80\xa8" in path.read_bytes() and b"\\x0B" in path.read_bytes()
+    texts = [m.text for m in items(path)[1:]]
+    assert texts == ["line one\u2028line two\x0bend", "C:\\x41"]
+
+
+def test_header_tricks_inside_strings_do_not_confuse_the_scanner(write):
+    tricky = 'x", "type": "personal_chat", "id": 5, "messages": [ "chats": {'
+    path = write(full_export([personal(MAX, [msg(1, 0, MAX, tricky), msg(2, 1, ME, "ok")],
+                                       name='Max "the" \\ Orlov')]))
+    got = items(path)
+    assert got[0] == Chat(MAX, "personal_chat", 'Max "the" \\ Orlov')
+    assert [m.text for m in got[1:]] == [tricky, "ok"]
+
+
+def test_unusual_key_order_falls_back_to_the_general_reader(tmp_path):
+    chat = {"id": MAX, "messages": [msg(1, 0, MAX, "yo")], "type": "personal_chat", "name": "Max"}
+    path = tmp_path / "result.json"
+    path.write_bytes(tdesktop_bytes(full_export([chat])))
+    with pytest.raises(UnusualLayout):
+        items(path)
+    assert items(path, general=True) == [Chat(MAX, "personal_chat", "Max"),
+                                         Message(1, T0, f"user{MAX}", "Max Orlov", "yo", "text")]
+
+
+def test_many_chats_across_read_chunks_keep_their_messages(write):
+    chats = [personal(1000 + c, [msg(c * 100 + i, c * 1000 + i, 1000 + c, "x" * 3000)
+                                 for i in range(60)], name=f"P{c}") for c in range(12)]
+    path = write(full_export(chats))
+    got = items(path)
+    assert got == items(path, general=True)
+    owners = {}
+    current = None
+    for item in got:
+        if isinstance(item, Chat):
+            current = item.id
+        else:
+            owners.setdefault(current, set()).add(item.sender_id)
+    assert owners == {1000 + c: {f"user{1000 + c}"} for c in range(12)}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"<!DOCTYPE html><html>", "is an HTML export; re-export with 'Machine-readable JSON'"),
+    (b"[1, 2, 3]", "is not a Telegram Desktop JSON export (no JSON object)"),
+    (b'{"foo": 1}', "is not a Telegram Desktop export (no 'messages' or 'chats' key)"),
+])
+def test_bad_inputs(tmp_path, content, message):
+    path = tmp_path / "result.json"
+    path.write_bytes(content)
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        items(path)
+
+
+def test_html_export_folder_and_missing_path(tmp_path):
+    (tmp_path / "messages.html").write_text("<html>")
+    with pytest.raises(ExportError, match="is an HTML export"):
+        items(tmp_path)
+    with pytest.raises(ExportError, match="no such file or directory"):
+        items(tmp_path / "nope.json")
+
+
+def test_truncated_file(write):
+    path = write(full_export([personal(MAX, dialogue())]))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(UnusualLayout):
+        items(path)
+    with pytest.raises(ExportError, match="ends early .*; the export looks truncated"):
+        items(path, general=True)
