@@ -70,7 +70,7 @@ def test_message_kinds():
                           "action": "phone_call", "text": "", "text_entities": []})
     assert (sticker.kind, sticker.text) == ("sticker", "👍")
     assert (voice.kind, voice.media) == ("media", "voice_message")
-    assert (caption.kind, caption.text, caption.media) == ("text", "look", "photo")
+    assert (caption.kind, caption.text, caption.media) == ("text", "look", None)
     assert forward.forwarded and forward.kind == "text"
     assert dice.kind == "empty"
     assert (burn.kind, burn.media) == ("media", "photo")
@@ -156,5 +156,5 @@ def test_truncated_file(write):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(UnusualLayout):
         items(path)
-    with pytest.raises(ExportError, match="ends early .*; the export looks truncated"):
+    with pytest.raises(ExportError, match=r"ends early .*; the export looks truncated"):
         items(path, general=True)

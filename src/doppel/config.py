@@ -79,7 +79,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         return float(value)
     if kind is Path and isinstance(value, str):
         return Path(value)
-    if kind in (int, str) and not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if (kind in (int, str) and not isinstance(value, kind)) or (isinstance(value, bool) and kind is int):
         raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
     return value
 

@@ -93,7 +93,9 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> di
         with spool.open(encoding="utf-8") as handle:
             yield from sessions.sessions(handle, census, labels, trained, rename)
 
-    per_chat = Counter(s.chat["id"] for s in kept())
+    # with every turn trained, every spooled session (two turns or more) satisfies the context rule
+    per_chat = census.spooled if trained is None else Counter(s.chat["id"] for s in kept())
+    per_chat = +per_chat
     if not per_chat:
         raise ExportError("no usable conversations in the export: no session with a reply "
                           "(check the chat selection, --include-groups or --train-on)")
@@ -109,8 +111,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> di
             seen[chat] += 1
             split = "eval" if seen[chat] > per_chat[chat] - to_eval[chat] else "train"
             counts[split] += 1
-            (held_out if split == "eval" else train).write(
-                json.dumps(session.to_json(), ensure_ascii=False) + "\n")
+            (held_out if split == "eval" else train).write(jsonl_line(session.to_json()))
             for turn in session.turns:
                 person = speakers.setdefault(turn.speaker_id, Counter())
                 person["messages"] += len(turn.messages)
@@ -119,8 +120,18 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> di
             n_turns += len(session.turns)
     total = counts["train"] + counts["eval"]
     owner_name = labels.get(owner) if owner else None
-    return _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat),
-                  n_turns / total, n_messages)
+    stats = _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat),
+                   n_turns / total, n_messages)
+    stats["warnings"] = _warnings(census, owner)
+    return stats
+
+
+def _warnings(census: Census, owner: str | None) -> list[str]:
+    """Groups whose kept messages are all the owner's: the export held only their own messages."""
+    return [f"group {chat.name or chat.id!s} holds only your own messages (a full export keeps only "
+            "yours by default); export it on its own with 'Export chat history' to use it"
+            for chat, senders in zip(census.chats, census.senders, strict=True)
+            if chat.type in sessions.GROUP_TYPES and senders and set(senders) == {owner}]
 
 
 def _stats(census: Census, owner: str | None, owner_name: str | None, labels: dict[str, str],
@@ -140,6 +151,12 @@ def _stats(census: Census, owner: str | None, owner_name: str | None, labels: di
         "dropped": dict(census.dropped.most_common()),
         "excluded_chats": dict(census.excluded_chats.most_common()),
     }
+
+
+def jsonl_line(obj: Any) -> str:
+    """One JSON line; U+2028/U+2029 escaped so that no line-splitting reader breaks it apart."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
 
 
 def write_stats(stats: dict[str, Any], out: Path) -> None:
@@ -170,6 +187,7 @@ def summary(stats: dict[str, Any], top: int = 5) -> list[str]:
     if stats["dropped"]:
         lines.append("messages dropped: "
                      + ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()))
+    lines.extend(f"warning: {w}" for w in stats.get("warnings", []))
     if stats.get("excluded_chats"):
         lines.append("chats not used: "
                      + ", ".join(f"{k} {v:,}" for k, v in stats["excluded_chats"].items()))

@@ -12,7 +12,8 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 _CARD = re.compile(r"(?<![\d+])\d(?:[ -]?\d){12,18}(?!\d)")
 # An international number (+ and 8-15 digits) or a long local one (10+ digits) with the usual
 # separators; times, dates and short numbers do not reach that many digits.
-_PHONE = re.compile(r"(?:\+\d[\d ().-]{6,18}\d|(?<![\d+])\(?\d[\d ().-]{8,16}\d)(?!\d)")
+_PHONE = re.compile(r"(?<!\d[ -])(?:\+\d[\d ().-]{6,18}\d|(?<![\d+])\(?\d[\d ().-]{8,16}\d)"
+                    r"(?![ -]?\d)")
 
 
 def _luhn(digits: str) -> bool:

@@ -65,6 +65,7 @@ class Census:
     dropped: Counter[str] = field(default_factory=Counter)
     excluded_chats: Counter[str] = field(default_factory=Counter)
     matched: set[str] = field(default_factory=set)  # --chat values that matched a chat
+    spooled: Counter[int] = field(default_factory=Counter)  # sessions spooled per chat id
 
 
 def _matches(chat: Chat, wanted: Iterable[str]) -> str | None:
@@ -126,6 +127,7 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str])
 
     def flush() -> None:
         if len(turns) >= 2:
+            census.spooled[census.chats[-1].id] += 1
             spool.write(json.dumps([len(census.chats) - 1, first_id, start, last, turns],
                                    ensure_ascii=False) + "\n")
         elif turns:

@@ -82,7 +82,8 @@ def write_large_export(handle: BinaryIO, messages: int, chats: int = 500, seed: 
         head = {"name": f"Friend {c}", "type": "personal_chat", "id": peer}
         handle.write((b",\n" if c else b"") + b"   " + tdesktop_bytes(head)[:-2].replace(
             b"\n", b"\n   ") + b',\n    "messages": [\n')
-        for i, (msg, ts) in enumerate(_large_messages(rng, c, count, owner, peer, c * 10**6, ts)):
+        for i, (msg, last) in enumerate(_large_messages(rng, c, count, owner, peer, c * 10**6, ts)):
             handle.write((b",\n" if i else b"") + b"     " + tdesktop_bytes(msg).replace(b"\n", b""))
+            ts = last
         handle.write(b"\n    ]\n   }")
     handle.write(b"\n  ]\n }\n}\n")

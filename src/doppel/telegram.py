@@ -49,7 +49,7 @@ class Message:
     sender_name: str | None  # display name at export time; None for deleted accounts
     text: str  # plain text: caption for media, the emoji for a sticker
     kind: Literal["text", "sticker", "media", "service", "empty", "unsupported"]
-    media: str | None = None  # media type or service action, e.g. "photo", "voice_message"
+    media: str | None = None  # service action, or media type of a message without text
     forwarded: bool = False
     sensitive: tuple[tuple[str, str], ...] = ()  # (type, text) of phone/e-mail/bank-card entities
 
@@ -114,25 +114,25 @@ def to_message(m: dict[str, Any]) -> Message:
     kind = m.get("type")
     if kind == "unsupported" or ("date" not in m and "date_unixtime" not in m):
         return Message(int(m.get("id", 0)), 0, "unknown", None, "", "unsupported")
-    ts = _timestamp(m)
+    ts = int(m["date_unixtime"]) if "date_unixtime" in m else _timestamp(m)
     mid = int(m.get("id", 0))
     if kind == "service":
         sender = m.get("actor_id", m.get("from_id"))
         action = m.get("action") or "custom_action"
         return Message(mid, ts, peer_id(sender), m.get("actor"), "", "service", action)
-    text, sensitive = _text(m.get("text"))
-    sender_id = peer_id(m.get("from_id"))
+    raw = m.get("text")
+    text, sensitive = (raw, ()) if raw.__class__ is str else _text(raw)
     forwarded = "forwarded_from" in m
-    media_type = m.get("media_type")
-    if media_type == "sticker" and not text:
-        emoji = m.get("sticker_emoji")
-        if emoji:
-            return Message(mid, ts, sender_id, m.get("from"), emoji, "sticker", "sticker", forwarded)
-    media = media_type or next((k for k in _MEDIA_KEYS if k in m), None)
+    if text:  # the common case; a caption is kept whatever the media
+        return Message(mid, ts, peer_id(m.get("from_id")), m.get("from"), text, "text", None,
+                       forwarded, sensitive)
+    sender_id = peer_id(m.get("from_id"))
+    media = m.get("media_type") or next((k for k in _MEDIA_KEYS if k in m), None)
+    if media == "sticker" and m.get("sticker_emoji"):
+        return Message(mid, ts, sender_id, m.get("from"), m["sticker_emoji"], "sticker", media,
+                       forwarded)
     if media is None and "self_destruct_period_seconds" in m:
         media = "photo"
-    if text:
-        return Message(mid, ts, sender_id, m.get("from"), text, "text", media, forwarded, sensitive)
     return Message(mid, ts, sender_id, m.get("from"), "", "media" if media else "empty", media,
                    forwarded)
 
@@ -176,7 +176,8 @@ def read_header(path: Path) -> Header:
                 elif prefix == "personal_information.user_id":
                     owner = peer_id(int(value))
         except ijson.JSONError as exc:
-            raise ExportError(f"{path} is not valid JSON ({_short(exc)}); is the file truncated?")
+            raise ExportError(
+                f"{path} is not valid JSON ({_short(exc)}); is the file truncated?") from None
     if "messages" in keys:
         return Header("single", None)
     if keys & {"chats", "left_chats", "personal_information", "about"}:
@@ -378,8 +379,8 @@ def iter_export(path: Path, general: bool = False,
             for item in _general(raw, header.layout, on_read):
                 yield item if isinstance(item, Chat) else to_message(item)
         except ijson.IncompleteJSONError as exc:
-            raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated")
+            raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated") from None
         except ijson.JSONError as exc:
-            raise ExportError(f"{path} is not valid JSON ({_short(exc)})")
+            raise ExportError(f"{path} is not valid JSON ({_short(exc)})") from None
         except (KeyError, ValueError, TypeError) as exc:
-            raise ExportError(f"{path} has a malformed message ({_short(exc)})")
+            raise ExportError(f"{path} has a malformed message ({_short(exc)})") from None

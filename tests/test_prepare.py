@@ -1,0 +1,203 @@
+"""`doppel prepare` and `doppel inspect` end to end: files, schema, errors, atomicity."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
+
+from doppel.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def sessions_for(n, peer=MAX, gap=3600):
+    out = []
+    for i in range(n):
+        out += dialogue(peer, start=i * gap, first_id=i * 10 + 1)
+    return out
+
+
+def test_prepare_writes_the_documented_schema(write, tmp_path):
+    path = write(full_export([personal(MAX, sessions_for(20))]))
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        "20 sessions from 1 chats, 3.00 messages per session on average (19 train, 1 eval)")
+    train = read_jsonl(tmp_path / "data" / "sessions.train.jsonl")
+    held_out = read_jsonl(tmp_path / "data" / "sessions.eval.jsonl")
+    assert train[0] == {
+        "id": f"{MAX}:1", "chat": {"id": MAX, "name": "Max Orlov", "type": "personal_chat"},
+        "start": T0, "end": T0 + 30,
+        "turns": [{"speaker": "Max Orlov", "speaker_id": f"user{MAX}",
+                   "messages": ["yo", "gym later?"], "train": True},
+                  {"speaker": "Me Owner", "speaker_id": f"user{ME}", "messages": ["го))"],
+                   "train": True}]}
+    assert [s["id"] for s in held_out] == [f"{MAX}:191"]  # the newest session
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats == {
+        "owner": {"id": f"user{ME}", "name": "Me Owner"}, "chats": 1,
+        "sessions": {"train": 19, "eval": 1}, "turns_per_session": 2.0,
+        "messages_per_session": 3.0, "messages": 60,
+        "speakers": [{"id": f"user{MAX}", "name": "Max Orlov", "messages": 40, "turns": 20},
+                     {"id": f"user{ME}", "name": "Me Owner", "messages": 20, "turns": 20}],
+        "dropped": {}, "excluded_chats": {}, "warnings": []}
+    assert "session_gap: 10.0" in (tmp_path / "data" / "config.yaml").read_text()
+
+
+def test_train_on_me_and_minimum_context(write, tmp_path):
+    # session 1: owner only speaks first -> no trained reply -> dropped with --train-on me
+    messages = [msg(1, 0, ME, "hi"), msg(2, 5, MAX, "yo"), *dialogue(start=5000, first_id=10)]
+    path = write(full_export([personal(MAX, messages)]))
+    assert run("prepare", path, "-o", tmp_path / "d", "--train-on", "me",
+               "--eval-fraction", "0").exit_code == 0
+    (only,) = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert [(t["speaker"], t["train"]) for t in only["turns"]] == [("Max Orlov", False),
+                                                                    ("Me Owner", True)]
+    bad = run("prepare", path, "-o", tmp_path / "e", "--train-on", "Max Orlv")
+    assert bad.exit_code == 2
+    assert bad.output == ("doppel: error: --train-on 'Max Orlv' is not a speaker in this export; "
+                          "did you mean Max Orlov?\n")
+
+
+def test_group_duplicate_names_and_redaction(write, tmp_path):
+    group = {"name": "Crew", "type": "private_supergroup", "id": 7, "messages": [
+        msg(1, 0, 301, "who's in?", name="Alex"), msg(2, 5, 302, "me! +44 7700 900123", name="Alex"),
+        msg(3, 9, 301, "ok", name="Alex"), msg(4, 20, ME, "mail a@b.co")]}
+    path = write(full_export([group]))
+    assert run("prepare", path, "-o", tmp_path / "d").exit_code == 2  # groups are opt-in
+    result = run("prepare", path, "-o", tmp_path / "d", "--include-groups", "--redact",
+                 "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    (session,) = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert [(t["speaker"], t["speaker_id"], t["messages"]) for t in session["turns"]] == [
+        ("Alex", "user301", ["who's in?"]), ("Alex (2)", "user302", ["me! [phone]"]),
+        ("Alex", "user301", ["ok"]), ("Me Owner", "user100", ["mail [email]"])]
+
+
+def test_pseudonymize(write, tmp_path):
+    messages = [msg(1, 0, MAX, "hi Me"), msg(2, 5, ME, "hey Max Orlov, where is Ann?")]
+    path = write(full_export([personal(MAX, messages), personal(ANN, dialogue(ANN, 9000, 50), "Ann")]))
+    assert run("prepare", path, "-o", tmp_path / "d", "--pseudonymize",
+               "--eval-fraction", "0").exit_code == 0
+    rows = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert rows[0]["chat"]["name"] == "Person 3"
+    assert [(t["speaker"], t["messages"]) for t in rows[0]["turns"]] == [
+        ("Person 3", ["hi Me"]), ("Person 1", ["hey Person 3, where is Person 2?"])]
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert [s["name"] for s in stats["speakers"]] == ["Person 1", "Person 2", "Person 3"]
+    assert "Max" not in (tmp_path / "d" / "sessions.train.jsonl").read_text()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"<html><body>", "is an HTML export; re-export with 'Machine-readable JSON'"),
+    (b"hello", "is not a Telegram Desktop JSON export (no JSON object)"),
+    (b'{"chats": {"list": [{"name": "A", "type": "personal_chat", "id": 5, "messages": [{"id": 1,',
+     "ends early"),
+    (b'{"about": "x", "chats": {"about": "x", "list": []}}',
+     "no usable conversations in the export"),
+])
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path, content, expected):
+    path = tmp_path / "result.json"
+    path.write_bytes(content)
+    result = run("prepare", path, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.startswith("doppel: error: ") and expected in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary leftovers
+
+
+def test_real_process_missing_path_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "doppel", "prepare", str(tmp_path / "nope.json"),
+                           "-o", str(tmp_path / "d")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"doppel: error: {tmp_path / 'nope.json'}: no such file or directory\n"
+
+
+def test_existing_dataset_survives_a_failed_run_and_is_replaced_by_a_good_one(write, tmp_path):
+    good = write(full_export([personal(MAX, sessions_for(3))]))
+    out = tmp_path / "data"
+    assert run("prepare", good, "-o", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(good.read_bytes()[:-100])
+    assert run("prepare", broken, "-o", out).exit_code == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    bigger = write(full_export([personal(MAX, sessions_for(5))]), "bigger.json")
+    assert run("prepare", bigger, "-o", out).exit_code == 0
+    assert len(read_jsonl(out / "sessions.train.jsonl")) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger.json", "broken.json", "data",
+                                                          "result.json"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_dataset(write, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    result = run("prepare", write(full_export([personal(MAX, sessions_for(3))])), "-o",
+                 tmp_path / "mine")
+    assert result.exit_code == 2 and "not a doppel dataset; refusing to replace it" in result.output
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_config_file_and_flag_precedence(write, tmp_path):
+    path = write(full_export([personal(MAX, sessions_for(4, gap=900))]))
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text("session-gap: 20\neval_fraction: 0\n")
+    assert run("prepare", path, "-o", tmp_path / "a", "--config", cfg).exit_code == 0
+    assert len(read_jsonl(tmp_path / "a" / "sessions.train.jsonl")) == 1  # 15-min gaps join
+    assert run("prepare", path, "-o", tmp_path / "b", "--config", cfg,
+               "--session-gap", "10").exit_code == 0
+    assert len(read_jsonl(tmp_path / "b" / "sessions.train.jsonl")) == 4
+    cfg.write_text("session_gapp: 20\n")
+    bad = run("prepare", path, "-o", tmp_path / "c", "--config", cfg)
+    assert bad.exit_code == 2 and "unknown option 'session_gapp'" in bad.output
+
+
+def test_sample_export_and_inspect(sample, tmp_path):
+    result = run("prepare", sample, "-o", tmp_path / "d")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == [
+        "102 sessions from 4 chats, 8.01 messages per session on average (96 train, 6 eval)",
+        "you: Lena Volkova (user700100200)"]
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert stats["dropped"] == {"excluded chat": 9, "forwarded": 1, "media": 1, "service": 1,
+                                "unsupported": 1}
+    assert stats["excluded_chats"] == {"saved messages": 1, "group": 1, "bot": 1,
+                                       "Telegram service": 1, "channel": 1}
+    rows = read_jsonl(tmp_path / "d" / "sessions.train.jsonl") + read_jsonl(
+        tmp_path / "d" / "sessions.eval.jsonl")
+    quirky = next(s for s in rows if s["id"] == "700100301:9001")
+    assert [t["messages"] for t in quirky["turns"]] == [
+        ["yo check this"], ["😂", "море))"], ["call me +44 7700 900123 or max@example.org"],
+        ["line one\u2028line two\x0bend"]]
+    shown = run("inspect", tmp_path / "d", "-n", "1")
+    assert shown.exit_code == 0
+    assert "<|im_start|>Max Orlov\n>>> yo\n" in shown.output
+
+
+def test_group_with_only_the_owners_messages_is_warned_about(write, tmp_path):
+    mine = {"name": "Crew", "type": "private_group", "id": 7,
+            "messages": [msg(1, 0, ME, "gm"), msg(2, 9, ME, "anyone?")]}
+    path = write(full_export([personal(MAX, sessions_for(2)), mine]))
+    result = run("prepare", path, "-o", tmp_path / "d", "--include-groups")
+    assert result.exit_code == 0
+    warning = ("warning: group Crew holds only your own messages (a full export keeps only yours by "
+               "default); export it on its own with 'Export chat history' to use it")
+    assert warning in result.output.splitlines()
+
+
+def test_every_command_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in main.commands:
+        assert f"doppel {name}" in readme, name
