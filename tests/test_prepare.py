@@ -201,3 +201,25 @@ def test_every_command_is_documented_in_the_readme():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in main.commands:
         assert f"doppel {name}" in readme, name
+
+
+def test_unusual_key_order_gives_the_same_dataset_through_the_general_reader(tmp_path):
+    from doppel.synthetic import tdesktop_bytes
+
+    chats = [personal(MAX, sessions_for(4)), personal(ANN, sessions_for(3, ANN), "Ann")]
+    normal, odd = tmp_path / "normal.json", tmp_path / "odd.json"
+    normal.write_bytes(tdesktop_bytes(full_export(chats)))
+    reordered = [{"messages": c["messages"], "id": c["id"], "type": c["type"], "name": c["name"]}
+                 for c in chats]
+    odd.write_bytes(tdesktop_bytes(full_export(reordered)))
+    assert run("prepare", normal, "-o", tmp_path / "a").exit_code == 0
+    assert run("prepare", odd, "-o", tmp_path / "b").exit_code == 0
+    for name in ("sessions.train.jsonl", "sessions.eval.jsonl", "stats.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
+def test_cli_starts_without_heavy_imports():
+    proc = subprocess.run([sys.executable, "-c", "import sys, doppel.cli, doppel.dataset, "
+                           "doppel.render; print(sorted(m for m in ('torch', 'transformers') "
+                           "if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert proc.stdout == "[]\n"
