@@ -1,0 +1,84 @@
+"""The masking rule, token by token, on two tokenizer families."""
+
+import pytest
+
+from doppel import render
+from doppel.sessions import Session, Turn
+
+SESSION = Session("1:1", {"id": 1, "name": "Max", "type": "personal_chat"}, 0, 9, (
+    Turn("Max Orlov", "user1", ("yo", "gym later?"), True),
+    Turn("Lena Volkova", "user2", ("го))", "в 7 🙂"), True),
+    Turn("Max Orlov", "user1", ("ok\nsee you",), False),
+    Turn("Lena Volkova", "user2", ("Bye!",), True),
+))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from doppel.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style():
+    """A Llama-style tokenizer (Metaspace word-start markers, byte fallback), without ChatML tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    corpus = ["yo gym later? ok see you Bye! Max Orlov Lena Volkova >>> го)) в 7\n🙂"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    assert render.ensure_chatml(fast) is True and render.ensure_chatml(fast) is False
+    return fast
+
+
+def targets(tokenizer, ids, labels):
+    return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != render.IGNORE])
+
+
+@pytest.mark.parametrize("family", ["smollm2", "sentencepiece_style"])
+def test_decoded_targets_are_exactly_the_trained_bodies_and_their_end(family, request):
+    tokenizer = request.getfixturevalue(family)
+    ((ids, labels),) = render.encode(SESSION, tokenizer, max_length=1024)
+    expected = (">>> yo\n>>> gym later?<|im_end|>>>> го))\n>>> в 7 🙂<|im_end|>"
+                ">>> Bye!<|im_end|>")
+    assert targets(tokenizer, ids, labels) == expected
+    assert tokenizer.decode(ids) == render.text(SESSION)
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    starts = [i for i, t in enumerate(ids) if t == im_start]
+    assert len(starts) == 4 and all(labels[i] == render.IGNORE for i in starts)
+
+
+def test_chatml_tokens_are_single_special_tokens(smollm2):
+    assert render.segment_ids(smollm2, "<|im_end|>") == [smollm2.convert_tokens_to_ids("<|im_end|>")]
+    assert render.ensure_chatml(smollm2) is False  # SmolLM2 already has them
+
+
+def test_long_sessions_are_split_at_turn_boundaries_with_context(smollm2):
+    lengths = [len(render.turn_ids(smollm2, t)[0]) for t in SESSION.turns]
+    assert lengths == [15, 20, 12, 13]
+    samples = render.encode(SESSION, smollm2, max_length=45)
+    # turns 1-2 (35; with turn 3 it would be 47), then turn 2 as context + turns 3-4 (45)
+    assert [len(ids) for ids, _ in samples] == [35, 45]
+    second_ids, second_labels = samples[1]
+    # turn 2 comes back as untrained context, turn 3 is untrained anyway, turn 4 is the target
+    assert targets(smollm2, second_ids, second_labels) == ">>> Bye!<|im_end|>"
+    assert smollm2.decode(second_ids).startswith("<|im_start|>Lena Volkova\n>>> го))")
+
+
+def test_a_turn_longer_than_the_limit_is_cut_into_pieces(smollm2):
+    long = Session("1:2", SESSION.chat, 0, 1, (Turn("A", "u1", ("hi",), False),
+                                              Turn("B", "u2", ("word " * 40,), True)))
+    samples = render.encode(long, smollm2, max_length=16)
+    assert all(len(ids) <= 16 for ids, _ in samples)
+    assert "".join(targets(smollm2, ids, labels) for ids, labels in samples) == \
+        ">>> " + "word " * 40 + "<|im_end|>"
