@@ -19,10 +19,6 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PREFIX = ">>> "
 
 
-def header(speaker: str) -> str:
-    return f"{IM_START}{speaker}\n"
-
-
 def body(messages: Iterable[str]) -> str:
     return "\n".join(PREFIX + m for m in messages)
 
@@ -41,17 +37,6 @@ def segments(session: Session) -> list[tuple[str, bool]]:
 
 def text(session: Session) -> str:
     return "".join(t for t, _ in segments(session))
-
-
-def split_messages(body_text: str) -> list[str]:
-    """Inverse of `body`: lines starting with `>>> ` begin a message, others continue one."""
-    messages: list[str] = []
-    for line in body_text.split("\n"):
-        if line.startswith(PREFIX) or not messages:
-            messages.append(line.removeprefix(PREFIX))
-        else:
-            messages[-1] += "\n" + line
-    return [m for m in (m.strip() for m in messages) if m]
 
 
 # --- token ids and labels (needs a tokenizer; no torch import) ---------------------------------
