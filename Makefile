@@ -21,6 +21,8 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/doppel prepare examples/sample_export/result.json -o runs/demo/data --show 1
+	rm -rf runs/demo/run
+	$(VENV)/bin/doppel train runs/demo/data -o runs/demo/run --config configs/demo.yaml
 
 test: setup
 	$(VENV)/bin/ruff check src tests

@@ -48,3 +48,60 @@ def write(tmp_path: Path):
 @pytest.fixture
 def sample() -> Path:
     return Path(__file__).parent.parent / "examples" / "sample_export" / "result.json"
+
+
+def sentencepiece_tokenizer() -> Any:
+    """A Llama-style tokenizer (Metaspace word-start markers, byte fallback), without ChatML tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    corpus = ["yo gym later? ok see you Bye! Max Orlov Lena Volkova >>> го)) в 7\n🙂"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def tiny_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
+    """A randomly initialised two-layer Llama with `tokenizer`, saved like a Hugging Face model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> Any:
+    from doppel.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> Path:
+    """A tiny random model with SmolLM2's real tokenizer."""
+    return tiny_model(tmp_path_factory.mktemp("tiny"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample export, prepared."""
+    from doppel import dataset
+    from doppel.config import PrepareConfig
+
+    out = tmp_path_factory.mktemp("sample") / "data"
+    dataset.prepare(Path(__file__).parent.parent / "examples" / "sample_export" / "result.json", out,
+                    PrepareConfig())
+    return out

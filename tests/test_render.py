@@ -1,6 +1,7 @@
 """The masking rule, token by token, on two tokenizer families."""
 
 import pytest
+from conftest import sentencepiece_tokenizer
 
 from doppel import render
 from doppel.sessions import Session, Turn
@@ -22,21 +23,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def sentencepiece_style():
-    """A Llama-style tokenizer (Metaspace word-start markers, byte fallback), without ChatML tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    corpus = ["yo gym later? ok see you Bye! Max Orlov Lena Volkova >>> го)) в 7\n🙂"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = sentencepiece_tokenizer()
     assert render.ensure_chatml(fast) is True and render.ensure_chatml(fast) is False
     return fast
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ import click
 
 from doppel import __version__, config
 from doppel.config import ConfigError, PrepareConfig
+from doppel.train import TrainConfig
 
 
 class Failure(click.ClickException):
@@ -27,11 +30,13 @@ class Failure(click.ClickException):
 @contextmanager
 def failures() -> Iterator[None]:
     """Turn the library's expected errors into `Failure`."""
+    from doppel.models import ModelError
     from doppel.telegram import ExportError
+    from doppel.train import TrainError
 
     try:
         yield
-    except (ExportError, ConfigError) as exc:
+    except (ExportError, ConfigError, ModelError, TrainError) as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:
         raise Failure(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
@@ -59,7 +64,14 @@ def main() -> None:
     \b
     doppel prepare result.json -o data      # export → sessions dataset
     doppel inspect data                     # see what the model will learn from
+    doppel train data -o run                # fine-tune (LoRA on the embedded model by default)
+    doppel merge run -o model               # LoRA run → standalone model
     """
+    # the libraries' own tqdm bars (GGUF loading, dataset maps) would interleave with doppel's
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 @main.command()
@@ -113,6 +125,62 @@ def inspect(dataset_dir: Path, count: int, split: str) -> None:
         for line in dataset.summary(stats):
             click.echo(line)
         _show(dataset_dir, count, split)
+
+
+@main.command()
+@click.argument("dataset_dir", metavar="DATASET", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="run directory (adapter or weights, tokenizer, config.yaml, metrics.jsonl)")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML file with any of the options below (see configs/)")
+@config.click_options(TrainConfig)
+def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) -> None:
+    """Fine-tune a chat model on a prepared dataset so it writes as each trained speaker.
+
+    With no --model it trains the embedded SmolLM2-135M-Instruct, on CPU if there is no GPU.
+    The same command runs on many GPUs under `accelerate launch --config_file configs/fsdp.yaml`.
+    With --resume the saved config.yaml of the run is the starting point, then --config, then flags.
+
+    \b
+    Examples:
+        doppel train data -o runs/me --max-steps 60
+        doppel train data -o runs/me7b --config configs/lora-7b.yaml
+        accelerate launch --config_file configs/fsdp.yaml -m doppel train data -o runs/full \\
+            --config configs/full-fsdp.yaml
+    """
+    from doppel import train as training
+
+    with failures():
+        given = config.given(TrainConfig, flags)
+        saved = out / "config.yaml"
+        resuming = given.get("resume") and saved.is_file()
+        cfg = config.load(TrainConfig, config_file, given, base=saved if resuming else None)
+        try:
+            info = training.train(dataset_dir, out, cfg)
+        except KeyboardInterrupt:
+            raise Failure(f"interrupted; continue with: doppel train {dataset_dir} -o {out} --resume") from None
+    if int(os.environ.get("RANK", "0")):
+        return  # under accelerate launch, one process reports
+    click.echo(f"trained {info['steps']} steps ({info['epochs']:g} epochs), final train loss "
+               f"{info['train_loss']:.4f}" + (f", eval loss {info['eval_loss']:.4f}" if info["eval_loss"] else ""))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="directory for the merged model")
+def merge(run: Path, out: Path) -> None:
+    """Merge a LoRA run into its base model and write a standalone model (safetensors).
+
+    \b
+    Example:
+        doppel merge runs/me -o models/me
+    """
+    from doppel import models
+
+    with failures():
+        models.merge(run, out)
+    click.echo(f"wrote {out}")
 
 
 def _show(dataset_dir: Path, count: int, split: str = "train") -> None:

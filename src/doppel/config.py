@@ -70,6 +70,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(_coerce(name, args[0], v) for v in items)
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args:  # YAML reads a bare on/off as a boolean
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
@@ -84,9 +86,12 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     return value
 
 
-def load(cls: type[C], path: Path | None, overrides: Mapping[str, Any]) -> C:
-    """Build a config: defaults < YAML file < overrides. Raises `ConfigError`."""
+def load(cls: type[C], path: Path | None, overrides: Mapping[str, Any],
+         base: Path | None = None) -> C:
+    """Build a config: defaults < `base` YAML (a saved config) < YAML file < overrides. Raises `ConfigError`."""
     values: dict[str, Any] = {}
+    if base is not None:
+        values.update(dataclasses.asdict(load(cls, base, {})))  # type: ignore[call-overload]
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -42,3 +42,101 @@ def load_tokenizer(model: str | None = None) -> Any:
                          f"{str(exc).splitlines()[0]}") from None
     ensure_chatml(tokenizer)
     return tokenizer
+
+
+def base_name(model: str | None) -> str:
+    return model or f"embedded:{EMBEDDED_FILE}"
+
+
+def load_model(model: str | None, *, dtype: Any = None, attention: str | None = None,
+               quantize_4bit: bool = False, device_map: Any = None) -> Any:
+    """A causal LM by name (None: the embedded default), offline. Raises `ModelError`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if attention:
+        kwargs["attn_implementation"] = attention
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    if model is None:
+        kwargs["gguf_file"] = EMBEDDED_FILE
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load {base_name(model)} offline: {str(exc).splitlines()[0]}") from None
+    if model is None:
+        # GGUF weights are dequantized on load: what remains is a plain model, trainable and saveable
+        loaded.hf_quantizer = None  # type: ignore[assignment]
+        loaded.is_quantized = False  # type: ignore[assignment]
+        del loaded.config.quantization_config
+    return loaded
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
+    """Grow the embeddings to the tokenizer (added ChatML tokens); returns the new token ids."""
+    size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= size:
+        return []
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return list(range(size, len(tokenizer)))
+
+
+RUN_FILE = "run.json"
+
+
+def load_run(path: str | Path | None, *, dtype: Any = None, device_map: Any = None) -> tuple[Any, Any, dict]:
+    """(model, tokenizer, run info) for a finished run dir, a merged/HF model, or None (embedded)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from doppel.render import ensure_chatml
+
+    folder = Path(path) if path is not None else None
+    if folder is not None and (folder / "checkpoints").is_dir() and not (folder / RUN_FILE).exists():
+        raise ModelError(f"{folder} is an unfinished run; finish it with doppel train … -o {folder} --resume")
+    if folder is None or not (folder / RUN_FILE).is_file():
+        tokenizer = load_tokenizer(None if folder is None else str(folder))
+        model = load_model(None if folder is None else str(folder), dtype=dtype, device_map=device_map)
+        fit_embeddings(model, tokenizer)
+        return model, tokenizer, {"model": base_name(None if folder is None else str(folder)), "mode": "base"}
+    info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ensure_chatml(tokenizer)
+    if info["mode"] == "full":
+        model = load_model(str(folder), dtype=dtype, device_map=device_map)
+    else:
+        from peft import PeftModel
+
+        model = load_model(info["base"], dtype=dtype, device_map=device_map)
+        fit_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, str(folder))
+    return model, tokenizer, info
+
+
+def merge(run: Path, out: Path) -> None:
+    """Write `run` (LoRA adapter + base, or full weights) as one standalone safetensors model."""
+    if not (Path(run) / RUN_FILE).is_file():
+        raise ModelError(f"{run} is not a finished doppel run (no {RUN_FILE})")
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} is not empty; choose another --out")
+    model, tokenizer, info = load_run(run)
+    if info["mode"] != "full":
+        model = model.merge_and_unload()
+    staging = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    staging.replace(out) if not out.exists() else _move_into(staging, out)
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    for item in staging.iterdir():
+        item.replace(out / item.name)
+    staging.rmdir()

@@ -1,0 +1,115 @@
+"""What a training run reports: a progress bar with loss, tokens/s and ETA on stderr, one line per
+logging step on stdout when stderr is not a terminal, and one JSON line per log in `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from doppel.packing import Collator
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate(path: Path, last_step: int) -> None:
+    """Forget logs after `last_step` (a resumed run logs those steps again)."""
+    kept = [row for row in read(path) if row["step"] <= last_step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+
+class TrainLog(TrainerCallback):
+    """Progress bar and metrics; only the main process reports."""
+
+    def __init__(self, path: Path, collator: Collator, processes: int) -> None:
+        self.path = path
+        self.collator = collator
+        self.processes = processes
+        self.mark = (time.perf_counter(), 0, 0)
+        self.last_step = self.mark
+        self.progress: Any = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return  # log lines only
+        self.progress = Progress("training", BarColumn(), MofNCompleteColumn(), "{task.fields[loss]}",
+                                 "{task.fields[speed]}", TimeRemainingColumn(), console=console,
+                                 transient=True)
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                           loss="", speed="")
+        self.progress.start()
+        self.mark = self.last_step = (time.perf_counter(), self.collator.tokens, self.collator.targets)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_step = (time.perf_counter(), self.collator.tokens, self.collator.targets)
+        if state.global_step >= state.max_steps and args.eval_strategy != "no":
+            control.should_evaluate = True  # every run ends with its held-out loss
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def _pause(self) -> None:
+        """Leave the time and tokens of an evaluation or a checkpoint out of the training figures."""
+        now, tokens, targets = time.perf_counter(), self.collator.tokens, self.collator.targets
+        last = self.last_step
+        self.mark = (self.mark[0] + now - last[0], self.mark[1] + tokens - last[1], self.mark[2] + targets - last[2])
+        self.last_step = (now, tokens, targets)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._pause()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._pause()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            now, tokens, targets = time.perf_counter(), self.collator.tokens, self.collator.targets
+            seconds = max(now - self.mark[0], 1e-9)
+            row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                       tokens_per_s=round((tokens - self.mark[1]) * self.processes / seconds, 1),
+                       target_tokens_per_s=round((targets - self.mark[2]) * self.processes / seconds, 1))
+            self.mark = (now, tokens, targets)
+        elif "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+        else:
+            return
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
+        self._show(row, state.max_steps)
+
+    def _show(self, row: dict[str, Any], total: int) -> None:
+        if "loss" in row:
+            line = (f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['learning_rate']:.2e}  "
+                    f"{row['tokens_per_s']:,.0f} tok/s")
+        else:
+            line = f"step {row['step']}/{total}  eval_loss {row['eval_loss']:.4f}"
+        if self.progress is None:
+            print(line, flush=True)
+            return
+        if "loss" in row:
+            self.progress.update(self.task, loss=f"loss {row['loss']:.3f}", speed=f"{row['tokens_per_s']:,.0f} tok/s")
+        self.progress.console.print(line, highlight=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

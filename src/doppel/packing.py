@@ -1,0 +1,87 @@
+"""Training rows: tokenized, masked sessions, packed into full-length rows, and their collator.
+
+Packed sessions never attend to each other: each row carries `position_ids` that restart at 0 for
+every session and no 2D attention mask, so transformers builds a block-diagonal causal mask
+(sdpa/eager) or varlen boundaries (flash attention) from them. The first label of every session
+is -100 (its `<|im_start|>` header), so no loss crosses a boundary either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from doppel.render import IGNORE
+
+
+def tokenized(dataset_dir: Path, split: str, tokenizer: Any, max_length: int) -> Any:
+    """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session."""
+    from datasets import Dataset
+
+    from doppel.dataset import load_sessions
+    from doppel.render import encode
+
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for session in load_sessions(dataset_dir, split):
+        for sample_ids, sample_labels in encode(session, tokenizer, max_length):
+            ids.append(sample_ids)
+            labels.append(sample_labels)
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def cached(path: Path, build: Any) -> Any:
+    """Load the dataset saved at `path`, or build it and save it there."""
+    from datasets import load_from_disk
+
+    if path.is_dir():
+        return load_from_disk(str(path))
+    data = build()
+    data.save_to_disk(str(path))
+    return data
+
+
+def rows(samples: Any, max_length: int, packing: bool) -> Any:
+    """Best-fit-decreasing packing of samples into rows of at most `max_length` tokens."""
+    if not packing or len(samples) == 0:
+        return samples
+    from trl import pack_dataset
+
+    return pack_dataset(samples, max_length, strategy="bfd")
+
+
+def count_targets(samples: Any) -> int:
+    return sum(sum(1 for label in row if label != IGNORE) for row in samples["labels"])
+
+
+@dataclass
+class Collator:
+    """Pads rows to the longest in the batch; positions restart at each packed session.
+
+    Counts the real and target tokens it hands out, for the tokens/s figures.
+    """
+
+    pad_id: int
+    pad_to_multiple_of: int = 8
+    tokens: int = field(default=0, init=False)
+    targets: int = field(default=0, init=False)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(row["input_ids"]) for row in batch)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            # the padding tail is a sequence of its own, so that it never looks like a continuation
+            lengths = [*row.get("seq_lengths", [n]), width - n]
+            positions[i] = torch.cat([torch.arange(length) for length in lengths if length])
+        self.tokens += sum(len(row["input_ids"]) for row in batch)
+        self.targets += int((labels != IGNORE).sum())
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}

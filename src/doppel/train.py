@@ -1,0 +1,241 @@
+"""`train(cfg)`: fine-tune a chat model on a sessions dataset with TRL's SFTTrainer.
+
+One linear function for every setup: CPU, one GPU, or many under `accelerate launch` with FSDP.
+LoRA, QLoRA and full fine-tuning differ only where the model is prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from doppel import config
+from doppel.config import ConfigError, knob
+
+CHECKPOINTS = "checkpoints"
+TOKENS = "tokens"
+
+
+class TrainError(Exception):
+    """The run cannot start or continue; the message is shown to the user as is."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str | None = knob(None, "base model: Hugging Face id or local path (default: embedded SmolLM2-135M)")
+    mode: Literal["lora", "qlora", "full"] = knob("lora", "lora, qlora (4-bit base, CUDA only) or full")
+    max_length: int = knob(1024, "tokens per training row; longer sessions are split at turn boundaries")
+    packing: bool = knob(True, "pack short sessions into full rows (they never attend to each other)")
+    batch_size: int = knob(8, "rows per device per micro-batch")
+    gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
+    epochs: float = knob(3.0, "passes over the training sessions")
+    max_steps: int | None = knob(None, "stop after this many optimizer steps (overrides epochs)")
+    learning_rate: float | None = knob(None, "peak learning rate (default: 2e-4 lora/qlora, 2e-5 full)")
+    warmup: float = knob(0.03, "share of the steps spent warming up the learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = knob("cosine", "learning-rate schedule")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    lora_r: int = knob(16, "LoRA rank")
+    lora_alpha: int = knob(32, "LoRA scaling numerator (alpha / r scales the update)")
+    lora_dropout: float = knob(0.05, "dropout on the LoRA input")
+    gradient_checkpointing: Literal["auto", "on", "off"] = knob(
+        "auto", "recompute activations to save memory (auto: on for models over 1B parameters on GPU)")
+    precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 where the GPU supports it, else fp32")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
+        "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa)")
+    liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy; CUDA)")
+    save_steps: int = knob(200, "save a checkpoint every this many steps")
+    save_total_limit: int = knob(2, "keep only this many recent checkpoints")
+    eval_steps: int | None = knob(None, "held-out loss every this many steps (default: save_steps)")
+    logging_steps: int = knob(10, "log loss and tokens/s every this many steps")
+    seed: int = knob(42, "random seed (data order, LoRA init)")
+    resume: bool = knob(False, "continue the run in the output directory from its last checkpoint")
+    report_to: tuple[str, ...] = knob((), "also log to: tensorboard, trackio, wandb (repeatable)")
+
+    def __post_init__(self) -> None:
+        positive = ("max_length", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha",
+                    "save_steps", "logging_steps", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 32:
+            raise ConfigError(f"max_length must be at least 32 tokens, got {self.max_length}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
+            raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("warmup and lora_dropout must be in [0, 1)")
+        unknown = set(self.report_to) - {"tensorboard", "trackio", "wandb"}
+        if unknown:
+            raise ConfigError(f"report_to: unknown {sorted(unknown)[0]!r}; use tensorboard, trackio or wandb")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or (2e-5 if self.mode == "full" else 2e-4)
+
+
+def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train, save the adapter or weights with the tokenizer in `run_dir`, and return run.json's content."""
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from doppel import metrics, models, packing
+    from doppel.dataset import STATS_FILE
+
+    stats = _check_dataset(dataset_dir)
+    checkpoint = _check_run(run_dir, cfg.resume)
+    cuda = torch.cuda.is_available()
+    if cfg.mode == "qlora" and not cuda:
+        raise TrainError("--mode qlora needs an NVIDIA GPU (bitsandbytes 4-bit); use --mode lora on this machine")
+    set_seed(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    args = _arguments(cfg, run_dir, cuda)
+    with args.main_process_first(desc="tokenizing"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, run_dir / "config.yaml")
+        shutil.copyfile(dataset_dir / STATS_FILE, run_dir / "dataset_stats.json")
+        data = {split: packing.rows(packing.cached(
+            run_dir / TOKENS / split, lambda s=split: packing.tokenized(dataset_dir, s, tokenizer, cfg.max_length)),
+            cfg.max_length, cfg.packing) for split in ("train", "eval")}
+    if checkpoint is not None:
+        metrics.truncate(run_dir / metrics.METRICS_FILE, int(checkpoint.name.split("-")[-1]))
+    elif args.process_index == 0:
+        (run_dir / metrics.METRICS_FILE).write_text("", encoding="utf-8")
+    model = _model(cfg, tokenizer, cuda, args)
+    if not len(data["eval"]):
+        args.eval_strategy = "no"
+    collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                else tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"],
+                         eval_dataset=data["eval"] if len(data["eval"]) else None,
+                         processing_class=tokenizer, data_collator=collator)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    log = metrics.read(run_dir / metrics.METRICS_FILE)
+    info = {"base": cfg.model, "mode": cfg.mode, "steps": trainer.state.global_step, "processes": args.world_size,
+            "distributed": str(trainer.accelerator.distributed_type).split(".")[-1].lower(),
+            "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
+            "eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
+            "dataset": str(dataset_dir.resolve()), "owner": stats.get("owner"),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _save(trainer, tokenizer, run_dir, info)
+    return info
+
+
+def _check_dataset(dataset_dir: Path) -> dict[str, Any]:
+    from doppel.dataset import STATS_FILE, TRAIN_FILE
+
+    stats_path = dataset_dir / STATS_FILE
+    if not stats_path.is_file():
+        raise TrainError(f"{dataset_dir} is not a doppel dataset (no {STATS_FILE}); run doppel prepare first")
+    stats: dict[str, Any] = json.loads(stats_path.read_text(encoding="utf-8"))
+    if not stats.get("sessions", {}).get("train") or not (dataset_dir / TRAIN_FILE).is_file():
+        raise TrainError(f"{dataset_dir} has no training sessions; check doppel inspect {dataset_dir}")
+    return stats
+
+
+def _check_run(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to overwrite anything."""
+    from doppel.models import RUN_FILE
+
+    if (run_dir / RUN_FILE).is_file():
+        raise TrainError(f"{run_dir} already holds a finished run; choose another --out")
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainError(f"{run_dir} is not empty; add --resume to continue the run there, "
+                             "or choose another --out")
+        return None
+    found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    done = [p for p in found if (p / "trainer_state.json").is_file()]
+    return done[-1] if done else None
+
+
+def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    return SFTConfig(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, bf16=bf16, seed=cfg.seed,
+        logging_steps=cfg.logging_steps, logging_first_step=True, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
+        report_to=list(cfg.report_to) or "none", disable_tqdm=True, use_liger_kernel=cfg.liger,
+        activation_checkpointing=False, activation_checkpointing_kwargs={"use_reentrant": False},
+        max_length=cfg.max_length, packing=False, remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch")
+
+
+def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
+    """The base model prepared for the mode: LoRA adapters, 4-bit base + adapters, or all weights."""
+    import torch
+
+    from doppel import models
+
+    attention = cfg.attention
+    if attention == "auto":
+        import importlib.util
+
+        attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    dtype = torch.bfloat16 if args.bf16 and cfg.mode != "full" else torch.float32
+    model = models.load_model(cfg.model, dtype=dtype, attention=attention, quantize_4bit=cfg.mode == "qlora",
+                              device_map={"": args.local_process_index} if cfg.mode == "qlora" else None)
+    new_tokens = models.fit_embeddings(model, tokenizer)
+    model.config.use_cache = False
+    big = model.num_parameters() > 1e9
+    fsdp_checkpoints = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    # TRL reads the old name, transformers the new one
+    args.activation_checkpointing = args.gradient_checkpointing = cfg.gradient_checkpointing == "on" or (
+        cfg.gradient_checkpointing == "auto" and cuda and big and not fsdp_checkpoints)
+    if cfg.mode == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM",
+                      # added ChatML tokens start untrained, so the embeddings and the head train too (peft's
+                      # trainable_token_indices would be lighter, but TRL's fused LM head reads the unwrapped weight)
+                      modules_to_save=["embed_tokens", "lm_head"] if new_tokens else None,
+                      ensure_weight_tying=bool(new_tokens) and bool(model.config.tie_word_embeddings))
+    return get_peft_model(model, lora)
+
+
+def _save(trainer: Any, tokenizer: Any, run_dir: Path, info: dict[str, Any]) -> None:
+    """Final weights into the run dir; `run.json`, written last, marks the run finished."""
+    from doppel.models import RUN_FILE
+
+    staging = run_dir / ".final"
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        for item in staging.iterdir():
+            target = run_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+        staging.rmdir()
+        tmp = run_dir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(run_dir / RUN_FILE)
+    trainer.accelerator.wait_for_everyone()
