@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: setup demo test lint bench-prepare clean
+.PHONY: setup demo test lint bench-prepare bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,10 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 bench-prepare: setup
-	$(PY) -m doppel.bench prepare --messages 1000000
+	$(VENV)/bin/doppel bench prepare --messages 1000000
+
+bench-train: demo
+	$(VENV)/bin/doppel bench train --dataset runs/demo/data
 
 clean:
 	rm -rf $(VENV) runs

@@ -48,7 +48,8 @@ def test_packed_batch_has_the_loss_of_the_same_sessions_unpacked(samples, tiny_l
     plain_collator = packing.Collator(pad)
     plain_batch = plain_collator(list(samples))
     assert packed_batch["input_ids"].shape == (5, 256) and plain_batch["input_ids"].shape[0] == 12
-    assert int((packed_batch["labels"] != IGNORE).sum()) == plain_collator.targets == packing.count_targets(samples)
+    assert int((packed_batch["labels"] != IGNORE).sum()) == plain_collator.consumed(1)[1] == \
+        packing.count_targets(samples)
     with torch.no_grad():
         packed_loss = tiny_lm(**packed_batch, use_cache=False).loss
         plain_loss = tiny_lm(**plain_batch, use_cache=False).loss
@@ -218,7 +219,8 @@ def test_embedded_model_trains_end_to_end(sample_data, tmp_path):
     assert (info["base"], info["mode"], info["steps"]) == (None, "lora", 3)
     rows = metrics.read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eval_loss"] > 0
-    assert all(set(r) == {"step", "epoch", "loss", "learning_rate", "tokens_per_s", "target_tokens_per_s"}
+    assert all(set(r) == {"step", "epoch", "loss", "learning_rate", "tokens_per_s", "target_tokens_per_s", "tokens",
+                          "target_tokens", "train_seconds"}
                for r in rows[:3])
     model, tokenizer, _ = load_run(tmp_path / "run")
     assert type(model).__name__ == "PeftModelForCausalLM" and len(tokenizer) == 49152

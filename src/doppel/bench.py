@@ -1,20 +1,29 @@
 """Benchmarks that print figures (not timed tests).
 
-    python -m doppel.bench prepare --messages 1000000
+    doppel bench prepare --messages 1000000
 
 generates a synthetic export in Telegram Desktop's byte format, then times, each in a fresh
 process, Python's `json.load` of the file and `doppel prepare` of it, with peak memory (max RSS).
+
+    doppel bench train --dataset DIR [--model M] [--mode lora|qlora|full] [--json OUT]
+
+trains doppel's way and the reference recipe's way (pad each micro-batch to its longest row,
+batches grouped by length, no packing) on the same sessions, one after the other in one process,
+and reports target tokens/s, all real tokens/s, step time, peak memory and, on a GPU, the model
+FLOPs utilisation.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 _JSON_LOAD = """
 import json, resource, sys, time
@@ -60,18 +69,100 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> dict[str, flo
                 "machine": f"{platform.machine()}, {platform.python_version()}"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m doppel.bench")
-    sub = parser.add_subparsers(dest="what", required=True)
-    prep = sub.add_parser("prepare", help="prepare speed and memory vs json.load")
-    prep.add_argument("--messages", type=int, default=1_000_000)
-    prep.add_argument("--chats", type=int, default=500)
-    prep.add_argument("--keep", type=Path, help="directory to keep (and reuse) the export in")
-    args = parser.parse_args()
-    result = bench_prepare(args.messages, args.chats, args.keep)
-    for key, value in result.items():
-        print(f"{key:>24}: {value}")
+# --- training throughput ----------------------------------------------------------------------
+
+REFERENCE_BATCH = {"lora": 8, "qlora": 8, "full": 2}  # the reference recipe's micro-batches
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
+             "RTX 3090": 71e12}  # dense bf16 FLOP/s of each GPU
 
 
-if __name__ == "__main__":
-    main()
+def subset(dataset: Path, out: Path, tokenizer: Any, target_tokens: int, max_length: int) -> int:
+    """Write a dataset of the first training sessions holding `target_tokens` target tokens."""
+    from doppel import dataset as ds
+    from doppel.render import IGNORE, encode
+
+    total, lines = 0, []
+    for session in ds.load_sessions(dataset, "train"):
+        total += sum(label != IGNORE for _, labels in encode(session, tokenizer, max_length) for label in labels)
+        lines.append(ds.jsonl_line(session.to_json()))
+        if total >= target_tokens:
+            break
+    out.mkdir(parents=True)
+    (out / ds.TRAIN_FILE).write_text("".join(lines), encoding="utf-8")
+    (out / ds.EVAL_FILE).write_text("", encoding="utf-8")
+    stats = json.loads((dataset / ds.STATS_FILE).read_text(encoding="utf-8"))
+    ds.write_stats({**stats, "sessions": {"train": len(lines), "eval": 0}}, out)
+    return total
+
+
+def matmul_params(model_name: str | None) -> int:
+    """Weights that take part in matrix products per token: every Linear (lm_head too), not the lookup."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from doppel import models
+
+    if model_name is None or model_name.startswith(models.RANDOM):
+        folder = models.embedded_dir() if model_name is None else models._random_dir(model_name)
+        kwargs = {"gguf_file": models.EMBEDDED_FILE} if model_name is None else {}
+        config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(model_name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _measure(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steady-state figures from metrics rows (the first tenth of the steps is warm-up)."""
+    warm = max(1, len(rows) // 10)
+    first, last = rows[warm - 1], rows[-1]
+    seconds = last["train_seconds"] - first["train_seconds"]
+    return {"tokens_per_s": round((last["target_tokens"] - first["target_tokens"]) / seconds, 1),
+            "all_tokens_per_s": round((last["tokens"] - first["tokens"]) / seconds, 1),
+            "step_time_s": round(seconds / (last["step"] - first["step"]), 4),
+            "steps": last["step"], "measured_steps": last["step"] - first["step"]}
+
+
+def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int, batch_size: int,
+                gradient_checkpointing: str, max_length: int = 1024) -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    from doppel import metrics, models
+    from doppel.train import TrainConfig, train
+
+    cuda = torch.cuda.is_available()
+    tokenizer = models.load_tokenizer(model)
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    common: dict[str, Any] = {"model": model, "mode": mode, "max_length": max_length, "epochs": 1.0, "logging_steps": 1,
+              "save_steps": 10**9, "optim": "adamw_8bit" if mode == "full" and cuda else "auto",
+              "gradient_checkpointing": gradient_checkpointing}
+    setups = {"reference": TrainConfig(**common, packing=False, batch_size=REFERENCE_BATCH[mode],
+                                       attention="sdpa"),
+              "doppel": TrainConfig(**common, packing=True, batch_size=batch_size, liger=liger)}
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
+    result: dict[str, Any] = {"device": device, "model": models.base_name(model), "mode": mode}
+    with tempfile.TemporaryDirectory() as tmp:
+        result["target_tokens"] = subset(dataset, Path(tmp) / "data", tokenizer, target_tokens, max_length)
+        for name, cfg in setups.items():
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
+            rows = [r for r in metrics.read(Path(tmp) / name / metrics.METRICS_FILE) if "loss" in r]
+            figures = _measure(rows)
+            figures["batch"] = f"{cfg.batch_size} rows, " + ("packed to" if cfg.packing else "padded, up to") + \
+                f" {max_length} tokens"
+            figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else \
+                round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            figures["liger"] = cfg.liger
+            result[name] = figures
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None) if cuda else None
+    if peak:
+        flops_per_token = (6 if mode == "full" else 4) * matmul_params(model)
+        for name in setups:
+            result[name]["mfu"] = round(result[name]["all_tokens_per_s"] * flops_per_token / peak, 4)
+    result["speedup"] = round(result["doppel"]["tokens_per_s"] / result["reference"]["tokens_per_s"], 2)
+    return result

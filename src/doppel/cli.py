@@ -183,6 +183,63 @@ def merge(run: Path, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures (speed, memory)."""
+
+
+@bench.command("prepare")
+@click.option("--messages", type=int, default=1_000_000, show_default=True, help="messages in the synthetic export")
+@click.option("--chats", type=int, default=500, show_default=True)
+@click.option("--keep", type=click.Path(path_type=Path), help="directory to keep (and reuse) the export in")
+def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
+    """`doppel prepare` against `json.load` on a synthetic export: time and peak memory.
+
+    \b
+    Example:
+        doppel bench prepare --messages 1000000
+    """
+    from doppel.bench import bench_prepare as run
+
+    for key, value in run(messages, chats, keep).items():
+        click.echo(f"{key:>24}: {value}")
+
+
+@bench.command("train")
+@click.option("--dataset", "dataset_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--model", help="base model (default: embedded SmolLM2-135M; random:mistral-7b needs no download)")
+@click.option("--mode", type=click.Choice(["lora", "qlora", "full"]), default="lora", show_default=True)
+@click.option("--tokens", type=int, default=None, help="target tokens to train on (default: 4,000 CPU, 200,000 GPU)")
+@click.option("--batch-size", type=int, help="doppel's rows per micro-batch (default: 8 GPU, 2 CPU)")
+@click.option("--gradient-checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures as JSON here")
+def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | None, batch_size: int | None,
+                gradient_checkpointing: str, json_out: Path | None) -> None:
+    """doppel's training path against the reference recipe, on the same sessions and model.
+
+    The reference pads each micro-batch of 8 (full: 2) to its longest row, groups by length and does
+    not pack. `tokens_per_s` counts target (trained) tokens.
+
+    \b
+    Examples:
+        doppel bench train --dataset runs/demo/data --json bench.json
+        doppel bench train --dataset data --model random:mistral-7b --mode qlora
+    """
+    import torch
+
+    from doppel.bench import bench_train as run
+
+    with failures():
+        cuda = torch.cuda.is_available()
+        budget = tokens or (200_000 if cuda else 4_000)
+        result = run(dataset_dir, model, mode, budget, batch_size or (8 if cuda else 2), gradient_checkpointing)
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if json_out:
+        json_out.write_text(text + "\n", encoding="utf-8")
+
+
 def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
     from itertools import islice
 

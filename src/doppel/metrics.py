@@ -28,47 +28,55 @@ def truncate(path: Path, last_step: int) -> None:
 
 
 class TrainLog(TrainerCallback):
-    """Progress bar and metrics; only the main process reports."""
+    """Progress bar and metrics; only the main process reports.
 
-    def __init__(self, path: Path, collator: Collator, processes: int) -> None:
+    Training time leaves out evaluations and checkpoints; tokens are those of the batches the
+    optimizer steps consumed (the collator records them, and stops while an evaluation runs).
+    """
+
+    def __init__(self, path: Path, collator: Collator, processes: int, accumulation: int) -> None:
         self.path = path
         self.collator = collator
         self.processes = processes
-        self.mark = (time.perf_counter(), 0, 0)
-        self.last_step = self.mark
+        self.accumulation = accumulation
+        self.start = self.last_step = time.perf_counter()
+        self.first_step = 0
+        self.paused = 0.0
+        self.mark = (0.0, 0, 0)  # (train seconds, tokens, targets) at the last log line
         self.progress: Any = None
         self.task: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = self.last_step = time.perf_counter()
+        self.first_step = state.global_step
         if not state.is_world_process_zero:
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
         console = Console(stderr=True)
-        if not console.is_terminal:
-            return  # log lines only
-        self.progress = Progress("training", BarColumn(), MofNCompleteColumn(), "{task.fields[loss]}",
-                                 "{task.fields[speed]}", TimeRemainingColumn(), console=console,
-                                 transient=True)
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                           loss="", speed="")
-        self.progress.start()
-        self.mark = self.last_step = (time.perf_counter(), self.collator.tokens, self.collator.targets)
+        if console.is_terminal:  # otherwise log lines only
+            self.progress = Progress("training", BarColumn(), MofNCompleteColumn(), "{task.fields[loss]}",
+                                     "{task.fields[speed]}", TimeRemainingColumn(), console=console,
+                                     transient=True)
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               loss="", speed="")
+            self.progress.start()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.last_step = (time.perf_counter(), self.collator.tokens, self.collator.targets)
+        self.last_step = time.perf_counter()
         if state.global_step >= state.max_steps and args.eval_strategy != "no":
             control.should_evaluate = True  # every run ends with its held-out loss
+        if control.should_evaluate:
+            self.collator.counting = False
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
 
     def _pause(self) -> None:
-        """Leave the time and tokens of an evaluation or a checkpoint out of the training figures."""
-        now, tokens, targets = time.perf_counter(), self.collator.tokens, self.collator.targets
-        last = self.last_step
-        self.mark = (self.mark[0] + now - last[0], self.mark[1] + tokens - last[1], self.mark[2] + targets - last[2])
-        self.last_step = (now, tokens, targets)
+        now = time.perf_counter()
+        self.paused += now - self.last_step
+        self.last_step = now
+        self.collator.counting = True
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._pause()
@@ -82,12 +90,15 @@ class TrainLog(TrainerCallback):
             return
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
-            now, tokens, targets = time.perf_counter(), self.collator.tokens, self.collator.targets
-            seconds = max(now - self.mark[0], 1e-9)
+            seconds = self.last_step - self.start - self.paused
+            tokens, targets = (n * self.processes for n in self.collator.consumed(
+                (state.global_step - self.first_step) * self.accumulation))
+            span = max(seconds - self.mark[0], 1e-9)
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
-                       tokens_per_s=round((tokens - self.mark[1]) * self.processes / seconds, 1),
-                       target_tokens_per_s=round((targets - self.mark[2]) * self.processes / seconds, 1))
-            self.mark = (now, tokens, targets)
+                       tokens_per_s=round((tokens - self.mark[1]) / span, 1),
+                       target_tokens_per_s=round((targets - self.mark[2]) / span, 1),
+                       tokens=tokens, target_tokens=targets, train_seconds=round(seconds, 4))
+            self.mark = (seconds, tokens, targets)
         elif "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
         else:

@@ -4,6 +4,7 @@ or a local path. Heavy imports stay inside the functions."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,54 @@ def embedded_dir() -> Path:
     return folder
 
 
+# Shapes for benchmarks with random weights (no download): `--model random:mistral-7b`.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "max_position_embeddings": 32768, "rope_theta": 10000.0, "rms_norm_eps": 1e-5},
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+                 "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 4,
+                 "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                 "tie_word_embeddings": False},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+                     "tie_word_embeddings": True},
+}
+RANDOM = "random:"
+
+
+def random_model(shape: str, folder: Path) -> Path:
+    """Save a randomly initialised model of a known shape (with the embedded tokenizer) in `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise ModelError(f"unknown random shape {shape!r}; known: {', '.join(RANDOM_SHAPES)}")
+    if (folder / "config.json").is_file():
+        return folder
+    # the embedded tokenizer, or (on a machine without the embedded package) a saved one
+    saved = os.environ.get("DOPPEL_RANDOM_TOKENIZER")
+    tokenizer = load_tokenizer(saved)
+    spec = dict(RANDOM_SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), **spec,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else None)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def load_tokenizer(model: str | None = None) -> Any:
     """The tokenizer of `model` (None: the embedded default), with ChatML tokens ensured."""
     from transformers import AutoTokenizer
 
     from doppel.render import ensure_chatml
 
+    if model is not None and model.startswith(RANDOM):
+        model = str(random_model(model[len(RANDOM):], _random_dir(model)))
     try:
         if model is None:
             tokenizer = AutoTokenizer.from_pretrained(str(embedded_dir()), gguf_file=EMBEDDED_FILE)
@@ -67,6 +110,8 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
     if model is None:
         kwargs["gguf_file"] = EMBEDDED_FILE
+    elif model.startswith(RANDOM):
+        model = str(random_model(model[len(RANDOM):], _random_dir(model)))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
@@ -77,6 +122,13 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
         loaded.is_quantized = False  # type: ignore[assignment]
         del loaded.config.quantization_config
     return loaded
+
+
+def _random_dir(model: str) -> Path:
+    import tempfile
+
+    root = Path(os.environ.get("DOPPEL_CACHE", Path(tempfile.gettempdir()) / "doppel-cache"))
+    return root / model.replace(":", "-")
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:

@@ -59,13 +59,19 @@ def count_targets(samples: Any) -> int:
 class Collator:
     """Pads rows to the longest in the batch; positions restart at each packed session.
 
-    Counts the real and target tokens it hands out, for the tokens/s figures.
+    Records the real and target tokens of each training batch it builds (while `counting`), for the
+    tokens/s figures; batch i of the list is the i-th batch the trainer consumes.
     """
 
     pad_id: int
     pad_to_multiple_of: int = 8
-    tokens: int = field(default=0, init=False)
-    targets: int = field(default=0, init=False)
+    batches: list[tuple[int, int]] = field(default_factory=list, init=False)
+    counting: bool = field(default=True, init=False)
+
+    def consumed(self, batches: int) -> tuple[int, int]:
+        """(tokens, targets) in the first `batches` recorded batches."""
+        done = self.batches[:batches]
+        return sum(t for t, _ in done), sum(t for _, t in done)
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -82,6 +88,6 @@ class Collator:
             # the padding tail is a sequence of its own, so that it never looks like a continuation
             lengths = [*row.get("seq_lengths", [n]), width - n]
             positions[i] = torch.cat([torch.arange(length) for length in lengths if length])
-        self.tokens += sum(len(row["input_ids"]) for row in batch)
-        self.targets += int((labels != IGNORE).sum())
+        if self.counting:
+            self.batches.append((sum(len(row["input_ids"]) for row in batch), int((labels != IGNORE).sum())))
         return {"input_ids": ids, "labels": labels, "position_ids": positions}

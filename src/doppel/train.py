@@ -48,7 +48,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 where the GPU supports it, else fp32")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa)")
-    liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy; CUDA)")
+    liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE; CUDA, liger-kernel installed)")
+    optim: Literal["auto", "adamw", "adamw_8bit"] = knob(
+        "auto", "optimizer (auto: fused AdamW on GPU; adamw_8bit halves a full fine-tune's optimizer memory)")
     save_steps: int = knob(200, "save a checkpoint every this many steps")
     save_total_limit: int = knob(2, "keep only this many recent checkpoints")
     eval_steps: int | None = knob(None, "held-out loss every this many steps (default: save_steps)")
@@ -82,8 +84,12 @@ class TrainConfig:
         return self.learning_rate or (2e-5 if self.mode == "full" else 2e-4)
 
 
-def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train, save the adapter or weights with the tokenizer in `run_dir`, and return run.json's content."""
+def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequence[Any] = (),
+          save: bool = True) -> dict[str, Any]:
+    """Train, save the adapter or weights with the tokenizer in `run_dir`, and return run.json's content.
+
+    `save=False` (benchmarks) skips the final weights; the run is then not marked finished.
+    """
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
@@ -96,6 +102,8 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     cuda = torch.cuda.is_available()
     if cfg.mode == "qlora" and not cuda:
         raise TrainError("--mode qlora needs an NVIDIA GPU (bitsandbytes 4-bit); use --mode lora on this machine")
+    if cfg.liger and not cuda:
+        raise TrainError("--liger needs an NVIDIA GPU (Triton kernels)")
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     args = _arguments(cfg, run_dir, cuda)
@@ -122,7 +130,8 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size))
+    trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size,
+                                      cfg.gradient_accumulation))
     for callback in callbacks:
         trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -133,7 +142,8 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
             "eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
             "dataset": str(dataset_dir.resolve()), "owner": stats.get("owner"),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _save(trainer, tokenizer, run_dir, info)
+    if save:
+        _save(trainer, tokenizer, run_dir, info)
     return info
 
 
@@ -179,10 +189,13 @@ def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
         logging_steps=cfg.logging_steps, logging_first_step=True, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
         report_to=list(cfg.report_to) or "none", disable_tqdm=True, use_liger_kernel=cfg.liger,
+        # without packing, batches of similar lengths waste less on padding
+        train_sampling_strategy="random" if cfg.packing else "group_by_length",
         activation_checkpointing=False, activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=cfg.max_length, packing=False, remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=not cuda,
-        optim="adamw_torch_fused" if cuda else "adamw_torch")
+        optim={"adamw_8bit": "adamw_bnb_8bit", "adamw": "adamw_torch_fused" if cuda else "adamw_torch",
+               "auto": "adamw_torch_fused" if cuda else "adamw_torch"}[cfg.optim])
 
 
 def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
@@ -196,7 +209,8 @@ def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
         import importlib.util
 
         attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
-    dtype = torch.bfloat16 if args.bf16 and cfg.mode != "full" else torch.float32
+    # bf16 weights on GPU as TRL does (the frozen base of lora/qlora, every weight in full mode)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = models.load_model(cfg.model, dtype=dtype, attention=attention, quantize_4bit=cfg.mode == "qlora",
                               device_map={"": args.local_process_index} if cfg.mode == "qlora" else None)
     new_tokens = models.fit_embeddings(model, tokenizer)

@@ -1,0 +1,27 @@
+"""`doppel bench train`: the figures it derives, and a real run of both setups on a tiny model."""
+
+import pytest
+
+from doppel import bench
+
+
+def test_steady_state_figures_leave_out_the_first_tenth():
+    rows = [{"step": s, "tokens": 1000 * s, "target_tokens": 600 * s, "train_seconds": 0.5 + 2.0 * s}
+            for s in range(1, 21)]
+    rows[0]["train_seconds"] = 9.0  # a slow first step (compilation, allocation) is not measured
+    assert bench._measure(rows) == {"tokens_per_s": 300.0, "all_tokens_per_s": 500.0, "step_time_s": 2.0,
+                                    "steps": 20, "measured_steps": 18}
+
+
+def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data):
+    result = bench.bench_train(sample_data, str(tiny), "lora", target_tokens=3000, batch_size=2,
+                               gradient_checkpointing="auto", max_length=256)
+    assert result["device"].startswith("CPU") and result["mode"] == "lora" and 3000 <= result["target_tokens"] < 3400
+    assert result["reference"]["batch"] == "8 rows, padded, up to 256 tokens"
+    assert result["doppel"]["batch"] == "2 rows, packed to 256 tokens"
+    for name in ("reference", "doppel"):
+        figures = result[name]
+        assert figures["tokens_per_s"] > 0 and figures["all_tokens_per_s"] > figures["tokens_per_s"]
+        assert "mfu" not in figures  # no GPU, no peak FLOP/s to compare with
+    assert result["speedup"] == pytest.approx(result["doppel"]["tokens_per_s"] / result["reference"]["tokens_per_s"],
+                                              abs=0.01)
