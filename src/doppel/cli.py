@@ -30,13 +30,14 @@ class Failure(click.ClickException):
 @contextmanager
 def failures() -> Iterator[None]:
     """Turn the library's expected errors into `Failure`."""
+    from doppel.chat import ChatError
     from doppel.models import ModelError
     from doppel.telegram import ExportError
     from doppel.train import TrainError
 
     try:
         yield
-    except (ExportError, ConfigError, ModelError, TrainError) as exc:
+    except (ExportError, ConfigError, ModelError, TrainError, ChatError) as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:
         raise Failure(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
@@ -66,6 +67,7 @@ def main() -> None:
     doppel inspect data                     # see what the model will learn from
     doppel train data -o run                # fine-tune (LoRA on the embedded model by default)
     doppel merge run -o model               # LoRA run → standalone model
+    doppel chat run --persona Me --as Max   # talk with a persona
     """
     # the libraries' own tqdm bars (GGUF loading, dataset maps) would interleave with doppel's
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -181,6 +183,120 @@ def merge(run: Path, out: Path) -> None:
     with failures():
         models.merge(run, out)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--persona", help="who the model plays (default: you, the export's owner)")
+@click.option("--as", "as_", metavar="NAME", help="who you are (default: the most active other speaker)")
+@click.option("--list", "list_", is_flag=True, help="list the run's speakers and exit")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.1, show_default=True)
+@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="per reply")
+@click.option("--max-context", type=int, help="tokens of history kept (default: the model's context)")
+@click.option("--seed", type=int, help="make sampling repeatable")
+def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, temperature: float, top_p: float,
+         repetition_penalty: float, max_new_tokens: int, max_context: int | None, seed: int | None) -> None:
+    """Chat with a persona of a trained run (or, with no RUN, the untuned embedded model).
+
+    Type one message per line; an empty line sends your turn. The persona answers with one or more
+    messages. Commands: /reset, /as NAME, /persona NAME, /quit. From a pipe, the script's blocks
+    (separated by empty lines) are your turns and the replies are printed.
+
+    \b
+    Examples:
+        doppel chat runs/me --persona "Lena Volkova" --as "Max Orlov"
+        printf 'hey\\nwhat'"'"'s up?\\n' | doppel chat runs/me --as "Max Orlov"
+    """
+    from doppel import chat as chatting
+
+    with failures():
+        known = chatting.speakers(run)
+        if list_:
+            click.echo("\n".join(known) if known else "this model has no speaker list: any name works")
+            return
+        if run is not None and not run.exists():
+            raise Failure(f"{run}: no such run or model directory")
+        me = chatting.owner(run)
+        persona = chatting.check_name(persona or me or (known[0] if known else "Me"), known, "persona")
+        others = [k for k in known if k != persona]
+        user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
+        sampling = chatting.Sampling(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        conversation = _conversation(run, persona, user, sampling, max_context)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            click.echo(f"{persona} is listening; you are {user}. One message per line, an empty line sends; "
+                       "/reset /as NAME /persona NAME /quit")
+        for turn in _turns(interactive, f"{user}> "):
+            if turn[0].startswith("/"):
+                if not _command(conversation, turn[0], known):
+                    return
+                continue
+            for message in conversation.reply(turn):
+                click.echo(click.style(f"{conversation.persona}: ", fg="green", bold=True) + message
+                           if interactive else f"{conversation.persona}: {message}")
+            if not interactive:
+                click.echo()
+
+
+def _conversation(run: Path | None, persona: str, user: str, sampling: Any, max_context: int | None) -> Any:
+    from doppel import chat as chatting
+    from doppel.models import load_run
+
+    model, tokenizer, _ = load_run(run)
+    model.eval()
+    return chatting.Conversation(model, tokenizer, persona, user, sampling, max_context)
+
+
+def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
+    """The user's turns: blocks of lines ended by an empty line (or a lone /command)."""
+    lines: list[str] = []
+
+    def read() -> Iterator[str]:
+        if not interactive:
+            yield from (text.rstrip("\n") for text in sys.stdin)
+            return
+        while True:
+            yield input(prompt if not lines else " " * len(prompt))
+
+    try:
+        for line in read():
+            if line.startswith("/") and not lines:
+                yield [line.strip()]
+            elif line.strip():
+                lines.append(line)
+            elif lines:
+                yield lines
+                lines = []
+    except (EOFError, KeyboardInterrupt):
+        pass
+    if lines:
+        yield lines
+
+
+def _command(conversation: Any, line: str, known: list[str]) -> bool:
+    """Apply a /command; False to quit."""
+    from doppel.chat import ChatError, check_name
+
+    name, _, arg = line.partition(" ")
+    try:
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            conversation.history.clear()
+        elif name == "/as" and arg:
+            conversation.user = check_name(arg.strip(), known, "speaker")
+        elif name == "/persona" and arg:
+            conversation.persona = check_name(arg.strip(), known, "persona")
+        else:
+            click.echo("commands: /reset, /as NAME, /persona NAME, /quit", err=True)
+            return True
+        click.echo(f"({conversation.persona} ← {conversation.user}, {len(conversation.history)} turns of history)",
+                   err=True)
+    except ChatError as exc:
+        click.echo(f"doppel: {exc}", err=True)
+    return True
 
 
 @main.group()
