@@ -25,3 +25,9 @@ def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data):
         assert "mfu" not in figures  # no GPU, no peak FLOP/s to compare with
     assert result["speedup"] == pytest.approx(result["doppel"]["tokens_per_s"] / result["reference"]["tokens_per_s"],
                                               abs=0.01)
+
+
+def test_generation_speed_of_a_reply(tiny):
+    result = bench.bench_chat(tiny, tokens=8, repeats=2)
+    assert (result["prompt_tokens"], result["new_tokens"], result["repeats"]) == (17, 8, 2)
+    assert 0 < result["time_to_first_token_s"] < 5 and result["tokens_per_s"] > 0

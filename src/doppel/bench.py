@@ -166,3 +166,48 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             result[name]["mfu"] = round(result[name]["all_tokens_per_s"] * flops_per_token / peak, 4)
     result["speedup"] = round(result["doppel"]["tokens_per_s"] / result["reference"]["tokens_per_s"], 2)
     return result
+
+
+# --- generation speed -------------------------------------------------------------------------
+
+
+def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
+    """Time to first token and tokens/s of one persona reply (greedy, `tokens` new tokens, no early stop)."""
+    import threading
+    import time
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from doppel.chat import Conversation, Sampling
+    from doppel.models import base_name, load_run
+    from doppel.sessions import Turn
+
+    model, tokenizer, info = load_run(run)
+    model.eval()
+    conversation = Conversation(model, tokenizer, "Me", "Friend", Sampling(temperature=0, max_new_tokens=tokens))
+    conversation.history.append(Turn("Friend", "", ("hey", "what's up?"), False))
+    ids = tokenizer(conversation.prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(model.device)
+    firsts, rates = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        kwargs = {"input_ids": ids, "streamer": streamer, "max_new_tokens": tokens, "min_new_tokens": tokens,
+                  "do_sample": False}
+        start = time.perf_counter()
+        with torch.no_grad():
+            worker = threading.Thread(target=model.generate, kwargs=kwargs)
+            worker.start()
+            first = None
+            for _piece in streamer:
+                first = first or time.perf_counter()
+            worker.join()
+        end = time.perf_counter()
+        firsts.append((first or end) - start)
+        rates.append((tokens - 1) / (end - (first or start)))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
+    return {"device": device, "model": base_name(info.get("base")) if run is not None else info["model"],
+            "prompt_tokens": int(ids.shape[1]), "new_tokens": tokens,
+            "time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
+            "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1), "repeats": repeats}

@@ -356,6 +356,23 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
         json_out.write_text(text + "\n", encoding="utf-8")
 
 
+@bench.command("chat")
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--tokens", type=int, default=64, show_default=True, help="new tokens per reply")
+@click.option("--repeats", type=int, default=5, show_default=True, help="timed replies (after one warm-up)")
+def bench_chat(run: Path | None, tokens: int, repeats: int) -> None:
+    """Generation speed of `doppel chat`: time to first token and tokens/s (median of the repeats).
+
+    \b
+    Example:
+        doppel bench chat            # the embedded model
+    """
+    from doppel.bench import bench_chat as measure
+
+    with failures():
+        click.echo(json.dumps(measure(run, tokens, repeats), indent=2))
+
+
 def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
     from itertools import islice
 
