@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: setup demo test lint bench-prepare bench-train clean
+.PHONY: setup browser demo test lint bench-prepare bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ demo: setup
 	rm -rf runs/demo/run
 	$(VENV)/bin/doppel train runs/demo/data -o runs/demo/run --config configs/demo.yaml
 
-test: setup
+# Debian's Chromium for the web-page test (Playwright drives it; no browser download)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "no Chromium (apt-get failed): the browser test is skipped"; }
+
+test: setup browser
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q

@@ -1,13 +1,10 @@
 """`doppel chat`: prompts in both directions, message splitting, streamed replies from a trained model."""
 
-import pytest
 from click.testing import CliRunner
-from conftest import MAX, ME, full_export, msg, personal
 
 from doppel import chat
 from doppel.cli import main
 from doppel.sessions import Turn
-from doppel.train import TrainConfig, train
 
 
 def run_cli(*args, input=None):
@@ -19,26 +16,6 @@ def test_split_messages():
     assert chat.split_messages(">>> two\nlines\n>>> next\n") == ["two\nlines", "next"]
     assert chat.split_messages("no prefix") == ["no prefix"]
     assert chat.split_messages("") == []
-
-
-@pytest.fixture(scope="module")
-def memorised(tmp_path_factory, tiny):
-    """A tiny model trained until it knows its two-session dataset by heart."""
-    from doppel import dataset
-    from doppel.config import PrepareConfig
-    from doppel.synthetic import write_export
-
-    folder = tmp_path_factory.mktemp("memorised")
-    talk = []
-    for i, start in enumerate((0, 7200, 14400)):
-        talk += [msg(10 * i + 1, start, MAX, "yo"), msg(10 * i + 2, start + 5, MAX, "gym later?"),
-                 msg(10 * i + 3, start + 30, ME, "го))"), msg(10 * i + 4, start + 35, ME, "в 7 🙂")]
-    export = write_export(folder / "result.json", full_export([personal(MAX, talk)]))
-    dataset.prepare(export, folder / "data", PrepareConfig(eval_fraction=0))
-    train(folder / "data", folder / "run", TrainConfig(model=str(tiny), mode="full", max_steps=60, learning_rate=1e-2,
-                                                       warmup=0, lr_scheduler="constant_with_warmup", max_length=256,
-                                                       batch_size=2, logging_steps=20, save_steps=1000))
-    return folder / "run"
 
 
 def test_prompt_in_both_directions(memorised):

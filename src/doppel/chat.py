@@ -80,6 +80,7 @@ class Conversation:
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = min(max_context or limit, limit)
         self.history: list[Turn] = []
+        self.usage = (0, 0)  # (prompt, completion) tokens of the last reply
         self.stops = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
 
     def prompt(self) -> str:
@@ -113,6 +114,7 @@ class Conversation:
         from transformers import TextIteratorStreamer
 
         ids = self.tokenizer(self.prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        self.usage = (int(ids.shape[1]), 0)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         s = self.sampling
         kwargs: dict[str, Any] = dict(input_ids=ids.to(self.model.device), streamer=streamer,
@@ -136,4 +138,5 @@ class Conversation:
                 yield from split_messages(text[done:complete])
                 done = complete + 1
         worker.join()
+        self.usage = (self.usage[0], len(self.tokenizer(text + IM_END, add_special_tokens=False)["input_ids"]))
         yield from split_messages(text[done:])

@@ -68,6 +68,7 @@ def main() -> None:
     doppel train data -o run                # fine-tune (LoRA on the embedded model by default)
     doppel merge run -o model               # LoRA run → standalone model
     doppel chat run --persona Me --as Max   # talk with a persona
+    doppel serve run                        # OpenAI-compatible API + web page
     """
     # the libraries' own tqdm bars (GGUF loading, dataset maps) would interleave with doppel's
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -297,6 +298,45 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
     except ChatError as exc:
         click.echo(f"doppel: {exc}", err=True)
     return True
+
+
+@main.command()
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback: this machine only)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="DOPPEL_API_KEY", help="require 'Authorization: Bearer KEY' on the API")
+@click.option("--as", "as_", metavar="NAME", help="who writes when a user message has no name")
+def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str | None) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /.
+
+    The request's `model` is the persona; a user message's `name` says who writes.
+
+    \b
+    Example:
+        doppel serve runs/me --port 8000
+        curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"model": "Lena Volkova", "messages": [{"role": "user", "name": "Max Orlov", "content": "hey"}]}'
+    """
+    import uvicorn
+
+    from doppel import chat as chatting
+    from doppel.models import load_run
+    from doppel.server import create_app
+
+    with failures():
+        if run is not None and not run.exists():
+            raise Failure(f"{run}: no such run or model directory")
+        known = chatting.speakers(run)
+        me = chatting.owner(run)
+        others = [k for k in known if k != me]
+        user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
+        model, tokenizer, _ = load_run(run)
+        model.eval()
+        personas = ([me] if me in known else []) + [k for k in known if k != me]
+        app = create_app(model, tokenizer, personas, user, api_key, default_persona=me)
+    click.echo(f"doppel: serving {run or 'the embedded model'} on http://{host}:{port} "
+               f"(personas: {', '.join(personas) or 'any name'})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @main.group()
