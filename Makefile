@@ -23,6 +23,7 @@ demo: setup
 	$(VENV)/bin/doppel prepare examples/sample_export/result.json -o runs/demo/data --show 1
 	rm -rf runs/demo/run
 	$(VENV)/bin/doppel train runs/demo/data -o runs/demo/run --config configs/demo.yaml
+	$(VENV)/bin/doppel eval runs/demo/run --max-new-tokens 32
 
 # Debian's Chromium for the web-page test (Playwright drives it; no browser download)
 browser:

@@ -31,13 +31,14 @@ class Failure(click.ClickException):
 def failures() -> Iterator[None]:
     """Turn the library's expected errors into `Failure`."""
     from doppel.chat import ChatError
+    from doppel.evaluate import EvalError
     from doppel.models import ModelError
     from doppel.telegram import ExportError
     from doppel.train import TrainError
 
     try:
         yield
-    except (ExportError, ConfigError, ModelError, TrainError, ChatError) as exc:
+    except (ExportError, ConfigError, ModelError, TrainError, ChatError, EvalError) as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:
         raise Failure(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
@@ -69,6 +70,7 @@ def main() -> None:
     doppel merge run -o model               # LoRA run → standalone model
     doppel chat run --persona Me --as Max   # talk with a persona
     doppel serve run                        # OpenAI-compatible API + web page
+    doppel eval run                         # held-out loss and style, tuned vs base
     """
     # the libraries' own tqdm bars (GGUF loading, dataset maps) would interleave with doppel's
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -337,6 +339,40 @@ def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str 
     click.echo(f"doppel: serving {run or 'the embedded model'} on http://{host}:{port} "
                f"(personas: {', '.join(personas) or 'any name'})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--dataset", "dataset_dir", type=click.Path(path_type=Path),
+              help="dataset whose eval split is used (default: the one the run was trained on)")
+@click.option("--compare", default="base", show_default=True, help="'base' or another run directory")
+@click.option("--max-sessions", type=int, default=20, show_default=True, help="held-out sessions used")
+@click.option("--max-turns", type=int, default=3, show_default=True, help="generated turns per session")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="per generated turn")
+@click.option("--seed", type=int, default=0, show_default=True)
+def eval_(run: Path, dataset_dir: Path | None, compare: str, max_sessions: int, max_turns: int,
+          max_new_tokens: int, seed: int) -> None:
+    """Measure how much a run sounds like each person, against its base model.
+
+    Held-out loss and perplexity per speaker, style of generated turns against the real ones,
+    probe conversations ("hey" / "what's up?") in both directions. Writes RUN/eval/: report.json,
+    report.md, probes.md and plots.
+
+    \b
+    Example:
+        doppel eval runs/me --max-sessions 50
+    """
+    from doppel import evaluate, report
+
+    with failures():
+        if compare != "base" and not Path(compare).is_dir():
+            raise Failure(f"--compare must be 'base' or a run directory, got {compare!r}")
+        cfg = evaluate.EvalConfig(dataset_dir, compare, max_sessions, max_turns, max_new_tokens, seed=seed)
+        with progress_bar("generating turns") as bar:
+            result = evaluate.evaluate(run, cfg, progress=bar)
+    for line in report.headline(result):
+        click.echo(line)
+    click.echo(f"wrote {run / 'eval'}")
 
 
 @main.group()

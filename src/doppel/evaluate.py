@@ -1,0 +1,179 @@
+"""`evaluate(run)`: how much the tuned model sounds like each person, against its base model.
+
+1. held-out loss and perplexity per speaker, on exactly the training targets (render.encode);
+2. style of generated turns (from the real preceding turns) against the real turns (style.py);
+3. probe conversations opening with "hey" / "what's up?" in both directions;
+4. RUN/eval/report.json, report.md, probes.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from doppel import style
+from doppel.sessions import Session, Turn
+
+OPENERS = {"en": ("hey", "what's up?"), "ru": ("привет", "как дела?")}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: Path | None = None  # default: the dataset the run was trained on
+    compare: str = "base"  # "base" or another run directory
+    max_sessions: int = 20  # held-out sessions used (the newest of each chat come first in the split)
+    max_turns: int = 3  # generated turns per session
+    max_new_tokens: int = 48
+    probe_turns: int = 3  # generated turns per probe conversation
+    top_contacts: int = 2
+    seed: int = 0
+
+
+def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
+                   max_length: int) -> dict[str, tuple[float, int]]:
+    """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, masked as in training."""
+    import torch
+    import torch.nn.functional as F
+
+    from doppel.render import IGNORE, encode
+
+    totals: dict[str, tuple[float, int]] = {}
+    for session in sessions:
+        for speaker in sorted({t.speaker for t in session.turns if t.train}):
+            only = replace(session, turns=tuple(replace(t, train=t.train and t.speaker == speaker)
+                                                for t in session.turns))
+            for ids, labels in encode(only, tokenizer, max_length):
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0, :-1]
+                target = torch.tensor(labels[1:], device=logits.device)
+                nll = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum").item()
+                count = int((target != IGNORE).sum())
+                before = totals.get(speaker, (0.0, 0))
+                totals[speaker] = (before[0] + nll, before[1] + count)
+    return totals
+
+
+def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: EvalConfig,
+                   progress: Callable[[], None]) -> dict[str, list[tuple[str, ...]]]:
+    """{speaker: generated turns}, each from the real turns before a trained turn of the speaker."""
+    from doppel.chat import Conversation, Sampling
+
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for i, (session, index) in enumerate(_targets(sessions, cfg.max_turns)):
+        turn = session.turns[index]
+        chat = Conversation(model, tokenizer, turn.speaker, session.turns[index - 1].speaker,
+                            Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i))
+        chat.history = list(session.turns[:index - 1])
+        out.setdefault(turn.speaker, []).append(tuple(chat.reply(list(session.turns[index - 1].messages))))
+        progress()
+    return out
+
+
+def _targets(sessions: list[Session], max_turns: int) -> Iterator[tuple[Session, int]]:
+    for session in sessions:
+        found = [i for i, t in enumerate(session.turns) if t.train and i > 0][:max_turns]
+        yield from ((session, i) for i in found)
+
+
+def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language: str, cfg: EvalConfig
+           ) -> list[dict[str, Any]]:
+    """Fixed openers in both directions; the model then plays both sides for a few turns."""
+    from doppel.chat import Conversation, Sampling
+
+    out = []
+    for opener_language in dict.fromkeys(("en", language)):
+        for contact in contacts:
+            for persona, user in ((owner, contact), (contact, owner)):
+                chat = Conversation(model, tokenizer, persona, user,
+                                    Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+                turns = [Turn(user, "", OPENERS[opener_language], False)]
+                chat.history = []
+                for k in range(cfg.probe_turns):
+                    speaker, other = (persona, user) if k % 2 == 0 else (user, persona)
+                    chat.persona, chat.user = speaker, other
+                    chat.history = turns[:-1]
+                    said = tuple(chat.reply(list(turns[-1].messages)))
+                    turns.append(Turn(speaker, "", said or ("…",), False))
+                out.append({"model_as": persona, "facing": user, "language": opener_language,
+                            "turns": [{"speaker": t.speaker, "messages": list(t.messages)} for t in turns]})
+    return out
+
+
+@contextmanager
+def _adapters_off(model: Any) -> Iterator[None]:
+    with model.disable_adapter():
+        yield
+
+
+class EvalError(Exception):
+    """The evaluation cannot run; the message is shown to the user as is."""
+
+
+def evaluate(run: Path, cfg: EvalConfig, progress: Callable[[int, int], None] = lambda done, total: None
+             ) -> dict[str, Any]:
+    """Evaluate `run` against its base (or another run) and write RUN/eval/; returns report.json's content."""
+    import torch
+
+    from doppel import chat, config, models, report
+    from doppel.dataset import load_sessions
+    from doppel.train import TrainConfig
+
+    if not (run / models.RUN_FILE).is_file():
+        raise EvalError(f"{run} is not a finished doppel run (no {models.RUN_FILE})")
+    info = json.loads((run / models.RUN_FILE).read_text(encoding="utf-8"))
+    dataset = cfg.dataset or Path(info["dataset"])
+    sessions = [s for s in load_sessions(dataset, "eval")][:cfg.max_sessions] if dataset.is_dir() else []
+    if not sessions:
+        raise EvalError(f"{dataset} has no held-out sessions; prepare it with --eval-fraction above 0")
+    max_length = config.load(TrainConfig, run / "config.yaml", {}).max_length
+    torch.manual_seed(cfg.seed)
+    tuned, tokenizer, _ = models.load_run(run)
+    tuned.eval()
+    other, use_base = _comparison(run, cfg.compare, tuned, info, tokenizer)
+    owner = (info.get("owner") or {}).get("name") or chat.owner(run) or "Me"
+    contacts = [s for s in chat.speakers(run) if s != owner][:cfg.top_contacts]
+    messages = [m for s in sessions for t in s.turns for m in t.messages]
+    language = "ru" if style.measure([messages])["cyrillic_share"] > 0.5 else "en"
+    targets = list(_targets(sessions, cfg.max_turns))
+    total = 2 * len(targets)  # generated turns, the slow part
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        progress(done[0], total)
+
+    results: dict[str, Any] = {}
+    for name, model in (("base", other), ("tuned", tuned)):
+        with use_base() if name == "base" else nullcontext():
+            results[name] = {"losses": speaker_losses(model, tokenizer, sessions, max_length),
+                             "generated": generate_turns(model, tokenizer, sessions, cfg, step)}
+            results[name]["probes"] = probes(model, tokenizer, owner, contacts, language, cfg)
+    real: dict[str, list[tuple[str, ...]]] = {}
+    for session, index in targets:
+        real.setdefault(session.turns[index].speaker, []).append(session.turns[index].messages)
+    result = report.build(run, dataset, cfg, owner, real, results)
+    report.write(run / "eval", result, run / "metrics.jsonl")
+    return result
+
+
+def _comparison(run: Path, compare: str, tuned: Any, info: dict[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+    """(the model to compare with, a context manager to enter while using it)."""
+    from doppel import models
+
+    if compare != "base":
+        model, _, _ = models.load_run(Path(compare))
+        return model.eval(), nullcontext
+    if info["mode"] != "full":  # the same weights with the adapter switched off: no second copy
+        return tuned, lambda: _adapters_off(tuned)
+    base = models.load_model(info["base"])
+    models.fit_embeddings(base, tokenizer)
+    return base.eval(), nullcontext
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50)), 4)

@@ -1,0 +1,153 @@
+"""The evaluation report: report.json (machine-readable), report.md, probes.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from doppel import style
+
+
+def build(run: Path, dataset: Path, cfg: Any, owner: str, real: dict[str, list[tuple[str, ...]]],
+          results: dict[str, Any]) -> dict[str, Any]:
+    """report.json's content: per speaker real / base / tuned, and an overall summary."""
+    from doppel.evaluate import perplexity
+
+    speakers = []
+    names = sorted(set(results["tuned"]["losses"]) | set(real),
+                   key=lambda n: (n != owner, -results["tuned"]["losses"].get(n, (0, 0))[1], n))
+    for name in names:
+        entry: dict[str, Any] = {"name": name, "is_owner": name == owner,
+                                 "target_tokens": results["tuned"]["losses"].get(name, (0.0, 0))[1],
+                                 "turns": len(real.get(name, [])), "real": style.measure(real.get(name, []))}
+        for model in ("base", "tuned"):
+            nll, count = results[model]["losses"].get(name, (0.0, 0))
+            loss = round(nll / count, 4) if count else None
+            generated = results[model]["generated"].get(name, [])
+            measures = style.measure(generated)
+            overlap = style.vocabulary_overlap(real.get(name, []), generated)
+            entry[model] = {"loss": loss, "perplexity": perplexity(loss) if loss is not None else None,
+                            **measures, "vocabulary_overlap": overlap,
+                            "style_distance": style.distance(entry["real"], measures, overlap) if generated else None,
+                            "samples": [list(t) for t in generated[:3]]}
+        speakers.append(entry)
+    overall = {}
+    for model in ("base", "tuned"):
+        nll = sum(v[0] for v in results[model]["losses"].values())
+        count = sum(v[1] for v in results[model]["losses"].values())
+        distances = [s[model]["style_distance"] for s in speakers if s[model]["style_distance"] is not None]
+        overall[model] = {"loss": round(nll / count, 4) if count else None,
+                          "perplexity": perplexity(nll / count) if count else None,
+                          "style_distance": round(sum(distances) / len(distances), 4) if distances else None}
+    return {"run": str(run), "dataset": str(dataset), "compare": cfg.compare, "seed": cfg.seed,
+            "sessions": cfg.max_sessions, "owner": owner, "speakers": speakers, "overall": overall,
+            "probes": {"base": results["base"]["probes"], "tuned": results["tuned"]["probes"]}}
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """Two lines: the owner's held-out loss and the style distance, before → after."""
+    owner = next((s for s in result["speakers"] if s["is_owner"]), None)
+    lines = []
+    if owner and owner["tuned"]["loss"] is not None:
+        lines.append(f"{owner['name']} (you), held-out loss: base {owner['base']['loss']:.3f} → tuned "
+                     f"{owner['tuned']['loss']:.3f} (perplexity {owner['base']['perplexity']:.1f} → "
+                     f"{owner['tuned']['perplexity']:.1f})")
+    base, tuned = result["overall"]["base"]["style_distance"], result["overall"]["tuned"]["style_distance"]
+    if base is not None and tuned is not None:
+        lines.append(f"style distance to the real turns (0 = same): base {base:.3f} → tuned {tuned:.3f}")
+    return lines
+
+
+def write(folder: Path, result: dict[str, Any], metrics: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(markdown(result), encoding="utf-8")
+    (folder / "probes.md").write_text(transcripts(result), encoding="utf-8")
+    plots(folder, result, metrics)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = [f"# doppel eval: {result['run']}", "", *headline(result), "",
+           f"Held-out sessions of {result['dataset']} (at most {result['sessions']}); compared with: "
+           f"{result['compare']}; seed {result['seed']}.", "",
+           "## Held-out loss per speaker (training targets only)", "",
+           "| speaker | target tokens | base loss | tuned loss | base perplexity | tuned perplexity |",
+           "|---|---|---|---|---|---|"]
+    for s in result["speakers"]:
+        out.append(f"| {s['name']} | {s['target_tokens']} | {_num(s['base']['loss'])} | {_num(s['tuned']['loss'])} "
+                   f"| {_num(s['base']['perplexity'])} | {_num(s['tuned']['perplexity'])} |")
+    out += ["", "## Style of generated turns against the real ones", ""]
+    for s in result["speakers"]:
+        if not s["turns"]:
+            continue
+        out += [f"### {s['name']} ({s['turns']} turns)", "", "| measure | real | base | tuned |", "|---|---|---|---|"]
+        for name in (*style.MEASURES, "vocabulary_overlap", "style_distance"):
+            out.append(f"| {name} | {_num(s['real'].get(name, ''))} | {_num(s['base'][name])} "
+                       f"| {_num(s['tuned'][name])} |")
+        out.append("")
+    out += ["Plots: loss.png, style.png, training.png. Probe conversations: probes.md.", ""]
+    return "\n".join(out)
+
+
+def transcripts(result: dict[str, Any]) -> str:
+    out = ["# Probe conversations", ""]
+    for model in ("base", "tuned"):
+        for probe in result["probes"][model]:
+            out += [f"## {model}: model as {probe['model_as']}, facing {probe['facing']} ({probe['language']})", ""]
+            for turn in probe["turns"]:
+                out += [f"**{turn['speaker']}**"] + ["> " + m.replace("\n", "\n> ") for m in turn["messages"]] + [""]
+    return "\n".join(out)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "–" if value is None else str(value)
+
+
+def plots(folder: Path, result: dict[str, Any], metrics: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from doppel.metrics import read
+
+    speakers = [s for s in result["speakers"] if s["tuned"]["loss"] is not None]
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(speakers)), 3.5))
+    xs = range(len(speakers))
+    ax.bar([x - 0.2 for x in xs], [s["base"]["loss"] for s in speakers], 0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [s["tuned"]["loss"] for s in speakers], 0.4, label="tuned")
+    ax.set_xticks(list(xs), [s["name"] for s in speakers], rotation=20, ha="right")
+    ax.set_ylabel("held-out loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=100)
+    plt.close(fig)
+
+    with_turns = [s for s in result["speakers"] if s["turns"]]
+    fig, axes = plt.subplots(1, max(1, len(with_turns)), figsize=(4 * max(1, len(with_turns)), 3.8), squeeze=False)
+    shares = [m for m in style.MEASURES if m not in style.RELATIVE]
+    for ax, s in zip(axes[0], with_turns, strict=False):
+        for k, (label, values) in enumerate((("real", s["real"]), ("base", s["base"]), ("tuned", s["tuned"]))):
+            ax.barh([i + 0.27 * (k - 1) for i in range(len(shares))], [values[m] for m in shares], 0.27, label=label)
+        ax.set_yticks(range(len(shares)), [m.replace("_", " ") for m in shares])
+        ax.set_title(s["name"])
+        ax.set_xlim(0, 1)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(folder / "style.png", dpi=100)
+    plt.close(fig)
+
+    rows = read(metrics)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "training.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""`doppel eval`: style measures, per-speaker masked loss, the report, tuned beating base."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from doppel import style
+from doppel.cli import main
+from doppel.render import IGNORE, turn_ids
+from doppel.sessions import Session, Turn
+
+
+def test_style_measures_on_hand_made_turns():
+    turns = [("привет))", "как дела?"), ("ok 🙂🙂",), ("Fine. Thanks!", "see you :)", "(yes)")]
+    assert style.measure(turns) == {
+        "messages_per_turn": 2.0,  # 6 messages in 3 turns
+        "chars_per_message": 8.3333,  # 8 + 9 + 5 + 13 + 10 + 5 = 50 characters
+        "question_rate": 0.1667,  # "как дела?"
+        "emoji_rate": 0.3333,  # two emoji in six messages
+        "bracket_smiley_rate": 0.1667,  # "привет))"; not ":)", not "(yes)"
+        "lowercase_start_rate": 0.8333,  # п к o s y lowercase, F not
+        "final_punctuation_rate": 0.3333,  # "?" and "!"
+        "cyrillic_share": 0.3824,  # 13 Cyrillic letters of 34
+        "latin_share": 0.6176,  # 21 Latin letters of 34
+    }
+    assert style.measure([]) == dict.fromkeys(style.MEASURES, 0.0)
+    assert style.vocabulary_overlap([("Hi there",)], [("hi you",)]) == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_distance_is_zero_for_the_same_style_and_grows_with_differences():
+    real = style.measure([("го))",), ("да", "ок))")])
+    assert style.distance(real, real, 1.0) == 0.0
+    other = style.measure([("Hello, how are you doing today?",)])
+    assert 0.5 < style.distance(real, other, 0.0) <= 1.0
+
+
+def test_per_speaker_loss_is_the_masked_loss_by_hand(tiny, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from doppel.evaluate import speaker_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    session = Session("1:1", {"id": 1, "name": "Max", "type": "personal_chat"}, 0, 9, (
+        Turn("Max Orlov", "u1", ("yo", "gym later?"), True), Turn("Lena Volkova", "u2", ("го))",), True),
+        Turn("Max Orlov", "u1", ("ok",), True)))
+    losses = speaker_losses(model, smollm2_tokenizer, [session], 1024)
+    pieces = [turn_ids(smollm2_tokenizer, t) for t in session.turns]
+    ids = [i for p in pieces for i in p[0]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    for speaker in ("Max Orlov", "Lena Volkova"):
+        labels = [lab if t.speaker == speaker else IGNORE for p, t in zip(pieces, session.turns, strict=True)
+                  for lab in p[1]]
+        target = torch.tensor(labels[1:])
+        expected = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
+        assert losses[speaker][0] == pytest.approx(expected, rel=1e-5)
+        assert losses[speaker][1] == int((target != IGNORE).sum())
+    assert losses["Lena Volkova"][1] == len(smollm2_tokenizer(">>> го))<|im_end|>", add_special_tokens=False)
+                                            ["input_ids"])
+
+
+def test_report_of_a_converged_model_beats_its_base(memorised, tmp_path):
+    from doppel import dataset
+    from doppel.config import PrepareConfig
+
+    held_out = tmp_path / "data"  # the memorised conversation again, its newest session held out
+    dataset.prepare(memorised.parent / "result.json", held_out, PrepareConfig(eval_fraction=0.34))
+    result = CliRunner().invoke(main, ["eval", str(memorised), "--dataset", str(held_out), "--max-new-tokens", "16"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Me Owner (you), held-out loss: base ") and lines[-1] == f"wrote {memorised / 'eval'}"
+    folder = memorised / "eval"
+    assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "probes.md", "report.json", "report.md",
+                                                        "style.png", "training.png"]
+    report = json.loads((folder / "report.json").read_text())
+    assert [s["name"] for s in report["speakers"]] == ["Me Owner", "Max Orlov"]
+    for speaker in report["speakers"]:
+        assert set(speaker["tuned"]) == {"loss", "perplexity", *style.MEASURES, "vocabulary_overlap",
+                                         "style_distance", "samples"}
+        assert speaker["tuned"]["loss"] < 0.5 < 5 < speaker["base"]["loss"]
+    me = report["speakers"][0]
+    assert me["real"]["bracket_smiley_rate"] == 0.5 and me["tuned"]["samples"][0] == ["го))", "в 7 🙂"]
+    assert report["overall"]["tuned"]["style_distance"] < report["overall"]["base"]["style_distance"]
+    assert len(report["probes"]["tuned"]) == 2  # owner facing Max and Max facing the owner, in English
+    assert (folder / "probes.md").read_text().startswith("# Probe conversations\n\n## base: model as Me Owner")
+
+
+def test_eval_needs_a_finished_run_with_held_out_sessions(memorised, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tmp_path)])
+    assert result.exit_code == 2 and result.output == f"doppel: error: {tmp_path} is not a finished doppel run " \
+                                                      "(no run.json)\n"
+    result = CliRunner().invoke(main, ["eval", str(memorised)])  # trained with no eval split
+    assert result.exit_code == 2 and "has no held-out sessions; prepare it with --eval-fraction above 0" in \
+        result.output
