@@ -158,3 +158,12 @@ def test_truncated_file(write):
         items(path)
     with pytest.raises(ExportError, match=r"ends early .*; the export looks truncated"):
         items(path, general=True)
+
+
+def test_owner_id_above_2_to_the_32_is_not_taken_for_a_shifted_one(write):
+    # Telegram's 64-bit user ids (many accounts since 2021) exceed 2^32; personal_information.user_id is
+    # always written plain, never shifted
+    big = 5_000_000_001
+    path = write({"about": "x", "personal_information": {"user_id": big, "first_name": "Me"},
+                  "chats": {"about": "c", "list": []}})
+    assert read_header(path).owner_id == "user5000000001"

@@ -174,7 +174,7 @@ def read_header(path: Path) -> Header:
                     if value in ("messages", "chats", "left_chats"):
                         break
                 elif prefix == "personal_information.user_id":
-                    owner = peer_id(int(value))
+                    owner = f"user{int(value)}"  # always the plain id, even above 2^32
         except ijson.JSONError as exc:
             raise ExportError(
                 f"{path} is not valid JSON ({_short(exc)}); is the file truncated?") from None
