@@ -167,3 +167,15 @@ def test_owner_id_above_2_to_the_32_is_not_taken_for_a_shifted_one(write):
     path = write({"about": "x", "personal_information": {"user_id": big, "first_name": "Me"},
                   "chats": {"about": "c", "list": []}})
     assert read_header(path).owner_id == "user5000000001"
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_chat_ids_are_unshifted_only_in_exports_with_integer_sender_ids(write, general):
+    big = 5_000_000_001  # a modern 64-bit user id, above 2^32: bare since v2.7.2
+    modern = write(full_export([personal(big, [msg(1, 0, big, "hi", name="New User")])]), "modern.json")
+    assert [i.id for i in items(modern, general=general) if isinstance(i, Chat)] == [big]
+    old_message = {"id": 1, "type": "message", "date": "2020-01-01T00:00:10", "from": "A", "from_id": 201,
+                   "text": "x"}
+    old = write(full_export([{"name": "A", "type": "personal_chat", "id": 4294967296 + 201,
+                              "messages": [old_message]}]), "old.json")
+    assert [i.id for i in items(old, general=general) if isinstance(i, Chat)] == [201]

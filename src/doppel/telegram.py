@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -58,6 +58,7 @@ class Message:
 class Header:
     layout: Layout
     owner_id: str | None  # from personal_information (full export) or None
+    shifted: bool = False  # chat ids are v1.4.8-v2.7.1 shifted peer ids (integer from_id values)
 
 
 def peer_id(raw: int | str | None) -> str:
@@ -179,12 +180,34 @@ def read_header(path: Path) -> Header:
             raise ExportError(
                 f"{path} is not valid JSON ({_short(exc)}); is the file truncated?") from None
     if "messages" in keys:
-        return Header("single", None)
+        return Header("single", None, _shifted_ids(path))
     if keys & {"chats", "left_chats", "personal_information", "about"}:
-        return Header("full", owner)
+        return Header("full", owner, _shifted_ids(path))
     if {"info.json", "msgsCount"} & keys:
         raise ExportError(f"{path} looks like an exteraGram export; use Telegram Desktop's JSON export")
     raise ExportError(f"{path} is not a Telegram Desktop export (no 'messages' or 'chats' key)")
+
+
+_FROM_ID = re.compile(rb'"(?:from_id|actor_id)"\s*:\s*(["\d-])')
+
+
+def _shifted_ids(path: Path, limit: int = 64 << 20) -> bool:
+    """Whether chat ids are shifted: only exports whose from_id values are integers (before v2.7.2) did that.
+
+    Since v2.7.2 ids are bare, and a modern 64-bit user id above 2^32 must not be "unshifted".
+    """
+    with path.open("rb") as raw:
+        tail = b""
+        while raw.tell() < limit and (chunk := raw.read(1 << 20)):
+            found = _FROM_ID.search(tail + chunk)
+            if found:
+                return found.group(1) != b'"'
+            tail = chunk[-64:]
+    return False
+
+
+def _bare(item: Chat, shifted: bool) -> Chat:
+    return replace(item, id=chat_id(item.id)) if shifted else item
 
 
 def _short(exc: Exception) -> str:
@@ -245,7 +268,7 @@ def _pieces(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[bytes | 
                 name = None if header.group(1) in (None, b"null") else _json_string(header.group(1))
                 kind = None if header.group(2) == b"null" else _json_string(header.group(2))
                 yield buf[given:match.end()]
-                yield Chat(chat_id(header.group(3)), kind, name, left)
+                yield Chat(int(header.group(3)), kind, name, left)
             elif match.group(2) == b"{" and layout == "full":
                 left = key == "left_chats"
                 yield buf[given:match.end()]
@@ -337,7 +360,7 @@ def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | 
         if base in lists and event in ("string", "number", "null") and prefix != base:
             meta[prefix.rsplit(".", 1)[-1]] = value
         elif prefix in lists and event == "end_map":
-            chats.append(Chat(chat_id(meta.get("id", 0)), meta.get("type"), meta.get("name"),
+            chats.append(Chat(int(meta.get("id", 0)), meta.get("type"), meta.get("name"),
                               prefix.startswith("left_chats")))
             meta = {}
     raw.seek(0)
@@ -371,13 +394,13 @@ def iter_export(path: Path, general: bool = False,
         if not general:
             try:
                 for item in _fast(raw, header.layout, on_read):
-                    yield item if isinstance(item, Chat) else to_message(item)
+                    yield _bare(item, header.shifted) if isinstance(item, Chat) else to_message(item)
             except ijson.JSONError as exc:
                 raise UnusualLayout from exc
             return
         try:
             for item in _general(raw, header.layout, on_read):
-                yield item if isinstance(item, Chat) else to_message(item)
+                yield _bare(item, header.shifted) if isinstance(item, Chat) else to_message(item)
         except ijson.IncompleteJSONError as exc:
             raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated") from None
         except ijson.JSONError as exc:
