@@ -76,6 +76,13 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RT
              "RTX 3090": 71e12}  # dense bf16 FLOP/s of each GPU
 
 
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
+
+
 def subset(dataset: Path, out: Path, tokenizer: Any, target_tokens: int, max_length: int) -> int:
     """Write a dataset of the first training sessions holding `target_tokens` target tokens."""
     from doppel import dataset as ds
@@ -142,7 +149,7 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
     setups = {"reference": TrainConfig(**common, packing=False, batch_size=REFERENCE_BATCH[mode],
                                        attention="sdpa"),
               "doppel": TrainConfig(**common, packing=True, batch_size=batch_size, liger=liger)}
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
+    device = _device()
     result: dict[str, Any] = {"device": device, "model": models.base_name(model), "mode": mode}
     with tempfile.TemporaryDirectory() as tmp:
         result["target_tokens"] = subset(dataset, Path(tmp) / "data", tokenizer, target_tokens, max_length)
@@ -176,7 +183,6 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
     import threading
     import time
 
-    import torch
     from transformers import TextIteratorStreamer
 
     from doppel.chat import Conversation, Sampling
@@ -195,19 +201,16 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
         kwargs = {"input_ids": ids, "streamer": streamer, "max_new_tokens": tokens, "min_new_tokens": tokens,
                   "do_sample": False}
         start = time.perf_counter()
-        with torch.no_grad():
-            worker = threading.Thread(target=model.generate, kwargs=kwargs)
-            worker.start()
-            first = None
-            for _piece in streamer:
-                first = first or time.perf_counter()
-            worker.join()
+        worker = threading.Thread(target=model.generate, kwargs=kwargs)  # generate() runs without grad
+        worker.start()
+        first = None
+        for _piece in streamer:
+            first = first or time.perf_counter()
+        worker.join()
         end = time.perf_counter()
         firsts.append((first or end) - start)
         rates.append((tokens - 1) / (end - (first or start)))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({platform.machine()}, {os.cpu_count()} threads)"
-    return {"device": device, "model": base_name(info.get("base")) if run is not None else info["model"],
+    return {"device": _device(), "model": base_name(info.get("base")) if run is not None else info["model"],
             "prompt_tokens": int(ids.shape[1]), "new_tokens": tokens,
             "time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
             "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1), "repeats": repeats}

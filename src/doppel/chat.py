@@ -31,20 +31,19 @@ class Sampling:
     seed: int | None = None
 
 
+def _stats(run: Path | None) -> dict[str, Any]:
+    """The statistics of the dataset a run was trained on (empty for a base or merged model)."""
+    path = run / "dataset_stats.json" if run is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+
+
 def speakers(run: Path | None) -> list[str]:
     """The run's speakers, most active first (empty for a base model: any name goes)."""
-    stats = run / "dataset_stats.json" if run is not None else None
-    if stats is None or not stats.is_file():
-        return []
-    return [s["name"] for s in json.loads(stats.read_text(encoding="utf-8")).get("speakers", [])]
+    return [s["name"] for s in _stats(run).get("speakers", [])]
 
 
 def owner(run: Path | None) -> str | None:
-    stats = run / "dataset_stats.json" if run is not None else None
-    if stats is None or not stats.is_file():
-        return None
-    found = json.loads(stats.read_text(encoding="utf-8")).get("owner") or {}
-    return found.get("name")
+    return (_stats(run).get("owner") or {}).get("name")
 
 
 def check_name(name: str, known: list[str], role: str) -> str:

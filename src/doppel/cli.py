@@ -219,8 +219,7 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
         if list_:
             click.echo("\n".join(known) if known else "this model has no speaker list: any name works")
             return
-        if run is not None and not run.exists():
-            raise Failure(f"{run}: no such run or model directory")
+        _check_exists(run)
         me = chatting.owner(run)
         persona = chatting.check_name(persona or me or (known[0] if known else "Me"), known, "persona")
         others = [k for k in known if k != persona]
@@ -245,11 +244,22 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
 
 def _conversation(run: Path | None, persona: str, user: str, sampling: Any, max_context: int | None) -> Any:
     from doppel import chat as chatting
+
+    model, tokenizer = _load(run)
+    return chatting.Conversation(model, tokenizer, persona, user, sampling, max_context)
+
+
+def _check_exists(run: Path | None) -> None:
+    if run is not None and not run.exists():
+        raise Failure(f"{run}: no such run or model directory")
+
+
+def _load(run: Path | None) -> tuple[Any, Any]:
+    """The model (in eval mode) and tokenizer of a run, a model directory, or the embedded model."""
     from doppel.models import load_run
 
     model, tokenizer, _ = load_run(run)
-    model.eval()
-    return chatting.Conversation(model, tokenizer, persona, user, sampling, max_context)
+    return model.eval(), tokenizer
 
 
 def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
@@ -322,18 +332,15 @@ def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str 
     import uvicorn
 
     from doppel import chat as chatting
-    from doppel.models import load_run
     from doppel.server import create_app
 
     with failures():
-        if run is not None and not run.exists():
-            raise Failure(f"{run}: no such run or model directory")
+        _check_exists(run)
         known = chatting.speakers(run)
         me = chatting.owner(run)
         others = [k for k in known if k != me]
         user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
-        model, tokenizer, _ = load_run(run)
-        model.eval()
+        model, tokenizer = _load(run)
         personas = ([me] if me in known else []) + [k for k in known if k != me]
         app = create_app(model, tokenizer, personas, user, api_key, default_persona=me)
     click.echo(f"doppel: serving {run or 'the embedded model'} on http://{host}:{port} "

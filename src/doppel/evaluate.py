@@ -44,17 +44,21 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
 
     totals: dict[str, tuple[float, int]] = {}
     for session in sessions:
+        # the windows depend on token counts only, so the speakers' label sets share one forward pass
+        windows: dict[tuple[int, ...], list[tuple[str, list[int]]]] = {}
         for speaker in sorted({t.speaker for t in session.turns if t.train}):
             only = replace(session, turns=tuple(replace(t, train=t.train and t.speaker == speaker)
                                                 for t in session.turns))
             for ids, labels in encode(only, tokenizer, max_length):
-                with torch.no_grad():
-                    logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits[0, :-1]
+                windows.setdefault(tuple(ids), []).append((speaker, labels))
+        for window, by_speaker in windows.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([window], device=model.device), use_cache=False).logits[0, :-1].float()
+            for speaker, labels in by_speaker:
                 target = torch.tensor(labels[1:], device=logits.device)
-                nll = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum").item()
-                count = int((target != IGNORE).sum())
+                nll = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
                 before = totals.get(speaker, (0.0, 0))
-                totals[speaker] = (before[0] + nll, before[1] + count)
+                totals[speaker] = (before[0] + nll, before[1] + int((target != IGNORE).sum()))
     return totals
 
 
@@ -92,7 +96,6 @@ def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language
                 chat = Conversation(model, tokenizer, persona, user,
                                     Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
                 turns = [Turn(user, "", OPENERS[opener_language], False)]
-                chat.history = []
                 for k in range(cfg.probe_turns):
                     speaker, other = (persona, user) if k % 2 == 0 else (user, persona)
                     chat.persona, chat.user = speaker, other

@@ -73,8 +73,7 @@ def load_tokenizer(model: str | None = None) -> Any:
 
     from doppel.render import ensure_chatml
 
-    if model is not None and model.startswith(RANDOM):
-        model = str(random_model(model[len(RANDOM):], _random_dir(model)))
+    model = _resolve(model)
     try:
         if model is None:
             tokenizer = AutoTokenizer.from_pretrained(str(embedded_dir()), gguf_file=EMBEDDED_FILE)
@@ -108,10 +107,9 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = _resolve(model)
     if model is None:
         kwargs["gguf_file"] = EMBEDDED_FILE
-    elif model.startswith(RANDOM):
-        model = str(random_model(model[len(RANDOM):], _random_dir(model)))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
@@ -122,6 +120,13 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
         loaded.is_quantized = False  # type: ignore[assignment]
         del loaded.config.quantization_config
     return loaded
+
+
+def _resolve(model: str | None) -> str | None:
+    """A `random:SHAPE` name → the folder its model is saved in (made on first use); others as they are."""
+    if model is None or not model.startswith(RANDOM):
+        return model
+    return str(random_model(model[len(RANDOM):], _random_dir(model)))
 
 
 def _random_dir(model: str) -> Path:
@@ -143,34 +148,27 @@ def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
 RUN_FILE = "run.json"
 
 
-def load_run(path: str | Path | None, *, dtype: Any = None, device_map: Any = None) -> tuple[Any, Any, dict]:
+def load_run(path: str | Path | None) -> tuple[Any, Any, dict]:
     """(model, tokenizer, run info) for a finished run dir, a merged/HF model, or None (embedded)."""
     import json
 
-    from transformers import AutoTokenizer
-
-    from doppel.render import ensure_chatml
-
     folder = Path(path) if path is not None else None
+    name = str(folder) if folder is not None else None
     if folder is not None and (folder / "checkpoints").is_dir() and not (folder / RUN_FILE).exists():
         raise ModelError(f"{folder} is an unfinished run; finish it with doppel train … -o {folder} --resume")
+    tokenizer = load_tokenizer(name)
     if folder is None or not (folder / RUN_FILE).is_file():
-        tokenizer = load_tokenizer(None if folder is None else str(folder))
-        model = load_model(None if folder is None else str(folder), dtype=dtype, device_map=device_map)
+        model = load_model(name)
         fit_embeddings(model, tokenizer)
-        return model, tokenizer, {"model": base_name(None if folder is None else str(folder)), "mode": "base"}
+        return model, tokenizer, {"model": base_name(name), "mode": "base"}
     info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    ensure_chatml(tokenizer)
     if info["mode"] == "full":
-        model = load_model(str(folder), dtype=dtype, device_map=device_map)
-    else:
-        from peft import PeftModel
+        return load_model(name), tokenizer, info
+    from peft import PeftModel
 
-        model = load_model(info["base"], dtype=dtype, device_map=device_map)
-        fit_embeddings(model, tokenizer)
-        model = PeftModel.from_pretrained(model, str(folder))
-    return model, tokenizer, info
+    model = load_model(info["base"])
+    fit_embeddings(model, tokenizer)
+    return PeftModel.from_pretrained(model, str(folder)), tokenizer, info
 
 
 def merge(run: Path, out: Path) -> None:
@@ -185,10 +183,19 @@ def merge(run: Path, out: Path) -> None:
     staging = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
-    staging.replace(out) if not out.exists() else _move_into(staging, out)
+    if out.exists():  # an empty folder the user made
+        move_into(staging, out)
+    else:
+        staging.replace(out)
 
 
-def _move_into(staging: Path, out: Path) -> None:
+def move_into(staging: Path, out: Path) -> None:
+    """Move everything in `staging` into `out` (replacing what is there), then remove `staging`."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
     for item in staging.iterdir():
+        if (out / item.name).is_dir():
+            shutil.rmtree(out / item.name)
         item.replace(out / item.name)
     staging.rmdir()

@@ -92,6 +92,7 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     """
     import torch
     from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
     from doppel import metrics, models, packing
@@ -126,8 +127,6 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"],
                          eval_dataset=data["eval"] if len(data["eval"]) else None,
                          processing_class=tokenizer, data_collator=collator)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size,
@@ -237,18 +236,13 @@ def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
 
 def _save(trainer: Any, tokenizer: Any, run_dir: Path, info: dict[str, Any]) -> None:
     """Final weights into the run dir; `run.json`, written last, marks the run finished."""
-    from doppel.models import RUN_FILE
+    from doppel.models import RUN_FILE, move_into
 
     staging = run_dir / ".final"
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(staging))
-        for item in staging.iterdir():
-            target = run_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-        staging.rmdir()
+        move_into(staging, run_dir)
         tmp = run_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         tmp.replace(run_dir / RUN_FILE)
