@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,6 +121,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
     # same steps, same batches in the same order, same optimizer state: the same losses
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-5)
+    # the running token counts go on from the checkpoint
+    counts = {run: [(r["tokens"], r["target_tokens"]) for r in metrics.read(run / "metrics.jsonl") if "tokens" in r]
+              for run in (tmp_path / "whole", cut)}
+    assert counts[cut] == counts[tmp_path / "whole"]
 
 
 def test_tokenizer_without_chatml_gets_trainable_chatml_embeddings(sample_data, tmp_path):
@@ -185,28 +191,94 @@ def test_missing_or_empty_dataset(tmp_path):
     assert result.exit_code == 2 and "has no training sessions" in result.output
 
 
-def test_two_processes_through_accelerate_launch(tiny, sample_data, tmp_path):
-    """The shipped FSDP launcher config, on two CPU processes. accelerate runs FSDP only on GPUs: with
-    use_cpu it starts the same processes as DDP over gloo, so this checks the launch, the data split
-    and the single final save on the same code path; the FSDP sharding itself is checked on a GPU."""
+SHIMS = Path(__file__).parent / "shims"
+FSDP_ON_CPU = [SHIMS / "fsdp_on_cpu"]  # accelerate's CPU refusal lifted: torch's FSDP2 itself runs over gloo
+TINY_RUN = ["--max-steps", "4", "--save-steps", "2", "--max-length", "256", "--batch-size", "2", "--logging-steps",
+            "1"]
+
+
+def launch(config: Path, data: Path, out: Path, shims: list[Path], *args: str) -> None:
+    """`accelerate launch --config_file CONFIG -m doppel train DATA -o OUT ARGS` on two CPU processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, shims))}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "-m", "doppel", "train", str(data), "-o", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"{out.name}: {proc.stderr[-3000:]}"
+    assert proc.stdout.count("wrote ") == 1  # one process reports
+
+
+def two_cpus(tmp_path: Path, **fsdp_config: Any) -> Path:
+    """The shipped FSDP launcher config, for two CPU processes in fp32."""
     import yaml
 
     shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "fsdp.yaml").read_text())
+    shipped["fsdp_config"].update(fsdp_config)
     launcher = tmp_path / "two-cpus.yaml"
     launcher.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "num_processes": 2, "mixed_precision": "no"}))
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher), "-m", "doppel",
-         "train", str(sample_data), "-o", str(run), "--model", str(tiny), "--mode", "full", "--max-steps", "3",
-         "--max-length", "256", "--batch-size", "2", "--logging-steps", "1"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads((run / "run.json").read_text())
-    assert (info["processes"], info["distributed"], info["steps"]) == (2, "multi_cpu", 3)
-    assert proc.stdout.count("wrote ") == 1  # one process reports
+    return launcher
+
+
+def steps(run: Path) -> list[tuple[Any, ...]]:
+    return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("tokens"), r.get("learning_rate"))
+            for r in metrics.read(run / metrics.METRICS_FILE)]
+
+
+def test_fsdp_full_fine_tuning_on_two_cpu_processes_matches_ddp(tiny, sample_data, tmp_path):
+    """The shipped launcher config three ways: as accelerate runs it on CPU (plain DDP over gloo), with FSDP2
+    itself, and with FSDP2 under torch < 2.13's hooks for multi-module units (tests/shims/torch_before_2_13),
+    where the step after an evaluation and a checkpoint used to fail ("mixed torch.Tensor and DTensor", seen on
+    an H100 with torch 2.11). Each evaluates and saves at step 2 of 4; sharded or not, the losses and the saved
+    weights agree. Then the sharded run, cut back to its step-2 checkpoint, resumes to the same steps 3 and 4."""
+    launcher = two_cpus(tmp_path)
+    ways = {"ddp": [], "fsdp": FSDP_ON_CPU, "fsdp-torch-2.12": [SHIMS / "torch_before_2_13", *FSDP_ON_CPU]}
+    for way, shims in ways.items():
+        launch(launcher, sample_data, tmp_path / way, shims, "--model", str(tiny), "--mode", "full", *TINY_RUN)
+    infos = {way: json.loads((tmp_path / way / "run.json").read_text()) for way in ways}
+    assert {way: (i["processes"], i["distributed"], i["steps"]) for way, i in infos.items()} == {
+        "ddp": (2, "multi_cpu", 4), "fsdp": (2, "fsdp", 4), "fsdp-torch-2.12": (2, "fsdp", 4)}
     # two processes take twice the rows per step: an epoch is rows / (2 × 2) steps
-    rows = len(packing.rows(packing.cached(run / "tokens" / "train", lambda: None), 256, True))
-    assert info["epochs"] == pytest.approx(3 / -(-rows // 4), abs=1e-4)
+    rows = len(packing.rows(packing.cached(tmp_path / "ddp" / "tokens" / "train", lambda: None), 256, True))
+    assert infos["fsdp"]["epochs"] == pytest.approx(4 / -(-rows // 4), abs=1e-4)
+    ddp = steps(tmp_path / "ddp")
+    assert [(step, loss is None) for step, loss, *_ in ddp] == [
+        (1, False), (2, False), (2, True), (3, False), (4, False), (4, True)]
+    ddp_weights = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
+    for way in ("fsdp", "fsdp-torch-2.12"):
+        sharded = steps(tmp_path / way)
+        assert [row[0] for row in sharded] == [row[0] for row in ddp]
+        assert [loss or eval_loss for _, loss, eval_loss, *_ in sharded] == pytest.approx(
+            [loss or eval_loss for _, loss, eval_loss, *_ in ddp], abs=1e-4)
+        weights = AutoModelForCausalLM.from_pretrained(tmp_path / way).state_dict()
+        assert weights.keys() == ddp_weights.keys()
+        assert all(torch.allclose(weights[k], ddp_weights[k], atol=1e-5) for k in weights)
+
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "checkpoint-4")
+    (tmp_path / "resumed" / "run.json").unlink()
+    launch(launcher, sample_data, tmp_path / "resumed", FSDP_ON_CPU, "--resume")
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "fsdp")
+
+
+def test_fsdp_lora_on_two_cpu_processes_saves_the_whole_adapter(tiny, sample_data, tmp_path):
+    """LoRA sharded with FSDP2 saves the same adapter as under DDP, also from a launcher config that turns on
+    accelerate's activation checkpointing (its wrapper used to hide every LoRA weight from the save: an empty
+    adapter; doppel checkpoints with transformers instead)."""
+    from safetensors.torch import load_file
+
+    args = ["--model", str(tiny), "--mode", "lora", *TINY_RUN]
+    launch(two_cpus(tmp_path), sample_data, tmp_path / "ddp", [], *args)
+    launch(two_cpus(tmp_path, fsdp_activation_checkpointing=True), sample_data, tmp_path / "fsdp", FSDP_ON_CPU,
+           *args)
+    assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["distributed"] == "fsdp"
+    sharded, ddp = (load_file(tmp_path / way / "adapter_model.safetensors") for way in ("fsdp", "ddp"))
+    assert len(ddp) == 2 * 7 * 2  # A and B for 7 linear layers in each of 2 decoder layers
+    assert sharded.keys() == ddp.keys()
+    assert all(torch.allclose(sharded[k], ddp[k], atol=1e-5) for k in ddp)
+    assert any(ddp[k].abs().sum() > 0 for k in ddp if "lora_B" in k)  # trained (B starts at zero)
+    sharded_log, ddp_log = steps(tmp_path / "fsdp"), steps(tmp_path / "ddp")
+    assert [row[0] for row in sharded_log] == [row[0] for row in ddp_log] == [1, 2, 2, 3, 4, 4]
+    assert [loss or eval_loss for _, loss, eval_loss, *_ in sharded_log] == pytest.approx(
+        [loss or eval_loss for _, loss, eval_loss, *_ in ddp_log], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -233,5 +305,5 @@ def test_shipped_presets_are_valid_configs():
     presets = {p.stem: config.load(TrainConfig, p, {}) for p in folder.glob("*.yaml") if p.stem != "fsdp"}
     assert {name: (cfg.mode, cfg.gradient_checkpointing) for name, cfg in presets.items()} == {
         "demo": ("lora", "auto"), "lora-7b": ("lora", "auto"), "qlora-7b": ("qlora", "on"),
-        "full-fsdp": ("full", "off")}
+        "full-fsdp": ("full", "on")}
     assert presets["lora-7b"].model == "cognitivecomputations/dolphin-2.2.1-mistral-7b"

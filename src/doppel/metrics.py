@@ -43,12 +43,17 @@ class TrainLog(TrainerCallback):
         self.first_step = 0
         self.paused = 0.0
         self.mark = (0.0, 0, 0)  # (train seconds, tokens, targets) at the last log line
+        self.base = self.mark  # the same at the start (a resumed run's checkpoint)
         self.progress: Any = None
         self.task: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start = self.last_step = time.perf_counter()
         self.first_step = state.global_step
+        # a resumed run goes on counting from its checkpoint (the log was cut back to it)
+        done = [row for row in read(self.path) if "tokens" in row] if self.first_step else []
+        self.mark = (done[-1]["train_seconds"], done[-1]["tokens"], done[-1]["target_tokens"]) if done else (0.0, 0, 0)
+        self.base = self.mark
         if not state.is_world_process_zero:
             return
         from rich.console import Console
@@ -90,9 +95,9 @@ class TrainLog(TrainerCallback):
             return
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
-            seconds = self.last_step - self.start - self.paused
-            tokens, targets = (n * self.processes for n in self.collator.consumed(
-                (state.global_step - self.first_step) * self.accumulation))
+            seconds = self.base[0] + self.last_step - self.start - self.paused
+            consumed = self.collator.consumed((state.global_step - self.first_step) * self.accumulation)
+            tokens, targets = (base + n * self.processes for base, n in zip(self.base[1:], consumed, strict=True))
             span = max(seconds - self.mark[0], 1e-9)
             row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                        tokens_per_s=round((tokens - self.mark[1]) / span, 1),

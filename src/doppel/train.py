@@ -131,6 +131,10 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size,
                                       cfg.gradient_accumulation))
+    if trainer.is_fsdp_enabled:
+        from doppel.fsdp import CompleteForwardsAfterEval
+
+        trainer.add_callback(CompleteForwardsAfterEval())
     for callback in callbacks:
         trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -215,10 +219,15 @@ def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
     new_tokens = models.fit_embeddings(model, tokenizer)
     model.config.use_cache = False
     big = model.num_parameters() > 1e9
+    # accelerate's own activation checkpointing (fsdp_activation_checkpointing in a launcher config) wraps each
+    # layer in a CheckpointWrapper, whose extra module level hides the LoRA weights from peft's save: the adapter
+    # would be written empty. transformers' checkpointing does the same work without the wrapper, so it takes over.
     fsdp_checkpoints = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    if fsdp_checkpoints:
+        os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "false"
     # TRL reads the old name, transformers the new one
     args.activation_checkpointing = args.gradient_checkpointing = cfg.gradient_checkpointing == "on" or (
-        cfg.gradient_checkpointing == "auto" and cuda and big and not fsdp_checkpoints)
+        cfg.gradient_checkpointing == "auto" and (fsdp_checkpoints or (cuda and big)))
     if cfg.mode == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
