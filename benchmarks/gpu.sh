@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and training benchmarks, as run for docs/benchmarks.md on the device machine:
 #   bash benchmarks/gpu.sh setup fsdp lora       then   bash benchmarks/gpu.sh setup qlora full
+#   env: TOKENS (target tokens per case, default 100000), BATCH (doppel's rows per micro-batch, default 8)
 # Needs the wheels named in docs/benchmarks.md in .whl/ when the machine has no package index.
 # Writes JSON and logs to $OUT (default: runs/gpu).
 set -uo pipefail
@@ -32,7 +33,8 @@ for step in "$@"; do
     lora|qlora|full|lora-nogc)
       # lora-nogc: LoRA without gradient checkpointing (the 7B's activations fit in 80 GB)
       extra=(); mode=$step
-      [ "$step" = lora-nogc ] && extra=(--gradient-checkpointing off) && mode=lora
+      [ -n "${BATCH:-}" ] && extra+=(--batch-size "$BATCH")   # doppel's rows per micro-batch (default 8)
+      [ "$step" = lora-nogc ] && extra+=(--gradient-checkpointing off) && mode=lora
       timeout 420 $PY -m doppel bench train --dataset /tmp/data --model random:mistral-7b --mode "$mode" \
         --tokens "${TOKENS:-100000}" --json "$OUT/bench-$step.json" "${extra[@]}" > "$OUT/bench-$step.log" 2>&1
       tail -5 "$OUT/bench-$step.log" ;;

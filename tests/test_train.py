@@ -96,6 +96,20 @@ def test_tiny_model_overfits_one_batch(tiny, tmp_path, write):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_gradient_checkpointing_saves_memory_not_the_result(tiny, sample_data, tmp_path, mode):
+    """Recomputing activations (on by default for big models on a GPU) trains exactly as keeping them."""
+    runs = {}
+    for checkpointing in ("off", "on"):
+        cfg = TrainConfig(model=str(tiny), mode=mode, max_steps=3, learning_rate=1e-2, seed=5,
+                          gradient_checkpointing=checkpointing, **FAST)
+        train(sample_data, tmp_path / checkpointing, cfg, save=False)
+        runs[checkpointing] = losses(tmp_path / checkpointing)
+    assert [step for step, _ in runs["on"]] == [1, 2, 3]
+    assert [loss for _, loss in runs["on"]] == pytest.approx([loss for _, loss in runs["off"]], abs=1e-5)
+    assert runs["on"][0][1] != runs["on"][2][1]  # it trained
+
+
 class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
