@@ -62,6 +62,30 @@ def test_packed_batch_has_the_loss_of_the_same_sessions_unpacked(samples, tiny_l
     assert abs(leaky_loss.item() - plain_loss.item()) > 1e-4
 
 
+def test_flash_attention_gets_the_batch_as_one_row_of_packed_sessions(samples, tiny_lm, smollm2_tokenizer):
+    """transformers runs flash attention's varlen kernel (one causal span per session, from restarting
+    positions) only for a batch of one row; several rows with restarting positions would go to the plain
+    causal kernel and let a row's sessions see each other. So for flash attention the collator joins the
+    rows: the same loss as the rows (checked with sdpa here, which honours both layouts), and the layout
+    flash attention takes for packed sessions."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    packed = list(packing.rows(samples, 256, packing=True))
+    rows = packing.Collator(smollm2_tokenizer.pad_token_id)(packed)
+    joined_collator = packing.Collator(smollm2_tokenizer.pad_token_id, flatten=True)
+    joined = joined_collator(packed)
+    total = sum(len(row["input_ids"]) for row in packed)
+    assert joined["input_ids"].shape == (1, -(-total // 8) * 8)
+    assert joined_collator.consumed(1) == (total, packing.count_targets(samples))
+    starts = (joined["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == len(samples) + (total % 8 != 0)  # every session, and the padding tail
+    assert _is_packed_sequence(joined["position_ids"], 1)
+    assert not _is_packed_sequence(rows["position_ids"], rows["input_ids"].shape[0])
+    with torch.no_grad():
+        assert tiny_lm(**joined, use_cache=False).loss.item() == pytest.approx(
+            tiny_lm(**rows, use_cache=False).loss.item(), abs=1e-5)
+
+
 def test_masked_positions_get_no_gradient(samples, tiny_lm, smollm2_tokenizer):
     batch = packing.Collator(smollm2_tokenizer.pad_token_id)(list(samples.select(range(2))))
     out = tiny_lm(**batch, use_cache=False)

@@ -59,12 +59,18 @@ def count_targets(samples: Any) -> int:
 class Collator:
     """Pads rows to the longest in the batch; positions restart at each packed session.
 
+    `flatten` (for flash attention) joins the batch's rows into one row instead: flash attention finds
+    packed sessions from restarting positions only in a batch of one row (transformers then runs the
+    varlen kernel, one causal span per session); with several rows it would let a row's sessions see each
+    other. sdpa and eager need no flattening: restarting positions give them a block-diagonal mask.
+
     Records the real and target tokens of each training batch it builds (while `counting`), for the
     tokens/s figures; batch i of the list is the i-th batch the trainer consumes.
     """
 
     pad_id: int
     pad_to_multiple_of: int = 8
+    flatten: bool = False
     batches: list[tuple[int, int]] = field(default_factory=list, init=False)
     counting: bool = field(default=True, init=False)
 
@@ -76,6 +82,10 @@ class Collator:
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        if self.flatten:
+            batch = [{"input_ids": [i for row in batch for i in row["input_ids"]],
+                      "labels": [label for row in batch for label in row["labels"]],
+                      "seq_lengths": [n for row in batch for n in row.get("seq_lengths", [len(row["input_ids"])])]}]
         longest = max(len(row["input_ids"]) for row in batch)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

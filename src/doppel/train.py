@@ -119,11 +119,13 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
         metrics.truncate(run_dir / metrics.METRICS_FILE, int(checkpoint.name.split("-")[-1]))
     elif args.process_index == 0:
         (run_dir / metrics.METRICS_FILE).write_text("", encoding="utf-8")
-    model = _model(cfg, tokenizer, cuda, args)
+    attention = _attention(cfg, cuda)
+    model = _model(cfg, tokenizer, attention, cuda, args)
     if not len(data["eval"]):
         args.eval_strategy = "no"
     collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                else tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                                else tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                flatten=attention.startswith("flash_attention"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"],
                          eval_dataset=data["eval"] if len(data["eval"]) else None,
                          processing_class=tokenizer, data_collator=collator)
@@ -201,17 +203,20 @@ def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
                "auto": "adamw_torch_fused" if cuda else "adamw_torch"}[cfg.optim])
 
 
-def _model(cfg: TrainConfig, tokenizer: Any, cuda: bool, args: Any) -> Any:
+def _attention(cfg: TrainConfig, cuda: bool) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    import importlib.util
+
+    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def _model(cfg: TrainConfig, tokenizer: Any, attention: str, cuda: bool, args: Any) -> Any:
     """The base model prepared for the mode: LoRA adapters, 4-bit base + adapters, or all weights."""
     import torch
 
     from doppel import models
 
-    attention = cfg.attention
-    if attention == "auto":
-        import importlib.util
-
-        attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     # bf16 weights on GPU as TRL does (the frozen base of lora/qlora, every weight in full mode)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = models.load_model(cfg.model, dtype=dtype, attention=attention, quantize_4bit=cfg.mode == "qlora",
