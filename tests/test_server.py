@@ -56,6 +56,18 @@ def test_streaming_sends_one_chunk_per_message(loaded):
     assert chunks[0]["delta"]["role"] == "assistant" and chunks[-1]["finish_reason"] == "stop"
 
 
+def test_a_reply_cut_by_max_tokens_finishes_with_length(loaded):
+    api = client(loaded)
+    ask = {"model": "Me Owner", "messages": ASK, "temperature": 0, "max_tokens": 4}
+    body = api.post("/v1/chat/completions", json=ask).json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+    assert body["choices"][0]["message"]["content"] == loaded[1].decode(
+        loaded[1](">>> го))\n>>> в 7 🙂", add_special_tokens=False)["input_ids"][:4]).removeprefix(">>> ")
+    with api.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as r:
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and "[DONE]" not in line]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize(("request_body", "status", "error"), [
     ({"model": "Me Owner", "messages": ASK, "n": 2}, 400, {"message": "Only n=1 is supported", "param": "n"}),
     ({"model": "Nobody", "messages": ASK}, 404, {"message": "The model `Nobody` does not exist",

@@ -80,6 +80,7 @@ class Conversation:
         self.max_context = min(max_context or limit, limit)
         self.history: list[Turn] = []
         self.usage = (0, 0)  # (prompt, completion) tokens of the last reply
+        self.finish_reason = "stop"  # of the last reply: "stop" (the turn ended) or "length" (max_new_tokens)
         self.stops = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
 
     def prompt(self) -> str:
@@ -126,16 +127,19 @@ class Conversation:
         worker = threading.Thread(target=lambda: self.model.generate(**kwargs), daemon=True)
         worker.start()
         text, done = "", 0
+        self.finish_reason = "length"
         for piece in streamer:
             text += piece
             end = min((i for i in (text.find(IM_END), text.find(IM_START)) if i >= 0), default=-1)
             if end >= 0:
                 text = text[:end]
+                self.finish_reason = "stop"
                 break
             complete = text.rfind("\n" + PREFIX)
             if complete > done:
                 yield from split_messages(text[done:complete])
                 done = complete + 1
         worker.join()
-        self.usage = (self.usage[0], len(self.tokenizer(text + IM_END, add_special_tokens=False)["input_ids"]))
+        ended = IM_END if self.finish_reason == "stop" else ""
+        self.usage = (self.usage[0], len(self.tokenizer(text + ended, add_special_tokens=False)["input_ids"]))
         yield from split_messages(text[done:])

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,7 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             for message in chat.reply(messages):
                 cut = min((message.find(s) for s in stops if s in message), default=-1)
                 if cut >= 0:
+                    chat.finish_reason = "stop"
                     if message[:cut].strip():
                         yield message[:cut].rstrip()
                     return
@@ -143,12 +144,12 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if request.stream:
-            return StreamingResponse(_events(replies(chat, messages, stops), ident, created, request.model),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_events(replies(chat, messages, stops), lambda: chat.finish_reason, ident,
+                                             created, request.model), media_type="text/event-stream")
         said = await asyncio.to_thread(lambda: list(replies(chat, messages, stops)))
         prompt, completion = chat.usage
         return {"id": ident, "object": "chat.completion", "created": created, "model": request.model,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                "choices": [{"index": 0, "finish_reason": chat.finish_reason, "logprobs": None,
                              "message": {"role": "assistant", "content": "\n".join(said)}}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
@@ -156,11 +157,12 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
     return app
 
 
-async def _events(messages: Iterator[str], ident: str, created: int, model: str) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, one chunk per message (newline-separated), a stop chunk, [DONE]."""
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+async def _events(messages: Iterator[str], finish: Callable[[], str], ident: str, created: int,
+                  model: str) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, one chunk per message (newline-separated), a finish chunk, [DONE]."""
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
@@ -179,5 +181,5 @@ async def _events(messages: Iterator[str], ident: str, created: int, model: str)
     while (message := await queue.get()) is not None:
         yield chunk({"content": message if first else "\n" + message})
         first = False
-    yield chunk({}, "stop")
+    yield chunk({}, finish())
     yield "data: [DONE]\n\n"
