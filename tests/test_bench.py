@@ -1,8 +1,12 @@
 """`doppel bench train`: the figures it derives, and a real run of both setups on a tiny model."""
 
+import json
+
 import pytest
+from click.testing import CliRunner
 
 from doppel import bench
+from doppel.cli import main
 
 
 def test_steady_state_figures_leave_out_the_first_tenth():
@@ -13,9 +17,12 @@ def test_steady_state_figures_leave_out_the_first_tenth():
                                     "steps": 20, "measured_steps": 18}
 
 
-def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data):
-    result = bench.bench_train(sample_data, str(tiny), "lora", target_tokens=3000, batch_size=2,
-                               gradient_checkpointing="auto", max_length=256)
+def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data, tmp_path):
+    out = tmp_path / "bench.json"
+    run = CliRunner().invoke(main, ["bench", "train", "--dataset", str(sample_data), "--model", str(tiny), "--tokens",
+                                    "3000", "--batch-size", "2", "--max-length", "256", "--json", str(out)])
+    assert run.exit_code == 0, run.output
+    result = json.loads(out.read_text())
     assert result["device"].startswith("CPU") and result["mode"] == "lora" and 3000 <= result["target_tokens"] < 3400
     assert result["reference"]["batch"] == "8 rows, padded, up to 256 tokens"
     assert result["doppel"]["batch"] == "2 rows, packed to 256 tokens"

@@ -134,6 +134,19 @@ def test_gradient_checkpointing_saves_memory_not_the_result(tiny, sample_data, t
     assert runs["on"][0][1] != runs["on"][2][1]  # it trained
 
 
+def test_micro_batch_defaults_to_one_row_on_cpu(tiny, sample_data, tmp_path):
+    """No --batch-size: one row per micro-batch on CPU (the fastest there, docs/benchmarks.md), recorded as such."""
+    import yaml
+
+    cfg = TrainConfig(model=str(tiny), max_steps=2, max_length=256, logging_steps=1, save_steps=1000)
+    assert cfg.batch_size is None
+    train(sample_data, tmp_path / "run", cfg)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["batch_size"] == 1
+    rows = [r for r in metrics.read(tmp_path / "run" / metrics.METRICS_FILE) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["tokens"] - before <= 256 for r, before in zip(
+        rows, [0, rows[0]["tokens"]], strict=True))
+
+
 class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:

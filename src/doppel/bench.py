@@ -160,8 +160,8 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
             rows = [r for r in metrics.read(Path(tmp) / name / metrics.METRICS_FILE) if "loss" in r]
             figures = _measure(rows)
-            figures["batch"] = f"{cfg.batch_size} rows, " + ("packed to" if cfg.packing else "padded, up to") + \
-                f" {max_length} tokens"
+            figures["batch"] = f"{cfg.batch_size} row{'s' if cfg.batch_size != 1 else ''}, " + \
+                ("packed to" if cfg.packing else "padded, up to") + f" {max_length} tokens"
             figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else \
                 round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             figures["liger"] = cfg.liger

@@ -409,12 +409,14 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
 @click.option("--model", help="base model (default: embedded SmolLM2-135M; random:mistral-7b needs no download)")
 @click.option("--mode", type=click.Choice(["lora", "qlora", "full"]), default="lora", show_default=True)
 @click.option("--tokens", type=int, default=None, help="target tokens to train on (default: 4,000 CPU, 200,000 GPU)")
-@click.option("--batch-size", type=int, help="doppel's rows per micro-batch (default: 8 GPU, 2 CPU)")
+@click.option("--batch-size", type=int, help="doppel's rows per micro-batch (default: 8 GPU, 1 CPU)")
+@click.option("--max-length", type=click.IntRange(min=32), default=1024, show_default=True,
+              help="tokens per row (both recipes): longer sessions are split at turns")
 @click.option("--gradient-checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures as JSON here")
 def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | None, batch_size: int | None,
-                gradient_checkpointing: str, json_out: Path | None) -> None:
+                max_length: int, gradient_checkpointing: str, json_out: Path | None) -> None:
     """doppel's training path against the reference recipe, on the same sessions and model.
 
     The reference pads each micro-batch of 8 (full: 2) to its longest row, groups by length and does
@@ -428,11 +430,13 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
     import torch
 
     from doppel.bench import bench_train as run
+    from doppel.train import default_rows
 
     with failures():
         cuda = torch.cuda.is_available()
         budget = tokens or (200_000 if cuda else 4_000)
-        result = run(dataset_dir, model, mode, budget, batch_size or (8 if cuda else 2), gradient_checkpointing)
+        result = run(dataset_dir, model, mode, budget, batch_size or default_rows(cuda), gradient_checkpointing,
+                     max_length)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_out:
