@@ -15,16 +15,13 @@ from typing import Any
 from transformers import TrainerCallback
 
 
-def complete_forwards(model: Any) -> int:
-    """Mark every FSDP2 unit's forward finished, as backward does; returns how many were left open."""
-    open_units = 0
+def complete_forwards(model: Any) -> None:
+    """Mark every FSDP2 unit's forward finished, as backward does."""
     for module in model.modules():
         state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
         pending = getattr(state, "_modules_to_run_forward", None)
         if pending:
             pending.clear()
-            open_units += 1
-    return open_units
 
 
 class CompleteForwardsAfterEval(TrainerCallback):
