@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks and training benchmarks, as run for docs/benchmarks.md on the device machine:
 #   bash benchmarks/gpu.sh setup fsdp lora       then   bash benchmarks/gpu.sh setup qlora full
-#   env: TOKENS (target tokens per case, default 100000), BATCH (doppel's rows per micro-batch, default 8)
+#   env: TOKENS (target tokens per case, default 100000), BATCH (doppel's rows per micro-batch, default 8),
+#        ATTENTION (doppel's attention kernel, e.g. varlen; default auto)
+#   bash benchmarks/gpu.sh setup tests      the CUDA-only tests (tests/test_gpu.py, tests/test_attention.py)
 # Needs the wheels named in docs/benchmarks.md in .whl/ when the machine has no package index.
 # Writes JSON and logs to $OUT (default: runs/gpu).
 set -uo pipefail
@@ -23,6 +25,10 @@ for step in "$@"; do
       # a synthetic export of 200k messages → dataset
       $PY -c "from doppel.synthetic import write_large_export; write_large_export(open('/tmp/export.json', 'wb'), 200000, 400)"
       $PY -m doppel prepare /tmp/export.json -o /tmp/data | tee -a "$OUT/device.txt" ;;
+    tests)
+      # the tests' tokenizer is the embedded one, saved in .tok/ (the embedded package is not on this machine)
+      timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+        > "$OUT/tests.log" 2>&1; tail -15 "$OUT/tests.log" ;;
     fsdp)
       # the shipped FSDP config on this machine's GPU, full fine-tuning of a small model, final save
       rm -rf /tmp/fsdp-run
@@ -34,9 +40,10 @@ for step in "$@"; do
       # lora-nogc: LoRA without gradient checkpointing (the 7B's activations fit in 80 GB)
       extra=(); mode=$step
       [ -n "${BATCH:-}" ] && extra+=(--batch-size "$BATCH")   # doppel's rows per micro-batch (default 8)
+      [ -n "${ATTENTION:-}" ] && extra+=(--attention "$ATTENTION")
       [ "$step" = lora-nogc ] && extra+=(--gradient-checkpointing off) && mode=lora
       timeout 420 $PY -m doppel bench train --dataset /tmp/data --model random:mistral-7b --mode "$mode" \
-        --tokens "${TOKENS:-100000}" --json "$OUT/bench-$step.json" "${extra[@]}" > "$OUT/bench-$step.log" 2>&1
+        --tokens "${TOKENS:-100000}" --json "$OUT/bench-$step${ATTENTION:+-$ATTENTION}.json" "${extra[@]}" > "$OUT/bench-$step.log" 2>&1
       tail -5 "$OUT/bench-$step.log" ;;
   esac
 done

@@ -84,9 +84,13 @@ def tiny_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer() -> Any:
+    """The embedded model's tokenizer (on a GPU machine without the embedded package: the same one saved where
+    DOPPEL_RANDOM_TOKENIZER says, see benchmarks/gpu.sh)."""
+    import os
+
     from doppel.models import load_tokenizer
 
-    return load_tokenizer()
+    return load_tokenizer(os.environ.get("DOPPEL_RANDOM_TOKENIZER"))
 
 
 @pytest.fixture(scope="session")

@@ -132,13 +132,13 @@ def _measure(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int, batch_size: int,
-                gradient_checkpointing: str, max_length: int = 1024) -> dict[str, Any]:
+                gradient_checkpointing: str, max_length: int = 1024, attention: str = "auto") -> dict[str, Any]:
     import resource
 
     import torch
 
     from doppel import metrics, models
-    from doppel.train import TrainConfig, train
+    from doppel.train import TrainConfig, attention_kernel, train
 
     cuda = torch.cuda.is_available()
     tokenizer = models.load_tokenizer(model)
@@ -148,7 +148,7 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
               "gradient_checkpointing": gradient_checkpointing}
     setups = {"reference": TrainConfig(**common, packing=False, batch_size=REFERENCE_BATCH[mode],
                                        attention="sdpa"),
-              "doppel": TrainConfig(**common, packing=True, batch_size=batch_size, liger=liger)}
+              "doppel": TrainConfig(**common, packing=True, batch_size=batch_size, liger=liger, attention=attention)}  # type: ignore[arg-type]
     device = _device()
     result: dict[str, Any] = {"device": device, "model": models.base_name(model), "mode": mode}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +165,7 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else \
                 round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
             figures["liger"] = cfg.liger
+            figures["attention"] = attention_kernel(cfg, cuda)
             result[name] = figures
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None) if cuda else None
     if peak:

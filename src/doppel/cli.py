@@ -414,9 +414,11 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
               help="tokens per row (both recipes): longer sessions are split at turns")
 @click.option("--gradient-checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True)
+@click.option("--attention", type=click.Choice(["auto", "varlen", "sdpa", "eager", "flash_attention_2"]),
+              default="auto", show_default=True, help="doppel's attention kernel (the reference's is sdpa)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures as JSON here")
 def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | None, batch_size: int | None,
-                max_length: int, gradient_checkpointing: str, json_out: Path | None) -> None:
+                max_length: int, gradient_checkpointing: str, attention: str, json_out: Path | None) -> None:
     """doppel's training path against the reference recipe, on the same sessions and model.
 
     The reference pads each micro-batch of 8 (full: 2) to its longest row, groups by length and does
@@ -436,7 +438,7 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
         cuda = torch.cuda.is_available()
         budget = tokens or (200_000 if cuda else 4_000)
         result = run(dataset_dir, model, mode, budget, batch_size or default_rows(cuda), gradient_checkpointing,
-                     max_length)
+                     max_length, attention)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_out:

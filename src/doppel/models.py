@@ -98,6 +98,10 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
 
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attention:
+        from doppel.attention import VARLEN, register
+
+        if attention == VARLEN:
+            register()
         kwargs["attn_implementation"] = attention
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from doppel import config
+from doppel.attention import VARLEN
 from doppel.config import ConfigError, knob
 
 CHECKPOINTS = "checkpoints"
@@ -48,8 +49,9 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = knob(
         "auto", "recompute activations to save memory (auto: on for models over 1B parameters on GPU)")
     precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 where the GPU supports it, else fp32")
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = knob(
-        "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa)")
+    attention: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = knob(
+        "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa on CUDA, varlen on "
+        "CPU; varlen: each packed session's attention alone, see doppel/attention.py)")
     liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE; CUDA, liger-kernel installed)")
     optim: Literal["auto", "adamw", "adamw_8bit"] = knob(
         "auto", "optimizer (auto: fused AdamW on GPU; adamw_8bit halves a full fine-tune's optimizer memory)")
@@ -122,13 +124,13 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
         metrics.truncate(run_dir / metrics.METRICS_FILE, int(checkpoint.name.split("-")[-1]))
     elif args.process_index == 0:
         (run_dir / metrics.METRICS_FILE).write_text("", encoding="utf-8")
-    attention = _attention(cfg, cuda)
+    attention = attention_kernel(cfg, cuda)
     model = _model(cfg, tokenizer, attention, cuda, args)
     if not len(data["eval"]):
         args.eval_strategy = "no"
     collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                 else tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                flatten=attention.startswith("flash_attention"))
+                                flatten=attention.startswith("flash_attention") or attention == VARLEN)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"],
                          eval_dataset=data["eval"] if len(data["eval"]) else None,
                          processing_class=tokenizer, data_collator=collator)
@@ -144,7 +146,8 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
         trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     log = metrics.read(run_dir / metrics.METRICS_FILE)
-    info = {"base": cfg.model, "mode": cfg.mode, "steps": trainer.state.global_step, "processes": args.world_size,
+    info = {"base": cfg.model, "mode": cfg.mode, "attention": attention, "steps": trainer.state.global_step,
+            "processes": args.world_size,
             "distributed": str(trainer.accelerator.distributed_type).split(".")[-1].lower(),
             "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
             "eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
@@ -212,12 +215,15 @@ def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
                "auto": "adamw_torch_fused" if cuda else "adamw_torch"}[cfg.optim])
 
 
-def _attention(cfg: TrainConfig, cuda: bool) -> str:
+def attention_kernel(cfg: TrainConfig, cuda: bool) -> str:
+    """The attention implementation a run uses: `cfg.attention`, with auto resolved for this machine."""
     if cfg.attention != "auto":
         return cfg.attention
     import importlib.util
 
-    return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    if not cuda:
+        return VARLEN
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def _model(cfg: TrainConfig, tokenizer: Any, attention: str, cuda: bool, args: Any) -> Any:

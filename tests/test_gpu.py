@@ -1,0 +1,44 @@
+"""The CUDA-only kernels give the losses of the plain path. Skipped without a GPU; `benchmarks/gpu.sh tests`
+runs them on one."""
+
+import pytest
+import torch
+
+from doppel import metrics, packing
+from doppel.attention import VARLEN, _torch_varlen
+from doppel.models import load_model
+from doppel.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def test_varlen_flash_kernel_gives_the_block_mask_loss_and_gradients(sample_data, tiny, smollm2_tokenizer):
+    """PyTorch's own varlen flash kernel (no flash-attn package) on packed sessions, against SDPA's block mask."""
+    assert _torch_varlen() is not None
+    samples = packing.tokenized(sample_data, "train", smollm2_tokenizer, 256).select(range(12))
+    packed = list(packing.rows(samples, 256, packing=True))
+    pad = smollm2_tokenizer.pad_token_id
+    batches = {"sdpa": packing.Collator(pad)(packed), VARLEN: packing.Collator(pad, flatten=True)(packed)}
+    results = {}
+    for kernel, batch in batches.items():
+        model = load_model(str(tiny), dtype=torch.bfloat16, attention=kernel).cuda()
+        loss = model(**{k: v.cuda() for k, v in batch.items()}, use_cache=False).loss
+        loss.backward()
+        results[kernel] = (loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    assert results[VARLEN][0] == pytest.approx(results["sdpa"][0], abs=1e-2)
+    torch.testing.assert_close(results[VARLEN][1], results["sdpa"][1], atol=1e-2, rtol=5e-2)
+
+
+def test_liger_kernels_train_with_the_plain_losses(sample_data, tiny, tmp_path):
+    """Liger's RMSNorm, SwiGLU and RoPE kernels and the fused LM-head loss: the same training curve in fp32."""
+    curves = {}
+    for liger in (False, True):
+        cfg = TrainConfig(model=str(tiny), mode="lora", max_steps=4, learning_rate=1e-2, seed=5, liger=liger,
+                          precision="fp32", lora_dropout=0.0, max_length=256, batch_size=2, logging_steps=1,
+                          save_steps=1000)
+        train(sample_data, tmp_path / str(liger), cfg, save=False)
+        curves[liger] = [row["loss"] for row in metrics.read(tmp_path / str(liger) / metrics.METRICS_FILE)
+                         if "loss" in row]
+    assert len(curves[True]) == 4
+    assert curves[True] == pytest.approx(curves[False], abs=1e-3)
+    assert curves[True][0] != curves[True][-1]
