@@ -26,6 +26,7 @@ def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data, tmp_path
     assert result["device"].startswith("CPU") and result["mode"] == "lora" and 3000 <= result["target_tokens"] < 3400
     assert result["reference"]["batch"] == "8 rows, padded, up to 256 tokens"
     assert result["doppel"]["batch"] == "2 rows, packed to 256 tokens"
+    assert (result["reference"]["attention"], result["doppel"]["attention"]) == ("sdpa", "varlen")
     for name in ("reference", "doppel"):
         figures = result[name]
         assert figures["tokens_per_s"] > 0 and figures["all_tokens_per_s"] > figures["tokens_per_s"]
@@ -38,3 +39,13 @@ def test_generation_speed_of_a_reply(tiny):
     result = bench.bench_chat(tiny, tokens=8, repeats=2)
     assert (result["prompt_tokens"], result["new_tokens"], result["repeats"]) == (17, 8, 2)
     assert 0 < result["time_to_first_token_s"] < 5 and result["tokens_per_s"] > 0
+
+
+def test_peak_memory_is_each_recipes_own():
+    """The CPU peak is reset before each recipe, so doppel's figure is not the reference's high-water mark."""
+    block = bytearray(300 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    with_block = bench._peak_rss()
+    del block
+    bench._reset_peak_rss()
+    assert bench._peak_rss() < with_block - 250 * 2**20

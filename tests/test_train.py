@@ -358,3 +358,38 @@ def test_shipped_presets_are_valid_configs():
         "demo": ("lora", "auto"), "lora-7b": ("lora", "auto"), "qlora-7b": ("qlora", "on"),
         "full-fsdp": ("full", "on")}
     assert presets["lora-7b"].model == "cognitivecomputations/dolphin-2.2.1-mistral-7b"
+
+
+def test_cpu_loss_projects_only_targets_with_trls_loss_and_gradients(samples, tiny, smollm2_tokenizer):
+    """doppel.loss.target_loss (the CPU training loss) against TRL's fused LM head and transformers' own loss,
+    on packed rows and on one joined row: the same value and gradients; a batch without targets gives a zero
+    that can still be backpropagated."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from doppel.loss import target_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    packed = list(packing.rows(samples, 256, packing=True))
+    pad = smollm2_tokenizer.pad_token_id
+
+    def run(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    for batch in (packing.Collator(pad)(packed), packing.Collator(pad, flatten=True)(packed)):
+        ours = run(lambda b=batch: target_loss(model, b))
+        for reference in (run(lambda b=batch: model(**b, fused_lm_head=True).loss),
+                          run(lambda b=batch: model(**b, use_cache=False).loss)):
+            assert ours[0] == pytest.approx(reference[0], abs=1e-5)
+            for name, grad in ours[1].items():
+                torch.testing.assert_close(grad, reference[1][name], atol=1e-6, rtol=1e-4, msg=name)
+        # normalised by the count given (gradient accumulation: the targets of all the step's micro-batches)
+        targets = int((batch["labels"] != IGNORE).sum())
+        assert target_loss(model, batch, torch.tensor(2 * targets)).item() == pytest.approx(ours[0] / 2, abs=1e-6)
+    nothing = {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}
+    empty = target_loss(model, nothing)
+    empty.backward()
+    assert empty.item() == 0.0

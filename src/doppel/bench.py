@@ -76,6 +76,32 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RT
              "RTX 3090": 71e12}  # dense bf16 FLOP/s of each GPU
 
 
+def _reset_peak_rss() -> None:
+    """Start the process's peak RSS afresh (Linux), so that each recipe's figure is its own: what the last recipe
+    freed goes back to the system first (glibc keeps freed heap otherwise, and it would count again)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    """Peak RSS in bytes since the last `_reset_peak_rss` (Linux; elsewhere the process's whole-life peak)."""
+    import resource
+
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+
+
 def _device() -> str:
     import torch
 
@@ -133,8 +159,6 @@ def _measure(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int, batch_size: int,
                 gradient_checkpointing: str, max_length: int = 1024, attention: str = "auto") -> dict[str, Any]:
-    import resource
-
     import torch
 
     from doppel import metrics, models
@@ -157,13 +181,14 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_peak_rss()
             train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
             rows = [r for r in metrics.read(Path(tmp) / name / metrics.METRICS_FILE) if "loss" in r]
             figures = _measure(rows)
             figures["batch"] = f"{cfg.batch_size} row{'s' if cfg.batch_size != 1 else ''}, " + \
                 ("packed to" if cfg.packing else "padded, up to") + f" {max_length} tokens"
-            figures["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else \
-                round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            figures["peak_memory_gb"] = round((torch.cuda.max_memory_allocated() if cuda else _peak_rss()) / 2**30, 2)
             figures["liger"] = cfg.liger
             figures["attention"] = attention_kernel(cfg, cuda)
             result[name] = figures

@@ -97,10 +97,10 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     import torch
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
     from doppel import metrics, models, packing
     from doppel.dataset import STATS_FILE
+    from doppel.loss import Trainer
 
     stats = _check_dataset(dataset_dir)
     checkpoint = _check_run(run_dir, cfg.resume)
@@ -131,9 +131,10 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                 else tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                 flatten=attention.startswith("flash_attention") or attention == VARLEN)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"],
-                         eval_dataset=data["eval"] if len(data["eval"]) else None,
-                         processing_class=tokenizer, data_collator=collator)
+    # on CPU the loss projects only the target positions (doppel/loss.py); on a GPU it is TRL's fused LM head
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"],
+                      eval_dataset=data["eval"] if len(data["eval"]) else None,
+                      processing_class=tokenizer, data_collator=collator, compact_loss=not cuda)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(metrics.TrainLog(run_dir / metrics.METRICS_FILE, collator, args.world_size,
