@@ -73,14 +73,16 @@ def test_generation_with_padding_and_cache_falls_back_to_sdpa(models, smollm2_to
     assert out[VARLEN].tolist() == out["sdpa"].tolist()
 
 
-def test_training_with_varlen_matches_sdpa_and_is_the_cpu_default(tiny, sample_data, tmp_path):
+@pytest.mark.parametrize("packed", [True, False])
+def test_training_with_varlen_matches_sdpa_and_is_the_cpu_default(tiny, sample_data, tmp_path, packed):
+    """With packing, and without (then varlen's joined row packs the micro-batch's sessions by itself)."""
     assert attention_kernel(TrainConfig(), cuda=False) == VARLEN
     assert attention_kernel(TrainConfig(), cuda=True) in ("sdpa", "flash_attention_2")
     runs = {}
     for kernel in ("sdpa", "auto"):
         # no LoRA dropout: its masks are drawn for the batch's shape, and varlen's batch is one row
         cfg = TrainConfig(model=str(tiny), mode="lora", max_steps=3, learning_rate=1e-2, seed=5, attention=kernel,
-                          lora_dropout=0.0, **FAST)
+                          lora_dropout=0.0, packing=packed, **FAST)
         info = train(sample_data, tmp_path / kernel, cfg)
         runs[info["attention"]] = [(r["step"], r["loss"]) for r in
                                    map(json.loads, (tmp_path / kernel / "metrics.jsonl").read_text().splitlines())
