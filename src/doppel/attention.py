@@ -19,6 +19,7 @@ go to transformers' SDPA unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -107,19 +108,22 @@ def _per_session(query: Any, key: Any, value: Any, bounds: list[int], dropout: f
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
-def _torch_varlen() -> Any:
+@functools.cache
+def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
+    """PyTorch's varlen kernel and the names of its parameters (its signature changed between releases)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _flash_varlen(query: Any, key: Any, value: Any, bounds: Any, longest: int, scaling: float | None) -> Any:
-    """PyTorch's varlen flash kernel on (T, H, D) tensors; its signature changed between torch releases."""
-    varlen_attn = _torch_varlen()
+    """PyTorch's varlen flash kernel on (T, H, D) tensors, called as this torch release's signature wants."""
+    found = _torch_varlen()
+    assert found is not None
+    varlen_attn, params = found
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    params = inspect.signature(varlen_attn).parameters
     options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:

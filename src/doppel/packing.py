@@ -2,8 +2,9 @@
 
 Packed sessions never attend to each other: each row carries `position_ids` that restart at 0 for
 every session and no 2D attention mask, so transformers builds a block-diagonal causal mask
-(sdpa/eager) or varlen boundaries (flash attention) from them. The first label of every session
-is -100 (its `<|im_start|>` header), so no loss crosses a boundary either.
+(sdpa/eager) or varlen boundaries (flash attention) from them, and doppel's varlen (attention.py) its
+per-session spans. The first label of every session is -100 (its `<|im_start|>` header), so no loss
+crosses a boundary either.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def count_targets(samples: Any) -> int:
 class Collator:
     """Pads rows to the longest in the batch; positions restart at each packed session.
 
-    `flatten` (for flash attention) joins the batch's rows into one row instead: flash attention finds
-    packed sessions from restarting positions only in a batch of one row (transformers then runs the
-    varlen kernel, one causal span per session); with several rows it would let a row's sessions see each
-    other. sdpa and eager need no flattening: restarting positions give them a block-diagonal mask.
+    `flatten` (for flash attention and doppel's varlen) joins the batch's rows into one row instead: flash
+    attention finds packed sessions from restarting positions only in a batch of one row (transformers then
+    runs the varlen kernel, one causal span per session); with several rows it would let a row's sessions
+    see each other. varlen would cope with several rows, but one row spares it the padding to the longest.
+    sdpa and eager need no flattening: restarting positions give them a block-diagonal mask.
 
     Records the real and target tokens of each training batch it builds (while `counting`), for the
     tokens/s figures; batch i of the list is the i-th batch the trainer consumes.
