@@ -20,13 +20,15 @@ def test_steady_state_figures_leave_out_the_first_tenth():
 def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data, tmp_path):
     out = tmp_path / "bench.json"
     run = CliRunner().invoke(main, ["bench", "train", "--dataset", str(sample_data), "--model", str(tiny), "--tokens",
-                                    "3000", "--batch-size", "2", "--max-length", "256", "--json", str(out)])
+                                    "3000", "--batch-size", "2", "--max-length", "256", "--precision", "fp32",
+                                    "--json", str(out)])
     assert run.exit_code == 0, run.output
     result = json.loads(out.read_text())
     assert result["device"].startswith("CPU") and result["mode"] == "lora" and 3000 <= result["target_tokens"] < 3400
     assert result["reference"]["batch"] == "8 rows, padded, up to 256 tokens"
     assert result["doppel"]["batch"] == "2 rows, packed to 256 tokens"
     assert (result["reference"]["attention"], result["doppel"]["attention"]) == ("sdpa", "varlen")
+    assert result["reference"]["precision"] == result["doppel"]["precision"] == "fp32"
     for name in ("reference", "doppel"):
         figures = result[name]
         assert figures["tokens_per_s"] > 0 and figures["all_tokens_per_s"] > figures["tokens_per_s"]

@@ -18,7 +18,7 @@ from doppel import metrics, packing
 from doppel.cli import main
 from doppel.models import ModelError, load_run
 from doppel.render import IGNORE
-from doppel.train import TrainConfig, train
+from doppel.train import TrainConfig, cpu_has_bf16, train, uses_bf16
 
 FAST = dict(max_length=256, batch_size=2, logging_steps=1, save_steps=1000)
 
@@ -134,6 +134,51 @@ def test_gradient_checkpointing_saves_memory_not_the_result(tiny, sample_data, t
     assert runs["on"][0][1] != runs["on"][2][1]  # it trained
 
 
+def test_precision_auto_is_bf16_where_the_cpu_multiplies_it_in_hardware():
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    native = "avx512_bf16" in flags or "amx_tile" in flags
+    assert cpu_has_bf16() is native
+    assert uses_bf16(TrainConfig(), cuda=False) is native
+    assert uses_bf16(TrainConfig(precision="bf16"), cuda=False) is True
+    assert uses_bf16(TrainConfig(precision="fp32"), cuda=False) is False
+    assert uses_bf16(TrainConfig(precision="fp32"), cuda=True) is False
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_bf16_on_cpu_computes_in_bf16_and_trains_fp32_weights(tiny, sample_data, tmp_path, mode):
+    """bf16 on CPU: the matmuls run in bf16 under autocast, LoRA's frozen base is stored in bf16, and the weights
+    being trained (the adapters; every weight of a full fine-tune) stay fp32, so AdamW's small updates are not
+    rounded away. The losses stay within bf16's rounding of the fp32 run's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    seen: dict[str, Any] = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+            seen["frozen"] = {p.dtype for p in model.parameters() if not p.requires_grad}
+            # peft's cast of each adapter's input to fp32, which autocast undoes at once, is off in a bf16 run
+            seen["input casts"] = {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
+            layer = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp.down_proj"))
+            layer.register_forward_hook(lambda module, inputs, output: seen.update(output=output.dtype))
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(model=str(tiny), mode=mode, max_steps=3, learning_rate=1e-3, seed=5, lora_dropout=0.0,
+                          precision=precision, **FAST)  # type: ignore[arg-type]
+        info = train(sample_data, tmp_path / precision, cfg, save=False,
+                     callbacks=[Probe()] if precision == "bf16" else [])
+        assert info["precision"] == precision
+        runs[precision] = [loss for _, loss in losses(tmp_path / precision)]
+    assert seen["trained"] == {torch.float32}
+    assert seen["frozen"] == ({torch.bfloat16} if mode == "lora" else set())
+    assert seen["output"] == torch.bfloat16
+    assert seen["input casts"] == ({False} if mode == "lora" else set())
+    assert len(runs["bf16"]) == 3 and runs["bf16"] == pytest.approx(runs["fp32"], rel=1e-2)
+    assert runs["bf16"] != runs["fp32"]  # computed in bf16, not fp32
+
+
 def test_micro_batch_defaults_to_one_row_on_cpu(tiny, sample_data, tmp_path):
     """No --batch-size: one row per micro-batch on CPU (the fastest there, docs/benchmarks.md), recorded as such."""
     import yaml
@@ -244,8 +289,9 @@ def test_missing_or_empty_dataset(tmp_path):
 
 SHIMS = Path(__file__).parent / "shims"
 FSDP_ON_CPU = [SHIMS / "fsdp_on_cpu"]  # accelerate's CPU refusal lifted: torch's FSDP2 itself runs over gloo
+# fp32: sharded and unsharded runs are compared to 1e-5, closer than bf16's rounding
 TINY_RUN = ["--max-steps", "4", "--save-steps", "2", "--max-length", "256", "--batch-size", "2", "--logging-steps",
-            "1"]
+            "1", "--precision", "fp32"]
 
 
 def launch(config: Path, data: Path, out: Path, shims: list[Path], *args: str) -> None:

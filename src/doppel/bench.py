@@ -158,18 +158,19 @@ def _measure(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int, batch_size: int,
-                gradient_checkpointing: str, max_length: int = 1024, attention: str = "auto") -> dict[str, Any]:
+                gradient_checkpointing: str, max_length: int = 1024, attention: str = "auto",
+                precision: str = "auto") -> dict[str, Any]:
     import torch
 
     from doppel import metrics, models
-    from doppel.train import TrainConfig, attention_kernel, train
+    from doppel.train import TrainConfig, attention_kernel, train, uses_bf16
 
     cuda = torch.cuda.is_available()
     tokenizer = models.load_tokenizer(model)
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     common: dict[str, Any] = {"model": model, "mode": mode, "max_length": max_length, "epochs": 1.0, "logging_steps": 1,
               "save_steps": 10**9, "optim": "adamw_8bit" if mode == "full" and cuda else "auto",
-              "gradient_checkpointing": gradient_checkpointing}
+              "gradient_checkpointing": gradient_checkpointing, "precision": precision}
     setups = {"reference": TrainConfig(**common, packing=False, batch_size=REFERENCE_BATCH[mode],
                                        attention="sdpa"),
               "doppel": TrainConfig(**common, packing=True, batch_size=batch_size, liger=liger, attention=attention)}  # type: ignore[arg-type]
@@ -191,6 +192,7 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             figures["peak_memory_gb"] = round((torch.cuda.max_memory_allocated() if cuda else _peak_rss()) / 2**30, 2)
             figures["liger"] = cfg.liger
             figures["attention"] = attention_kernel(cfg, cuda)
+            figures["precision"] = "bf16" if uses_bf16(cfg, cuda) else "fp32"
             result[name] = figures
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None) if cuda else None
     if peak:

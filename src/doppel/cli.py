@@ -416,9 +416,12 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
               show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "varlen", "sdpa", "eager", "flash_attention_2"]),
               default="auto", show_default=True, help="doppel's attention kernel (the reference's is sdpa)")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="both recipes' precision (auto: bf16 where the hardware computes it natively)")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures as JSON here")
 def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | None, batch_size: int | None,
-                max_length: int, gradient_checkpointing: str, attention: str, json_out: Path | None) -> None:
+                max_length: int, gradient_checkpointing: str, attention: str, precision: str,
+                json_out: Path | None) -> None:
     """doppel's training path against the reference recipe, on the same sessions and model.
 
     The reference pads each micro-batch of 8 (full: 2) to its longest row, groups by length and does
@@ -438,7 +441,7 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
         cuda = torch.cuda.is_available()
         budget = tokens or (200_000 if cuda else 4_000)
         result = run(dataset_dir, model, mode, budget, batch_size or default_rows(cuda), gradient_checkpointing,
-                     max_length, attention)
+                     max_length, attention, precision)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_out:

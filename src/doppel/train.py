@@ -48,7 +48,9 @@ class TrainConfig:
     lora_dropout: float = knob(0.05, "dropout on the LoRA input")
     gradient_checkpointing: Literal["auto", "on", "off"] = knob(
         "auto", "recompute activations to save memory (auto: on for models over 1B parameters on GPU)")
-    precision: Literal["auto", "bf16", "fp32"] = knob("auto", "auto: bf16 where the GPU supports it, else fp32")
+    precision: Literal["auto", "bf16", "fp32"] = knob(
+        "auto", "auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or "
+        "AMX), else fp32")
     attention: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa on CUDA, varlen on "
         "CPU; varlen: each packed session's attention alone, see doppel/attention.py)")
@@ -95,6 +97,7 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     `save=False` (benchmarks) skips the final weights; the run is then not marked finished.
     """
     import torch
+    from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -145,10 +148,14 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
         trainer.add_callback(CompleteForwardsAfterEval())
     for callback in callbacks:
         trainer.add_callback(callback)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    # bf16 on CPU: peft casts each adapter's input up to the adapter's fp32, and autocast casts it straight back
+    # down for the matmul; without the round trip a step takes 4% less time and the losses move by about 0.1%
+    # (docs/benchmarks.md). Not measured on a GPU yet, so not done there.
+    with disable_input_dtype_casting(model, active=args.bf16 and not cuda):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     log = metrics.read(run_dir / metrics.METRICS_FILE)
-    info = {"base": cfg.model, "mode": cfg.mode, "attention": attention, "steps": trainer.state.global_step,
-            "processes": args.world_size,
+    info = {"base": cfg.model, "mode": cfg.mode, "attention": attention, "precision": "bf16" if args.bf16 else "fp32",
+            "steps": trainer.state.global_step, "processes": args.world_size,
             "distributed": str(trainer.accelerator.distributed_type).split(".")[-1].lower(),
             "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
             "eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
@@ -194,10 +201,9 @@ def _check_run(run_dir: Path, resume: bool) -> Path | None:
 
 
 def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
-    import torch
     from trl import SFTConfig
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    bf16 = uses_bf16(cfg, cuda)
     rows = cfg.batch_size or default_rows(cuda)
     return SFTConfig(
         output_dir=str(run_dir / CHECKPOINTS), per_device_train_batch_size=rows, per_device_eval_batch_size=rows,
@@ -214,6 +220,25 @@ def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
         dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=not cuda,
         optim={"adamw_8bit": "adamw_bnb_8bit", "adamw": "adamw_torch_fused" if cuda else "adamw_torch",
                "auto": "adamw_torch_fused" if cuda else "adamw_torch"}[cfg.optim])
+
+
+def uses_bf16(cfg: TrainConfig, cuda: bool) -> bool:
+    """Whether a run computes in bf16: `cfg.precision`, with auto resolved for this machine."""
+    import torch
+
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16 and
+    training in it is no faster than fp32; with it, a training step of the embedded model takes about two thirds
+    of the fp32 time (docs/benchmarks.md)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def attention_kernel(cfg: TrainConfig, cuda: bool) -> str:
@@ -233,8 +258,10 @@ def _model(cfg: TrainConfig, tokenizer: Any, attention: str, cuda: bool, args: A
 
     from doppel import models
 
-    # bf16 weights on GPU as TRL does (the frozen base of lora/qlora, every weight in full mode)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # bf16 weights as TRL stores them: the frozen base of lora/qlora, and on a GPU every weight of a full
+    # fine-tune (to fit; AdamW's small updates are then rounded to bf16). A full fine-tune on CPU keeps fp32
+    # weights and computes in bf16 under autocast.
+    dtype = torch.bfloat16 if args.bf16 and (cuda or cfg.mode != "full") else torch.float32
     model = models.load_model(cfg.model, dtype=dtype, attention=attention, quantize_4bit=cfg.mode == "qlora",
                               device_map={"": args.local_process_index} if cfg.mode == "qlora" else None)
     new_tokens = models.fit_embeddings(model, tokenizer)
