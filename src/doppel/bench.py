@@ -163,7 +163,7 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
     import torch
 
     from doppel import metrics, models
-    from doppel.train import TrainConfig, attention_kernel, train, uses_bf16
+    from doppel.train import TrainConfig, train
 
     cuda = torch.cuda.is_available()
     tokenizer = models.load_tokenizer(model)
@@ -184,15 +184,14 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
                 torch.cuda.reset_peak_memory_stats()
             else:
                 _reset_peak_rss()
-            train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
+            info = train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
             rows = [r for r in metrics.read(Path(tmp) / name / metrics.METRICS_FILE) if "loss" in r]
             figures = _measure(rows)
             figures["batch"] = f"{cfg.batch_size} row{'s' if cfg.batch_size != 1 else ''}, " + \
                 ("packed to" if cfg.packing else "padded, up to") + f" {max_length} tokens"
             figures["peak_memory_gb"] = round((torch.cuda.max_memory_allocated() if cuda else _peak_rss()) / 2**30, 2)
             figures["liger"] = cfg.liger
-            figures["attention"] = attention_kernel(cfg, cuda)
-            figures["precision"] = "bf16" if uses_bf16(cfg, cuda) else "fp32"
+            figures["attention"], figures["precision"] = info["attention"], info["precision"]
             result[name] = figures
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None) if cuda else None
     if peak:
