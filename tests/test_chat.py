@@ -58,3 +58,13 @@ def test_list_and_unknown_names(memorised):
     assert result.output == "doppel: error: unknown persona 'Max Orlv'; did you mean 'Max Orlov'?\n"
     assert run_cli("chat", memorised.parent / "nope").output == \
         f"doppel: error: {memorised.parent / 'nope'}: no such run or model directory\n"
+    assert run_cli("bench", "chat", memorised.parent / "nope").output == \
+        f"doppel: error: {memorised.parent / 'nope'}: no such run or model directory\n"
+
+
+def test_a_folder_that_is_no_run_or_model(sample_data):
+    """A dataset folder given where a run belongs (an easy slip: both come out of doppel)."""
+    expected = f"doppel: error: {sample_data} is neither a doppel run nor a model directory (no run.json, " \
+               "no config.json)\n"
+    assert run_cli("chat", sample_data).output == expected
+    assert run_cli("bench", "chat", sample_data).output == expected

@@ -42,3 +42,19 @@ def test_liger_kernels_train_with_the_plain_losses(sample_data, tiny, tmp_path):
     assert len(curves[True]) == 4
     assert curves[True] == pytest.approx(curves[False], abs=1e-3)
     assert curves[True][0] != curves[True][-1]
+
+
+def test_a_real_out_of_memory_names_the_options_that_need_less(sample_data, tiny, tmp_path):
+    """The allocator capped at 16 MB: the tiny model loads, its first step of 8 rows does not fit."""
+    from doppel.train import TrainError
+
+    torch.cuda.set_per_process_memory_fraction(16 * 2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        with pytest.raises(TrainError) as failed:
+            train(sample_data, tmp_path / "run", TrainConfig(model=str(tiny), max_steps=2, save_steps=1000))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert str(failed.value) == "out of GPU memory with 8 × 1024-token rows per micro-batch; try --batch-size 4 " \
+        "--gradient-accumulation 2 (the same steps), --gradient-checkpointing on, --mode qlora"
+    assert not (tmp_path / "run").exists()

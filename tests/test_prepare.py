@@ -160,6 +160,12 @@ def test_config_file_and_flag_precedence(write, tmp_path):
     cfg.write_text("session_gapp: 20\n")
     bad = run("prepare", path, "-o", tmp_path / "c", "--config", cfg)
     assert bad.exit_code == 2 and "unknown option 'session_gapp'" in bad.output
+    cfg.write_text("session_gap: 20\n  eval_fraction: 0\n")  # one line of YAML's own error, with the place
+    assert run("prepare", path, "-o", tmp_path / "c", "--config", cfg).output == \
+        f"doppel: error: config {cfg} is not valid YAML: mapping values are not allowed here at line 2, column 16\n"
+    assert run("prepare", path, "-o", tmp_path / "c", "--config", tmp_path / "none.yaml").output == \
+        f"doppel: error: cannot read config {tmp_path / 'none.yaml'}: No such file or directory\n"
+    assert not (tmp_path / "c").exists()
 
 
 def test_sample_export_and_inspect(sample, tmp_path):

@@ -168,3 +168,17 @@ def test_serve_refuses_a_missing_run(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == f"doppel: error: {tmp_path / 'nope'}: no such run or model directory\n"
+
+
+def test_serve_says_when_the_port_is_taken(memorised):
+    """Before the model loads: a port another program listens on, and one that cannot exist."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "doppel", "serve", str(memorised), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, f"doppel: error: cannot listen on 127.0.0.1:{port}: Address "
+                                                 "already in use\n")
+    proc = subprocess.run([sys.executable, "-m", "doppel", "serve", "--port", "70000"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == \
+        "Error: Invalid value for '--port': 70000 is not in the range 1<=x<=65535."

@@ -1,8 +1,11 @@
 """`doppel train` and `doppel merge` on tiny random models with real tokenizers (and the embedded one)."""
 
+import dataclasses
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ from doppel import metrics, packing
 from doppel.cli import main
 from doppel.models import ModelError, load_run
 from doppel.render import IGNORE
-from doppel.train import TrainConfig, cpu_has_bf16, train, uses_bf16
+from doppel.train import TrainConfig, TrainError, cpu_has_bf16, train, uses_bf16
 
 FAST = dict(max_length=256, batch_size=2, logging_steps=1, save_steps=1000)
 
@@ -223,6 +226,27 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
     assert counts[cut] == counts[tmp_path / "whole"]
 
 
+@pytest.mark.parametrize(("save_steps", "stop_at", "said"), [
+    (1000, "step 2/", "interrupted before the first checkpoint; nothing was kept"),
+    (1, "step 3/", "interrupted; continue with: doppel train {data} -o {run} --resume"),
+])
+def test_ctrl_c_says_whether_the_run_can_go_on(tiny, sample_data, tmp_path, save_steps, stop_at, said):
+    """Ctrl-C (SIGINT) of the real command: a run with no checkpoint yet is removed, a run with one is kept."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "doppel", "train", str(sample_data), "-o", str(run), "--model",
+                             str(tiny), "--max-steps", "1000", "--save-steps", str(save_steps), "--max-length", "256",
+                             "--batch-size", "2", "--logging-steps", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(stop_at):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.splitlines()[-1]) == (2, "doppel: error: " + said.format(data=sample_data, run=run))
+    assert run.exists() == (save_steps == 1)
+
+
 def test_tokenizer_without_chatml_gets_trainable_chatml_embeddings(sample_data, tmp_path):
     from safetensors import safe_open
 
@@ -266,7 +290,6 @@ def test_merge_writes_a_standalone_model_with_the_same_outputs(tiny, sample_data
 @pytest.mark.parametrize(("args", "expected"), [
     (["--max-length", "8"], "max_length must be at least 32 tokens, got 8"),
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
-    (["--mode", "qlora"], "--mode qlora needs an NVIDIA GPU (bitsandbytes 4-bit); use --mode lora"),
     (["--model", "/nonexistent/model"], "cannot load the tokenizer of /nonexistent/model offline"),
     (["--report-to", "mlflow"], "report_to: unknown 'mlflow'"),
 ])
@@ -275,6 +298,72 @@ def test_impossible_settings_give_one_line_and_exit_2(sample_data, tmp_path, arg
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert result.output.startswith("doppel: error: ") and expected in result.output
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+NOT_HERE = [(args, expected) for args, expected, missing in [
+    (["--mode", "qlora"], "--mode qlora needs an NVIDIA GPU; use --mode lora on this machine", "cuda"),
+    (["--liger"], "--liger needs an NVIDIA GPU", "cuda"),
+    (["--attention", "flash_attention_2"], "--attention flash_attention_2 needs an NVIDIA GPU", "cuda"),
+    (["--optim", "adamw_8bit"], "--optim adamw_8bit needs the bitsandbytes package, which is not installed: "
+                                "pip install bitsandbytes", "bitsandbytes"),
+    (["--report-to", "tensorboard"], "--report-to tensorboard needs the tensorboard package, which is not "
+                                     "installed: pip install tensorboard", "tensorboard"),
+    (["--report-to", "wandb"], "--report-to wandb needs the wandb package, which is not installed: "
+                               "pip install wandb", "wandb"),
+    (["--report-to", "trackio"], "--report-to trackio needs the trackio package, which is not installed: "
+                                 "pip install trackio", "trackio"),
+] if not (torch.cuda.is_available() if missing == "cuda" else importlib.util.find_spec(missing))]
+
+
+@pytest.mark.parametrize(("args", "expected"), NOT_HERE)
+def test_options_this_machine_cannot_run_are_refused_before_anything_is_written(sample_data, tmp_path, args,
+                                                                                expected):
+    result = run_cli("train", sample_data, "-o", tmp_path / "run", *args)
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {expected}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tiny, sample_data, tmp_path):
+    """A model whose weights cannot be read fails after the sessions were tokenized into the run directory:
+    the directory goes, so the same command can run again once the model is fixed."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    result = run_cli("train", sample_data, "-o", tmp_path / "run", "--model", broken, "--max-steps", "1")
+    # (the test process imported `datasets` before the CLI could turn its progress bars off)
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == \
+        f"doppel: error: cannot load {broken} offline: Error while deserializing header: header too large"
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a directory that was there before is left as it was
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    result = run_cli("train", sample_data, "-o", tmp_path / "run", "--model", broken, "--resume")
+    assert result.exit_code == 2 and [p.name for p in (tmp_path / "run").iterdir()] != ["notes.txt"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+class OutOfMemory(TrainerCallback):
+    """What PyTorch raises when a CUDA allocation fails (a real one: tests/test_gpu.py)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_says_which_options_need_less(tiny, sample_data, tmp_path):
+    cfg = TrainConfig(model=str(tiny), max_steps=4, **FAST)
+    with pytest.raises(TrainError) as fresh:
+        train(sample_data, tmp_path / "fresh", cfg, callbacks=[OutOfMemory()])
+    assert str(fresh.value) == "out of GPU memory with 2 × 256-token rows per micro-batch; try --batch-size 1 " \
+        "--gradient-accumulation 2 (the same steps), --gradient-checkpointing on, --mode qlora"
+    assert not (tmp_path / "fresh").exists()
+    cfg = dataclasses.replace(cfg, batch_size=1, save_steps=1, mode="full", gradient_checkpointing="on")
+    with pytest.raises(TrainError) as saved:
+        train(sample_data, tmp_path / "saved", cfg, callbacks=[OutOfMemory()])
+    assert str(saved.value) == "out of GPU memory with 1 × 256-token rows per micro-batch; try --max-length " \
+        "128, --mode lora or --mode qlora, or more GPUs (configs/fsdp.yaml); the checkpoints so far are kept in " \
+        f"{tmp_path / 'saved' / 'checkpoints'}, --resume goes on from the last"
+    assert sorted(p.name for p in (tmp_path / "saved" / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2"]
 
 
 def test_missing_or_empty_dataset(tmp_path):

@@ -163,6 +163,8 @@ def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) 
         try:
             info = training.train(dataset_dir, out, cfg)
         except KeyboardInterrupt:
+            if not out.exists():
+                raise Failure("interrupted before the first checkpoint; nothing was kept") from None
             raise Failure(f"interrupted; continue with: doppel train {dataset_dir} -o {out} --resume") from None
     if int(os.environ.get("RANK", "0")):
         return  # under accelerate launch, one process reports
@@ -254,6 +256,15 @@ def _check_exists(run: Path | None) -> None:
         raise Failure(f"{run}: no such run or model directory")
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        raise Failure(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+
+
 def _load(run: Path | None) -> tuple[Any, Any]:
     """The model (in eval mode) and tokenizer of a run, a model directory, or the embedded model."""
     from doppel.models import load_run
@@ -315,7 +326,7 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
 @main.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback: this machine only)")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="DOPPEL_API_KEY", help="require 'Authorization: Bearer KEY' on the API")
 @click.option("--as", "as_", metavar="NAME", help="who writes when a user message has no name")
 def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str | None) -> None:
@@ -336,6 +347,7 @@ def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str 
 
     with failures():
         _check_exists(run)
+        _check_port(host, port)  # before the model loads, so a taken port fails at once
         known = chatting.speakers(run)
         me = chatting.owner(run)
         others = [k for k in known if k != me]
@@ -462,6 +474,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> None:
     from doppel.bench import bench_chat as measure
 
     with failures():
+        _check_exists(run)
         click.echo(json.dumps(measure(run, tokens, repeats), indent=2))
 
 

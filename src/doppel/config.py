@@ -95,8 +95,13 @@ def load(cls: type[C], path: Path | None, overrides: Mapping[str, Any],
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:  # its own message spans lines; one line says what and where
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config {path} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}") \
+                from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of option: value")
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})

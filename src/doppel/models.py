@@ -79,7 +79,7 @@ def load_tokenizer(model: str | None = None) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(str(embedded_dir()), gguf_file=EMBEDDED_FILE)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a model folder whose tokenizer files are missing or broken
         raise ModelError(f"cannot load the tokenizer of {model or 'the embedded model'} offline: "
                          f"{str(exc).splitlines()[0]}") from None
     ensure_chatml(tokenizer)
@@ -94,6 +94,7 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
                quantize_4bit: bool = False, device_map: Any = None) -> Any:
     """A causal LM by name (None: the embedded default), offline. Raises `ModelError`."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
@@ -116,7 +117,7 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
         kwargs["gguf_file"] = EMBEDDED_FILE
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
         raise ModelError(f"cannot load {base_name(model)} offline: {str(exc).splitlines()[0]}") from None
     if model is None:
         # GGUF weights are dequantized on load: what remains is a plain model, trainable and saveable
@@ -160,6 +161,8 @@ def load_run(path: str | Path | None) -> tuple[Any, Any, dict]:
     name = str(folder) if folder is not None else None
     if folder is not None and (folder / "checkpoints").is_dir() and not (folder / RUN_FILE).exists():
         raise ModelError(f"{folder} is an unfinished run; finish it with doppel train … -o {folder} --resume")
+    if folder is not None and folder.is_dir() and not any((folder / f).is_file() for f in (RUN_FILE, "config.json")):
+        raise ModelError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
     tokenizer = load_tokenizer(name)
     if folder is None or not (folder / RUN_FILE).is_file():
         model = load_model(name)

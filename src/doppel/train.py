@@ -97,6 +97,27 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     `save=False` (benchmarks) skips the final weights; the run is then not marked finished.
     """
     import torch
+
+    stats = _check_dataset(dataset_dir)
+    checkpoint = _check_run(run_dir, cfg.resume)
+    cuda = torch.cuda.is_available()
+    _check_machine(cfg, cuda)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_rows(cuda))
+    fresh = not (run_dir.exists() and any(run_dir.iterdir()))
+    facts: dict[str, Any] = {}  # what _train has settled, for the error message
+    try:
+        return _train(dataset_dir, run_dir, cfg, cuda, stats, checkpoint, callbacks, save, facts)
+    except BaseException as exc:
+        kept = _checkpoints(run_dir)
+        if fresh and not kept and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth resuming: the same command can run again
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise TrainError(_out_of_memory(cfg, facts.get("checkpointing"), run_dir if kept else None)) from None
+        raise
+
+
+def _train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, cuda: bool, stats: dict[str, Any],
+           checkpoint: Path | None, callbacks: Sequence[Any], save: bool, facts: dict[str, Any]) -> dict[str, Any]:
     from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -105,14 +126,6 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     from doppel.dataset import STATS_FILE
     from doppel.loss import Trainer
 
-    stats = _check_dataset(dataset_dir)
-    checkpoint = _check_run(run_dir, cfg.resume)
-    cuda = torch.cuda.is_available()
-    if cfg.mode == "qlora" and not cuda:
-        raise TrainError("--mode qlora needs an NVIDIA GPU (bitsandbytes 4-bit); use --mode lora on this machine")
-    if cfg.liger and not cuda:
-        raise TrainError("--liger needs an NVIDIA GPU (Triton kernels)")
-    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_rows(cuda))
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     args = _arguments(cfg, run_dir, cuda)
@@ -129,6 +142,7 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
         (run_dir / metrics.METRICS_FILE).write_text("", encoding="utf-8")
     attention = attention_kernel(cfg, cuda)
     model = _model(cfg, tokenizer, attention, cuda, args)
+    facts["checkpointing"] = args.gradient_checkpointing
     if not len(data["eval"]):
         args.eval_strategy = "no"
     collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -195,9 +209,56 @@ def _check_run(run_dir: Path, resume: bool) -> Path | None:
             raise TrainError(f"{run_dir} is not empty; add --resume to continue the run there, "
                              "or choose another --out")
         return None
-    found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    done = [p for p in found if (p / "trainer_state.json").is_file()]
+    done = _checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return [p for p in found if (p / "trainer_state.json").is_file()]
+
+
+# what an option needs: a GPU, and the package to pip install with the modules any of which will do
+NEEDS = {"--mode qlora": (True, "bitsandbytes", ("bitsandbytes",)),
+         "--optim adamw_8bit": (False, "bitsandbytes", ("bitsandbytes",)),
+         "--liger": (True, "liger-kernel", ("liger_kernel",)),
+         "--attention flash_attention_2": (True, "flash-attn", ("flash_attn",)),
+         "--report-to tensorboard": (False, "tensorboard", ("tensorboard", "tensorboardX")),
+         "--report-to wandb": (False, "wandb", ("wandb",)),
+         "--report-to trackio": (False, "trackio", ("trackio",))}
+
+
+def _check_machine(cfg: TrainConfig, cuda: bool) -> None:
+    """Refuse, before anything is written, the options this machine cannot run."""
+    import importlib.util
+
+    chosen = {"--mode qlora": cfg.mode == "qlora", "--optim adamw_8bit": cfg.optim == "adamw_8bit",
+              "--liger": cfg.liger, "--attention flash_attention_2": cfg.attention == "flash_attention_2",
+              **{f"--report-to {name}": True for name in cfg.report_to}}
+    for option in (option for option, on in chosen.items() if on):
+        gpu, package, modules = NEEDS[option]
+        if gpu and not cuda:
+            raise TrainError(f"{option} needs an NVIDIA GPU" + ("; use --mode lora on this machine"
+                                                                  if option == "--mode qlora" else ""))
+        if not any(importlib.util.find_spec(module) for module in modules):
+            raise TrainError(f"{option} needs the {package} package, which is not installed: pip install {package}")
+
+
+def _out_of_memory(cfg: TrainConfig, checkpointing: bool | None, kept: Path | None) -> str:
+    """What to say when the GPU runs out of memory: the options that need less of it. `checkpointing` is
+    None when the model itself did not fit."""
+    smaller = {"full": "--mode lora or --mode qlora, or more GPUs (configs/fsdp.yaml)", "lora": "--mode qlora",
+               "qlora": "a smaller --model"}[cfg.mode]
+    if checkpointing is None:
+        return f"out of GPU memory loading the model; try {smaller}"
+    rows = cfg.batch_size or default_rows(True)
+    hints = [f"--batch-size {rows // 2} --gradient-accumulation {cfg.gradient_accumulation * 2} (the same steps)"
+             if rows > 1 else f"--max-length {cfg.max_length // 2}"]
+    hints += ["--gradient-checkpointing on"] * (not checkpointing) + [smaller]
+    said = f"out of GPU memory with {rows} × {cfg.max_length}-token rows per micro-batch; try {', '.join(hints)}"
+    return said + (f"; the checkpoints so far are kept in {kept / CHECKPOINTS}, --resume goes on from the last"
+                   if kept else "")
 
 
 def _arguments(cfg: TrainConfig, run_dir: Path, cuda: bool) -> Any:
