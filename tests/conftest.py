@@ -68,13 +68,14 @@ def sentencepiece_tokenizer() -> Any:
                                    pad_token="</s>")
 
 
-def tiny_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
+def tiny_model(folder: Path, tokenizer: Any, seed: int = 0, hidden: int = 32) -> Path:
     """A randomly initialised two-layer Llama with `tokenizer`, saved like a Hugging Face model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -182,6 +182,42 @@ def test_bf16_on_cpu_computes_in_bf16_and_trains_fp32_weights(tiny, sample_data,
     assert runs["bf16"] != runs["fp32"]  # computed in bf16, not fp32
 
 
+def test_qlora_keeps_embeddings_norms_and_head_in_bf16_over_a_4bit_base(smollm2_tokenizer, sample_data, tmp_path):
+    """QLoRA (bitsandbytes' NF4 runs on CPU too): the decoder's linear layers are 4-bit; the embeddings, norms and
+    LM head stay bf16 as loaded, so the residual stream is bf16. peft's prepare_model_for_kbit_training would make
+    them fp32, and with them every hidden state that checkpointing keeps. The adapters train in bf16 (TRL's rule for
+    QLoRA). It trains like LoRA on the same base, and the run loads for chat. (64 wide: bitsandbytes' CPU
+    kernel for evaluation packs the weights in blocks of 64.)"""
+    import bitsandbytes as bnb
+
+    tiny = tiny_model(tmp_path / "tiny64", smollm2_tokenizer, hidden=64)
+
+    seen: dict[str, Any] = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["4-bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+            seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+            seen["rest"] = {p.dtype for p in model.parameters() if not p.requires_grad
+                            and type(p).__name__ != "Params4bit"}
+            layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+            layer.register_forward_hook(lambda module, inputs, output: seen.update(hidden=output[0].dtype))
+
+    runs = {}
+    for mode in ("lora", "qlora"):
+        cfg = TrainConfig(model=str(tiny), mode=mode, max_steps=4, learning_rate=1e-2, seed=5, precision="bf16",
+                          **FAST)  # type: ignore[arg-type]
+        train(sample_data, tmp_path / mode, cfg, callbacks=[Probe()] if mode == "qlora" else [])
+        runs[mode] = [loss for _, loss in losses(tmp_path / mode)]
+    assert seen == {"4-bit": 14, "trained": {torch.bfloat16}, "rest": {torch.bfloat16}, "hidden": torch.bfloat16}
+    assert len(runs["qlora"]) == 4 and runs["qlora"][-1] < runs["qlora"][0] - 0.05
+    assert runs["qlora"] == pytest.approx(runs["lora"], abs=0.05) and runs["qlora"] != runs["lora"]
+    model, _, info = load_run(tmp_path / "qlora")
+    assert info["mode"] == "qlora"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 9224, 198, 2]])).logits).all()
+
+
 def test_micro_batch_defaults_to_one_row_on_cpu(tiny, sample_data, tmp_path):
     """No --batch-size: one row per micro-batch on CPU (the fastest there, docs/benchmarks.md), recorded as such."""
     import yaml
@@ -301,7 +337,10 @@ def test_impossible_settings_give_one_line_and_exit_2(sample_data, tmp_path, arg
 
 
 NOT_HERE = [(args, expected) for args, expected, missing in [
-    (["--mode", "qlora"], "--mode qlora needs an NVIDIA GPU; use --mode lora on this machine", "cuda"),
+    (["--mode", "qlora"], "--mode qlora needs a --model in Hugging Face format: the embedded model is GGUF, which "
+                          "transformers loads only dequantized; use --mode lora for it", None),
+    (["--mode", "qlora", "--model", "random:smollm2-135m"], "--mode qlora needs the bitsandbytes package, which is "
+                                                            "not installed: pip install bitsandbytes", "bitsandbytes"),
     (["--liger"], "--liger needs an NVIDIA GPU", "cuda"),
     (["--attention", "flash_attention_2"], "--attention flash_attention_2 needs an NVIDIA GPU", "cuda"),
     (["--optim", "adamw_8bit"], "--optim adamw_8bit needs the bitsandbytes package, which is not installed: "
@@ -312,7 +351,7 @@ NOT_HERE = [(args, expected) for args, expected, missing in [
                                "pip install wandb", "wandb"),
     (["--report-to", "trackio"], "--report-to trackio needs the trackio package, which is not installed: "
                                  "pip install trackio", "trackio"),
-] if not (torch.cuda.is_available() if missing == "cuda" else importlib.util.find_spec(missing))]
+] if missing is None or not (torch.cuda.is_available() if missing == "cuda" else importlib.util.find_spec(missing))]
 
 
 @pytest.mark.parametrize(("args", "expected"), NOT_HERE)

@@ -31,7 +31,7 @@ class TrainError(Exception):
 @dataclass(frozen=True)
 class TrainConfig:
     model: str | None = knob(None, "base model: Hugging Face id or local path (default: embedded SmolLM2-135M)")
-    mode: Literal["lora", "qlora", "full"] = knob("lora", "lora, qlora (4-bit base, CUDA only) or full")
+    mode: Literal["lora", "qlora", "full"] = knob("lora", "lora, qlora (4-bit NF4 base, bitsandbytes) or full")
     max_length: int = knob(1024, "tokens per training row; longer sessions are split at turn boundaries")
     packing: bool = knob(True, "pack short sessions into full rows (they never attend to each other)")
     batch_size: int | None = knob(None, "rows per device per micro-batch (default: 8 on a GPU; 1 on CPU, where "
@@ -101,7 +101,7 @@ def train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, callbacks: Sequenc
     stats = _check_dataset(dataset_dir)
     checkpoint = _check_run(run_dir, cfg.resume)
     cuda = torch.cuda.is_available()
-    _check_machine(cfg, cuda)
+    _check_options(cfg, cuda)
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or default_rows(cuda))
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))
     facts: dict[str, Any] = {}  # what _train has settled, for the error message
@@ -220,7 +220,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 # what an option needs: a GPU, and the package to pip install with the modules any of which will do
-NEEDS = {"--mode qlora": (True, "bitsandbytes", ("bitsandbytes",)),
+NEEDS = {"--mode qlora": (False, "bitsandbytes", ("bitsandbytes",)),
          "--optim adamw_8bit": (False, "bitsandbytes", ("bitsandbytes",)),
          "--liger": (True, "liger-kernel", ("liger_kernel",)),
          "--attention flash_attention_2": (True, "flash-attn", ("flash_attn",)),
@@ -229,18 +229,20 @@ NEEDS = {"--mode qlora": (True, "bitsandbytes", ("bitsandbytes",)),
          "--report-to trackio": (False, "trackio", ("trackio",))}
 
 
-def _check_machine(cfg: TrainConfig, cuda: bool) -> None:
-    """Refuse, before anything is written, the options this machine cannot run."""
+def _check_options(cfg: TrainConfig, cuda: bool) -> None:
+    """Refuse, before anything is written, the options this run cannot use here."""
     import importlib.util
 
     chosen = {"--mode qlora": cfg.mode == "qlora", "--optim adamw_8bit": cfg.optim == "adamw_8bit",
               "--liger": cfg.liger, "--attention flash_attention_2": cfg.attention == "flash_attention_2",
               **{f"--report-to {name}": True for name in cfg.report_to}}
+    if cfg.mode == "qlora" and cfg.model is None:
+        raise TrainError("--mode qlora needs a --model in Hugging Face format: the embedded model is GGUF, which "
+                         "transformers loads only dequantized; use --mode lora for it")
     for option in (option for option, on in chosen.items() if on):
         gpu, package, modules = NEEDS[option]
         if gpu and not cuda:
-            raise TrainError(f"{option} needs an NVIDIA GPU" + ("; use --mode lora on this machine"
-                                                                  if option == "--mode qlora" else ""))
+            raise TrainError(f"{option} needs an NVIDIA GPU")
         if not any(importlib.util.find_spec(module) for module in modules):
             raise TrainError(f"{option} needs the {package} package, which is not installed: pip install {package}")
 
@@ -324,7 +326,7 @@ def _model(cfg: TrainConfig, tokenizer: Any, attention: str, cuda: bool, args: A
     # weights and computes in bf16 under autocast.
     dtype = torch.bfloat16 if args.bf16 and (cuda or cfg.mode != "full") else torch.float32
     model = models.load_model(cfg.model, dtype=dtype, attention=attention, quantize_4bit=cfg.mode == "qlora",
-                              device_map={"": args.local_process_index} if cfg.mode == "qlora" else None)
+                              device_map={"": args.local_process_index} if cfg.mode == "qlora" and cuda else None)
     new_tokens = models.fit_embeddings(model, tokenizer)
     model.config.use_cache = False
     big = model.num_parameters() > 1e9
@@ -339,10 +341,12 @@ def _model(cfg: TrainConfig, tokenizer: Any, attention: str, cuda: bool, args: A
         cfg.gradient_checkpointing == "auto" and (fsdp_checkpoints or (cuda and big)))
     if cfg.mode == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if cfg.mode == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    # QLoRA: no peft.prepare_model_for_kbit_training. It casts the embeddings, the LM head and the norms to fp32,
+    # which makes the whole residual stream fp32 and doubles the activations that checkpointing keeps; TRL dropped
+    # that cast after finding the same losses with less memory (huggingface/trl#4457). The rest of it (freezing the
+    # base, input gradients for checkpointing) get_peft_model and the trainer do, as for LoRA.
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM",
                       # added ChatML tokens start untrained, so the embeddings and the head train too (peft's
