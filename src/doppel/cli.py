@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -77,6 +78,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message="Could not find a config file", module="peft")
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    # bitsandbytes says on import, on CPUs with AVX512-BF16, that it has no hub kernel (doppel downloads none)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @main.command()
