@@ -27,7 +27,10 @@ for step in "$@"; do
       $PY -m doppel prepare /tmp/export.json -o /tmp/data | tee -a "$OUT/device.txt" ;;
     tests)
       # the tests' tokenizer is the embedded one, saved in .tok/ (the embedded package is not on this machine)
+      # and on CUDA, QLoRA's dtypes (bitsandbytes' GPU kernels) and the out-of-memory message
       timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+        tests/test_train.py::test_qlora_keeps_embeddings_norms_and_head_in_bf16_over_a_4bit_base \
+        tests/test_train.py::test_out_of_memory_says_which_options_need_less \
         > "$OUT/tests.log" 2>&1; tail -15 "$OUT/tests.log" ;;
     fsdp)
       # the shipped FSDP config on this machine's GPU, full fine-tuning of a small model, final save
