@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from doppel.models import RANDOM_SHAPES
 
-layers, tokens = (int(a) for a in (sys.argv[1:] + ["2", "2048"][len(sys.argv) - 1:])[:2])
+layers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
 shape = {**RANDOM_SHAPES["mistral-7b"], "num_hidden_layers": layers, "vocab_size": 49152}
 folder = tempfile.mkdtemp()
 torch.manual_seed(0)
