@@ -96,3 +96,21 @@ def test_eval_needs_a_finished_run_with_held_out_sessions(memorised, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(memorised)])  # trained with no eval split
     assert result.exit_code == 2 and "has no held-out sessions; prepare it with --eval-fraction above 0" in \
         result.output
+
+
+def test_eval_dataset_must_be_an_existing_dataset_directory(tmp_path):
+    from doppel.evaluate import EvalConfig, EvalError, evaluate
+    from doppel.telegram import ExportError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))
+    with pytest.raises(EvalError) as err:
+        evaluate(run, EvalConfig())
+    assert str(err.value) == f"{tmp_path / 'gone'}: no such dataset directory"
+    with pytest.raises(EvalError) as err:
+        evaluate(run, EvalConfig(dataset=tmp_path / "nonexistent"))
+    assert str(err.value) == f"{tmp_path / 'nonexistent'}: no such dataset directory"
+    with pytest.raises(ExportError) as other:
+        evaluate(run, EvalConfig(dataset=tmp_path))
+    assert str(other.value) == f"{tmp_path} is not a doppel dataset (no sessions.eval.jsonl); run doppel prepare"

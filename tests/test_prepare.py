@@ -1,14 +1,19 @@
 """`doppel prepare` and `doppel inspect` end to end: files, schema, errors, atomicity."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
+from doppel import dataset
 from doppel.cli import main
+from doppel.config import PrepareConfig
+from doppel.telegram import ExportError
 
 
 def run(*args):
@@ -144,8 +149,108 @@ def test_refuses_to_replace_a_directory_that_is_not_a_dataset(write, tmp_path):
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     result = run("prepare", write(full_export([personal(MAX, sessions_for(3))])), "-o",
                  tmp_path / "mine")
-    assert result.exit_code == 2 and "not a doppel dataset; refusing to replace it" in result.output
+    assert result.exit_code == 2
+    assert result.output == (f"doppel: error: {tmp_path / 'mine'} is not a doppel dataset (thesis.tex is "
+                             "not one of its files); refusing to replace it\n")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize(("entries", "expected"), [
+    ({"stats.json": "{}", "notes.txt": "precious"}, "notes.txt is not one of its files"),
+    ({"stats.json": "{}", ".doppel-dataset": "doppel-dataset/1\n", "a.txt": "x"}, "a.txt is not one of its files"),
+    ({"config.yaml": "mine: 1\n"}, "no stats.json"),
+    ({"stats.json": None}, "stats.json is not one of its files"),  # a folder of that name
+])
+def test_refuses_a_directory_with_anything_but_dataset_files(write, tmp_path, entries, expected):
+    out = tmp_path / "data"
+    out.mkdir()
+    for name, text in entries.items():
+        (out / name).mkdir() if text is None else (out / name).write_text(text)
+    with pytest.raises(ExportError) as err:
+        dataset.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
+    assert str(err.value) == f"{out} is not a doppel dataset ({expected}); refusing to replace it"
+    assert {p.name: p.read_text() if p.is_file() else None for p in out.iterdir()} == entries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "result.json"]
+
+
+def test_replaces_a_dataset_of_this_version_and_of_the_previous_one(write, tmp_path):
+    out = tmp_path / "data"
+    dataset.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
+    assert sorted(p.name for p in out.iterdir()) == [".doppel-dataset", "config.yaml", "sessions.eval.jsonl",
+                                                     "sessions.train.jsonl", "stats.json"]
+    assert (out / ".doppel-dataset").read_text() == "doppel-dataset/1\n"
+    bigger = write(full_export([personal(MAX, sessions_for(5))]), "bigger.json")
+    assert dataset.prepare(bigger, out, PrepareConfig())["sessions"] == {"train": 5, "eval": 0}
+    (out / ".doppel-dataset").unlink()  # as the previous version wrote it
+    (out / "config.yaml").unlink()
+    assert dataset.prepare(bigger, out, PrepareConfig(eval_fraction=0.2))["sessions"] == {"train": 4, "eval": 1}
+    assert (out / ".doppel-dataset").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger.json", "data", "result.json"]
+
+
+def test_malformed_message_is_one_line_naming_chat_and_message(write, tmp_path):
+    messages = sessions_for(2)
+    messages[4]["date_unixtime"] = "abc"
+    path = write(full_export([personal(MAX, messages)]))
+    expected = (f"{path} has a malformed message (chat {MAX}, message 12: invalid literal for int() "
+                "with base 10: 'abc')")
+    with pytest.raises(ExportError) as err:
+        dataset.prepare(path, tmp_path / "out", PrepareConfig())
+    assert str(err.value) == expected
+    proc = subprocess.run([sys.executable, "-m", "doppel", "prepare", str(path), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (2, f"doppel: error: {expected}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_export_folder_gives_the_same_dataset_as_its_result_json(write, tmp_path):
+    path = write(full_export([personal(MAX, sessions_for(4))]), "DataExport_2026-01-01/result.json")
+    assert run("prepare", path.parent, "-o", tmp_path / "a").exit_code == 0
+    assert run("prepare", path, "-o", tmp_path / "b").exit_code == 0
+    for name in ("sessions.train.jsonl", "sessions.eval.jsonl", "stats.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
+    fifo = tmp_path / "export.json"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "doppel", "prepare", str(fifo), "-o", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=60)  # no writer: opening it would block
+    assert (proc.returncode, proc.stderr) == (
+        2, f"doppel: error: {fifo} is not a regular file; point doppel at the export's result.json\n")
+    with pytest.raises(ExportError) as err:
+        dataset.prepare(Path("/dev/null"), tmp_path / "d", PrepareConfig())
+    assert str(err.value) == "/dev/null is not a regular file; point doppel at the export's result.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
+
+
+def test_a_chat_exported_twice_counts_once(write, tmp_path):
+    once = write(full_export([personal(MAX, sessions_for(4))]), "once.json")
+    messages = sessions_for(4)
+    twice = write(full_export([personal(MAX, messages), personal(MAX, messages)]), "twice.json")
+    first = dataset.prepare(once, tmp_path / "a", PrepareConfig())
+    second = dataset.prepare(twice, tmp_path / "b", PrepareConfig())
+    assert second["dropped"] == {"duplicate": 12}
+    assert {**second, "dropped": {}} == first
+    for name in ("sessions.train.jsonl", "sessions.eval.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+
+
+def test_a_message_repeated_in_its_chat_counts_once(write, tmp_path):
+    messages = dialogue()
+    path = write(full_export([personal(MAX, [*messages[:2], messages[1], messages[2]])]))
+    stats = dataset.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
+    assert (stats["messages"], stats["dropped"]) == (3, {"duplicate": 1})
+
+
+def test_owner_without_a_name_in_messages_is_named_from_personal_information(write, tmp_path):
+    mine = msg(3, 30, ME, "го))")
+    mine["from"] = None
+    path = write(full_export([personal(MAX, [*dialogue()[:2], mine])]))
+    stats = dataset.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
+    assert stats["owner"] == {"id": f"user{ME}", "name": "Me Owner"}
+    (session,) = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert [t["speaker"] for t in session["turns"]] == ["Max Orlov", "Me Owner"]
 
 
 def test_config_file_and_flag_precedence(write, tmp_path):
@@ -202,8 +307,6 @@ def test_group_with_only_the_owners_messages_is_warned_about(write, tmp_path):
 
 
 def test_every_command_is_documented_in_the_readme():
-    from pathlib import Path
-
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in main.commands:
         assert f"doppel {name}" in readme, name

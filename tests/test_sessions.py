@@ -5,7 +5,7 @@ import pytest
 from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
 from doppel.config import PrepareConfig
-from doppel.sessions import collect, eval_counts, exclusion, resolve_owner, unique_labels
+from doppel.sessions import SeenIds, collect, eval_counts, exclusion, resolve_owner, unique_labels
 from doppel.telegram import Chat, ExportError, Header, iter_export
 
 
@@ -121,3 +121,23 @@ def test_eval_counts_round_half_up():
     from collections import Counter
 
     assert eval_counts(Counter({1: 10, 2: 30, 3: 100, 4: 9}), 0.05) == {1: 1, 2: 2, 3: 5, 4: 0}
+
+
+def test_seen_ids_find_repeats_in_order_out_of_order_and_beyond_64_bits():
+    seen = SeenIds()
+    added = [seen.add(chat, mid) for chat, mid in [
+        (1, 5), (1, 7), (2, 5), (1, 9),  # increasing per chat: all new
+        (1, 5), (1, 7), (1, 9), (2, 5),  # the chats again: all repeats
+        (1, 6), (1, 6), (1, 4), (1, 10),  # out of order: new, repeat, new, new
+        (3, 1 << 70), (3, 1 << 70), (3, -(1 << 70)), (3, 2),  # not 64-bit ids
+    ]]
+    assert added == [True, True, True, True, False, False, False, False,
+                     True, False, True, True, True, False, True, True]
+
+
+def test_duplicates_are_dropped_before_the_other_filters(write):
+    photo = msg(4, 40, MAX, "", photo="p.jpg")
+    chat = personal(MAX, [*dialogue(), photo])
+    census, rows = spooled(write(full_export([chat, chat, {**chat, "id": ANN}])))
+    assert census.dropped == {"media": 2, "duplicate": 4}
+    assert [(r[0], r[1]) for r in rows] == [(0, 1), (2, 1)]  # chat 0, then the third chat

@@ -7,6 +7,7 @@ from doppel.synthetic import tdesktop_bytes
 from doppel.telegram import (
     Chat,
     ExportError,
+    Header,
     Message,
     UnusualLayout,
     chat_id,
@@ -179,3 +180,60 @@ def test_chat_ids_are_unshifted_only_in_exports_with_integer_sender_ids(write, g
     old = write(full_export([{"name": "A", "type": "personal_chat", "id": 4294967296 + 201,
                               "messages": [old_message]}]), "old.json")
     assert [i.id for i in items(old, general=general) if isinstance(i, Chat)] == [201]
+
+
+@pytest.mark.parametrize("general", [False, True])
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("date_unixtime", "abc", "invalid literal for int() with base 10: 'abc'"),
+    ("text", 5, "'int' object is not iterable"),
+    ("id", None, "int() argument must be a string, a bytes-like object or a real number, not 'NoneType'"),
+])
+def test_a_malformed_message_is_an_export_error_naming_chat_and_message(write, general, field, value, reason):
+    bad = msg(2, 10, MAX, "gym later?")
+    bad[field] = value
+    path = write(full_export([personal(ME, []), personal(MAX, [msg(1, 0, MAX, "yo"), bad])]))
+    with pytest.raises(ExportError) as err:
+        items(path, general=general)
+    mid = 2 if field != "id" else None
+    assert str(err.value) == f"{path} has a malformed message (chat {MAX}, message {mid}: {reason})"
+
+
+def test_a_message_that_is_not_an_object_is_an_export_error(write):
+    path = write(full_export([personal(MAX, [msg(1, 0, MAX, "yo"), "oops"])]))
+    with pytest.raises(ExportError) as err:
+        items(path)
+    assert str(err.value) == f"{path} has a malformed message (chat {MAX}, message ?: 'str' object has no " \
+                             "attribute 'get')"
+
+
+def test_an_export_folder_is_read_as_its_result_json(write, tmp_path):
+    path = write(full_export([personal(MAX, dialogue())]))
+    assert read_header(tmp_path) == read_header(path) == Header("full", f"user{ME}", owner_name="Me Owner")
+    assert items(tmp_path) == items(path)
+
+
+@pytest.mark.parametrize(("info", "name"), [
+    ({"first_name": " Me ", "last_name": "Owner"}, "Me Owner"),
+    ({"first_name": "Me"}, "Me"),
+    ({"last_name": "Owner", "first_name": None}, "Owner"),
+    ({"first_name": "", "last_name": ""}, None),
+])
+def test_owner_name_from_personal_information(write, info, name):
+    path = write({"about": "x", "personal_information": {"user_id": ME, **info}, "chats": {"about": "c", "list": []}})
+    assert read_header(path) == Header("full", f"user{ME}", owner_name=name)
+
+
+def test_malformed_owner_id_is_an_export_error(write):
+    path = write({"about": "x", "personal_information": {"user_id": "me"}, "chats": {"about": "c", "list": []}})
+    with pytest.raises(ExportError) as err:
+        read_header(path)
+    assert str(err.value) == f"{path} has a malformed personal_information.user_id ('me')"
+
+
+def test_invalid_utf8_in_a_chat_name_sends_the_fast_reader_to_the_general_one(write):
+    path = write(full_export([personal(MAX, dialogue())]))
+    path.write_bytes(path.read_bytes().replace(b'"name": "Max"', b'"name": "M\xffx"'))
+    with pytest.raises(UnusualLayout):
+        items(path)
+    with pytest.raises(ExportError, match="invalid bytes in UTF8 string"):
+        items(path, general=True)

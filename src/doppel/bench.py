@@ -210,6 +210,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
     import threading
     import time
 
+    import torch
     from transformers import TextIteratorStreamer
 
     from doppel.chat import Conversation, Sampling
@@ -220,8 +221,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
     model.eval()
     conversation = Conversation(model, tokenizer, "Me", "Friend", Sampling(temperature=0, max_new_tokens=tokens))
     conversation.history.append(Turn("Friend", "", ("hey", "what's up?"), False))
-    ids = tokenizer(conversation.prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids.to(model.device)
+    ids = torch.tensor([conversation.prompt_ids()], device=model.device)
     firsts, rates = [], []
     for _ in range(repeats + 1):  # the first round warms up
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppel.render import IM_END, IM_START, PREFIX, turn_segments
+from doppel.render import IM_END, IM_START, PREFIX, header, header_name, segment_ids, turn_ids, turn_segments
 from doppel.sessions import Turn
 
 
@@ -22,13 +24,40 @@ class ChatError(Exception):
     """A persona or setting the model cannot use; shown to the user as is."""
 
 
+class ContextTooLong(ChatError):
+    """The newest turn alone does not fit the context with room for the reply."""
+
+
+class GenerationFailed(ChatError):
+    """The model raised while generating; the conversation is as it was before the turn."""
+
+
+GREEDY_BELOW = 0.01  # at 0.01 a logit gap of 0.1 is already e^10 odds; far below, logits / t overflow to inf
+
+
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.8  # 0: greedy
+    temperature: float = 0.8  # 0 (or under GREEDY_BELOW): greedy
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     max_new_tokens: int = 200
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature <= 100:  # also refuses nan
+            raise ChatError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty <= 100:
+            raise ChatError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise ChatError(f"seed must fit in 64 bits, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 def _stats(run: Path | None) -> dict[str, Any]:
@@ -62,84 +91,212 @@ def split_messages(body: str) -> list[str]:
     """A generated turn body (`>>> a\\n>>> b`) → its messages; a line without `>>> ` continues one."""
     messages: list[str] = []
     for line in body.split("\n"):
-        if line.startswith(PREFIX) or not messages:
-            messages.append(line.removeprefix(PREFIX))
+        if line.startswith(PREFIX) or line == PREFIX.rstrip() or not messages:  # ">>>": a message begun, no text yet
+            messages.append(line.removeprefix(PREFIX.rstrip()).removeprefix(" "))
         else:
             messages[-1] += "\n" + line
     return [m.strip() for m in messages if m.strip()]
 
 
 class Conversation:
-    """One chat: who the model plays, who writes, the turns so far."""
+    """One chat: who the model plays, who writes, the turns so far.
+
+    `max_context` is the model's window (prompt and reply); `max_prompt` caps the prompt alone. Older turns
+    are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling = Sampling(),
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, max_prompt: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.persona, self.user, self.sampling = persona, user, sampling
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = min(max_context or limit, limit)
+        self.max_prompt = max_prompt
         self.history: list[Turn] = []
         self.usage = (0, 0)  # (prompt, completion) tokens of the last reply
         self.finish_reason = "stop"  # of the last reply: "stop" (the turn ended) or "length" (max_new_tokens)
-        self.stops = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
+        ends = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
+        self.stops = ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
+
+    def _fit(self) -> tuple[list[int], str]:
+        """(prompt ids, prompt text): the newest turns that fit, then the persona's header."""
+        head = segment_ids(self.tokenizer, IM_START) + segment_ids(self.tokenizer, f"{header_name(self.persona)}\n")
+        budget = self.max_context - self.sampling.max_new_tokens
+        if self.max_prompt is not None:
+            budget = min(budget, self.max_prompt)
+        budget -= len(head)
+        ids: list[int] = []
+        texts: list[str] = []
+        for n, turn in enumerate(reversed(self.history)):
+            size_ids, _ = turn_ids(self.tokenizer, turn)
+            if len(size_ids) > budget:
+                if n == 0:
+                    raise ContextTooLong(self._too_long(len(size_ids), budget))
+                break
+            ids[:0] = size_ids
+            texts.insert(0, "".join(piece for piece, _ in turn_segments(turn)))
+            budget -= len(size_ids)
+        return ids + head, "".join(texts) + header(self.persona)
+
+    def _too_long(self, size: int, budget: int) -> str:
+        room = f"{self.max_context} tokens of context, {self.sampling.max_new_tokens} kept for the reply"
+        if self.max_prompt is not None and self.max_prompt < self.max_context - self.sampling.max_new_tokens:
+            room = f"prompts of at most {self.max_prompt} tokens"
+        if budget <= 0:
+            return f"no room for a prompt: {room}"
+        return f"the newest turn is {size} tokens, more than fit ({room})"
 
     def prompt(self) -> str:
-        """History (trimmed by whole turns to fit) + the persona's header."""
-        header = f"{IM_START}{self.persona}\n"
-        budget = self.max_context - self.sampling.max_new_tokens - len(self.tokenizer(header)["input_ids"])
-        kept: list[str] = []
-        for turn in reversed(self.history):
-            text = "".join(piece for piece, _ in turn_segments(turn))
-            size = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if size > budget:
-                break
-            kept.insert(0, text)
-            budget -= size
-        return "".join(kept) + header
+        """History (trimmed by whole turns to fit) + the persona's header, as text."""
+        return self._fit()[1]
 
-    def reply(self, messages: list[str]) -> Iterator[str]:
-        """Add the user's messages as one turn; yield the persona's messages as each is complete."""
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids: text is text, only the ChatML markers are control tokens."""
+        return self._fit()[0]
+
+    def add(self, messages: list[str]) -> None:
+        """Add the user's messages as one turn; `ContextTooLong` (and no turn added) if it cannot fit."""
         self.history.append(Turn(self.user, "", tuple(messages), False))
+        try:
+            self._fit()
+        except ContextTooLong:
+            self.history.pop()
+            raise
+
+    def answer(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Generate the persona's turn after the history; yield its messages as each is complete.
+
+        Generation stops when `cancel` is set or when the caller stops iterating. If the model fails,
+        `GenerationFailed` is raised and no turn is added.
+        """
         said: list[str] = []
-        for message in self._stream():
+        for message in self._stream(cancel or threading.Event()):
             said.append(message)
             yield message
         self.history.append(Turn(self.persona, "", tuple(said), False))
 
-    def _stream(self) -> Iterator[str]:
+    def reply(self, messages: list[str], cancel: threading.Event | None = None) -> Iterator[str]:
+        """`add` the user's messages, then `answer`; a failed turn leaves the history as it was."""
+        self.add(messages)
+        try:
+            yield from self.answer(cancel)
+        except GenerationFailed:
+            self.history.pop()
+            raise
+
+    def _stream(self, cancel: threading.Event) -> Iterator[str]:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""
-        import threading
-
         import torch
-        from transformers import TextIteratorStreamer
 
-        ids = self.tokenizer(self.prompt(), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        self.usage = (int(ids.shape[1]), 0)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
+        ids = self.prompt_ids()
+        tokens = _Tokens()
         s = self.sampling
-        kwargs: dict[str, Any] = dict(input_ids=ids.to(self.model.device), streamer=streamer,
-                                      max_new_tokens=s.max_new_tokens, eos_token_id=self.stops,
-                                      pad_token_id=self.stops[0], repetition_penalty=s.repetition_penalty)
-        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p) if s.temperature > 0 else \
-            kwargs.update(do_sample=False)
+        kwargs: dict[str, Any] = dict(
+            input_ids=torch.tensor([ids], device=self.model.device), streamer=tokens, max_new_tokens=s.max_new_tokens,
+            eos_token_id=self.stops, pad_token_id=self.stops[0], repetition_penalty=s.repetition_penalty,
+            stopping_criteria=_stopping(cancel))
+        kwargs.update(do_sample=False) if s.greedy else kwargs.update(do_sample=True, temperature=s.temperature,
+                                                                       top_p=s.top_p)
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        worker = threading.Thread(target=lambda: self.model.generate(**kwargs), daemon=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # reported to the caller below, never lost in this thread
+                failure.append(exc)
+            finally:
+                tokens.end()
+
+        worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        text, done = "", 0
-        self.finish_reason = "length"
-        for piece in streamer:
-            text += piece
-            end = min((i for i in (text.find(IM_END), text.find(IM_START)) if i >= 0), default=-1)
-            if end >= 0:
-                text = text[:end]
-                self.finish_reason = "stop"
-                break
-            complete = text.rfind("\n" + PREFIX)
-            if complete > done:
-                yield from split_messages(text[done:complete])
-                done = complete + 1
-        worker.join()
-        ended = IM_END if self.finish_reason == "stop" else ""
-        self.usage = (self.usage[0], len(self.tokenizer(text + ended, add_special_tokens=False)["input_ids"]))
-        yield from split_messages(text[done:])
+        self.usage, self.finish_reason = (len(ids), 0), "length"
+        text = _Text(self.tokenizer)
+        done = 0
+        try:
+            for token in tokens:
+                self.usage = (len(ids), self.usage[1] + 1)
+                if token in self.stops:
+                    self.finish_reason = "stop"
+                    break
+                text.add(token)
+                complete = text.value.rfind("\n" + PREFIX)
+                if complete > done:
+                    yield from split_messages(text.value[done:complete])
+                    done = complete + 1
+        finally:
+            cancel.set()  # the caller stopped early (a client that left): the model stops too
+            worker.join()
+        if failure:
+            raise GenerationFailed(f"generation failed: {_short(failure[0])}") from failure[0]
+        yield from split_messages(text.finish()[done:])
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _stopping(cancel: threading.Event) -> Any:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
+class _Tokens:
+    """A streamer for `generate`: the new token ids, one at a time, to iterate in another thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate hands over the prompt first
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[int]:
+        while (token := self.queue.get()) is not None:
+            yield token
+
+
+class _Text:
+    """Incremental decoding that never cuts a character: the bytes of an unfinished one wait for the rest.
+
+    The ids since the last line break are decoded together (as transformers' TextStreamer does), so a
+    SentencePiece tokenizer's word-start spaces come out right.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.line: list[int] = []
+        self.shown = 0
+        self.value = ""
+
+    def add(self, token: int) -> None:
+        self.line.append(token)
+        piece = self.tokenizer.decode(self.line, skip_special_tokens=False)
+        if piece.endswith("\ufffd"):  # a character whose bytes are not all here yet
+            return
+        self.value += piece[self.shown:]
+        self.line, self.shown = ([], 0) if piece.endswith("\n") else (self.line, len(piece))
+
+    def finish(self) -> str:
+        """The whole text; a character cut off by the token limit is left out."""
+        if self.line:
+            piece = self.tokenizer.decode(self.line, skip_special_tokens=False)
+            self.value += piece[self.shown:].rstrip("\ufffd")
+            self.line, self.shown = [], 0
+        return self.value

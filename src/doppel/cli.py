@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from doppel import __version__, config
-from doppel.config import ConfigError, PrepareConfig
+from doppel.config import ConfigError, PrepareConfig, ServeConfig
 from doppel.train import TrainConfig
 
 
@@ -80,6 +80,16 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     # bitsandbytes says on import, on CPUs with AVX512-BF16, that it has no hub kernel (doppel downloads none)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # the library's warnings (a damaged checkpoint skipped, …): one line each on stderr; assigned, not added, so
+    # that many invocations in one process (tests) keep one handler
+    logging.getLogger("doppel").handlers[:] = [_Warnings(logging.WARNING)]
+
+
+class _Warnings(logging.Handler):
+    """The library's warnings as one line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"doppel: warning: {record.getMessage()}", err=True)
 
 
 @main.command()
@@ -230,6 +240,8 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
         others = [k for k in known if k != persona]
         user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
         sampling = chatting.Sampling(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        if sys.stdin is None or sys.stdin.closed:
+            raise Failure("standard input is closed: type in a terminal, or pipe the turns in")
         conversation = _conversation(run, persona, user, sampling, max_context)
         interactive = sys.stdin.isatty()
         if interactive:
@@ -240,9 +252,12 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
                 if not _command(conversation, turn[0], known):
                     return
                 continue
-            for message in conversation.reply(turn):
-                click.echo(click.style(f"{conversation.persona}: ", fg="green", bold=True) + message
-                           if interactive else f"{conversation.persona}: {message}")
+            try:
+                for message in conversation.reply(turn):
+                    click.echo(click.style(f"{conversation.persona}: ", fg="green", bold=True) + message
+                               if interactive else f"{conversation.persona}: {message}")
+            except chatting.ContextTooLong as exc:  # that turn is left out; the chat goes on
+                click.echo(f"doppel: {exc}; not sent", err=True)
             if not interactive:
                 click.echo()
 
@@ -328,14 +343,14 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
 
 @main.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (loopback: this machine only)")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="DOPPEL_API_KEY", help="require 'Authorization: Bearer KEY' on the API")
 @click.option("--as", "as_", metavar="NAME", help="who writes when a user message has no name")
-def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str | None) -> None:
+@config.click_options(ServeConfig)
+def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /.
 
-    The request's `model` is the persona; a user message's `name` says who writes.
+    The request's `model` is the persona; a user message's `name` says who writes. It binds 127.0.0.1;
+    another --host needs --api-key (or --insecure). Requests are limited in size, messages and prompt
+    tokens (the --max-* options).
 
     \b
     Example:
@@ -349,18 +364,23 @@ def serve(run: Path | None, host: str, port: int, api_key: str | None, as_: str 
     from doppel.server import create_app
 
     with failures():
+        cfg = config.load(ServeConfig, None, config.given(ServeConfig, flags))
         _check_exists(run)
-        _check_port(host, port)  # before the model loads, so a taken port fails at once
+        _check_port(cfg.host, cfg.port)  # before the model loads, so a taken port fails at once
         known = chatting.speakers(run)
         me = chatting.owner(run)
         others = [k for k in known if k != me]
         user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
         model, tokenizer = _load(run)
         personas = ([me] if me in known else []) + [k for k in known if k != me]
-        app = create_app(model, tokenizer, personas, user, api_key, default_persona=me)
-    click.echo(f"doppel: serving {run or 'the embedded model'} on http://{host}:{port} "
+        app = create_app(model, tokenizer, personas, user, cfg, default_persona=me)
+    if not cfg.loopback and cfg.api_key is None:
+        click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
+                    "this address can use the model", err=True, fg="red", bold=True)
+    click.echo(f"doppel: serving {run or 'the embedded model'} on http://{cfg.host}:{cfg.port} "
                f"(personas: {', '.join(personas) or 'any name'})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # a request still generating when the server is asked to stop is cut after a few seconds
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 @main.command("eval")

@@ -54,6 +54,39 @@ class PrepareConfig:
             raise ConfigError("train_on needs at least one value: all, me, or a name/id")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = knob("127.0.0.1", "address to bind (loopback: this machine only; any other needs --api-key)")
+    port: int = knob(8000, "port to listen on")
+    api_key: str | None = knob(None, "require 'Authorization: Bearer KEY' on the API", envvar="DOPPEL_API_KEY")
+    insecure: bool = knob(False, "allow a non-loopback --host without --api-key (anyone who reaches it can use it)")
+    allowed_host: tuple[str, ...] = knob((), "also accept requests whose Host header names this (repeatable; '*': "
+                                         "any); by default only the bound address, or loopback names on loopback")
+    max_body_bytes: int = knob(1 << 20, "largest request body accepted (413 beyond)")
+    max_messages: int = knob(1000, "most messages in one request")
+    max_prompt_tokens: int = knob(4096, "most prompt tokens (older turns are left out to fit; a newest turn "
+                                  "longer than this is refused)")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key is empty, which would turn authentication off; give a key or none")
+        for name in ("max_body_bytes", "max_messages", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.loopback and self.api_key is None and not self.insecure:
+            raise ConfigError(f"--host {self.host} is reachable from other machines: give --api-key KEY (or "
+                              "DOPPEL_API_KEY), or --insecure to serve without one")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK or self.host.startswith("127.")
+
+
 C = TypeVar("C")
 
 
@@ -130,7 +163,8 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             args = typing.get_args(kind)
-            extra: dict[str, Any] = {"default": None, "help": f.metadata.get("help")}
+            extra: dict[str, Any] = {"default": None, "help": f.metadata.get("help"),
+                                     "envvar": f.metadata.get("envvar")}
             if kind is bool:
                 decl = [f"{flag}/--no-{flag[2:]}", f.name]
             else:

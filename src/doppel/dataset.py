@@ -1,7 +1,8 @@
 """`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
 
 The dataset is built in a temporary sibling directory and swapped into place only when complete,
-so a failed run never leaves a half-written dataset and never damages an existing one.
+so a failed run never leaves a half-written dataset and never damages an existing one. An existing
+directory is replaced only when it holds nothing but a dataset's files (see `_check_target`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from typing import Any
 from doppel import config, privacy, sessions
 from doppel.config import PrepareConfig
 from doppel.sessions import Census, Session
-from doppel.telegram import ExportError, Header, UnusualLayout, iter_export, read_header
+from doppel.telegram import ExportError, Header, UnusualLayout, export_file, iter_export, read_header
 
 TRAIN_FILE, EVAL_FILE, STATS_FILE = "sessions.train.jsonl", "sessions.eval.jsonl", "stats.json"
+MARKER_FILE, MARKER = ".doppel-dataset", "doppel-dataset/1\n"  # written into every dataset, by doppel only
+DATASET_FILES = frozenset({TRAIN_FILE, EVAL_FILE, STATS_FILE, "config.yaml", MARKER_FILE})
 
 
 def prepare(export: Path, out: Path, cfg: PrepareConfig,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Build the dataset in `out` and return its stats. Raises `ExportError` on bad input."""
+    export = export_file(export)
     header = read_header(export)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +40,7 @@ def prepare(export: Path, out: Path, cfg: PrepareConfig,
         (work / "spool.jsonl").unlink()
         write_stats(stats, work)
         config.dump(cfg, work / "config.yaml")
+        (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
         _swap(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -44,25 +49,41 @@ def prepare(export: Path, out: Path, cfg: PrepareConfig,
 
 
 def _check_target(out: Path) -> None:
+    """Allow `out` to be missing, empty or a dataset; anything else is an `ExportError`.
+
+    A dataset holds doppel's files only, among them the marker or, from versions that wrote no
+    marker, stats.json.
+    """
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / STATS_FILE).exists():
-        raise ExportError(f"{out} is not empty and not a doppel dataset; refusing to replace it")
+    if not out.is_dir():
+        return
+    entries = sorted(out.iterdir())
+    stray = next((p.name for p in entries if p.name not in DATASET_FILES or not p.is_file()), None)
+    if stray is not None:
+        raise ExportError(f"{out} is not a doppel dataset ({stray} is not one of its files); "
+                          "refusing to replace it")
+    if entries and not {p.name for p in entries} & {MARKER_FILE, STATS_FILE}:
+        raise ExportError(f"{out} is not a doppel dataset (no {STATS_FILE}); refusing to replace it")
 
 
 def _swap(work: Path, out: Path) -> None:
     old = None
     if out.exists():
+        _check_target(out)  # again: reading a large export takes minutes
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
     work.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # by name: a file that appeared since the check stays, in the renamed directory
+        for name in DATASET_FILES:
+            (old / name).unlink(missing_ok=True)
+        old.rmdir()
 
 
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
              progress: Callable[[int, int], None] | None) -> Census:
-    size = export.stat().st_size if export.is_file() else (export / "result.json").stat().st_size
+    size = export.stat().st_size
     for general in (False, True):
         with spool.open("w", encoding="utf-8") as handle:
             try:
@@ -79,6 +100,8 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> di
     if unmatched:
         raise ExportError(f"--chat {unmatched[0]!r} matched no chat in the export")
     owner = sessions.resolve_owner(header, census, cfg)
+    if owner == header.owner_id and owner in census.names and census.names[owner] is None:
+        census.names[owner] = header.owner_name  # their messages have "from": null
     activity = sum(census.senders, Counter())
     labels = sessions.unique_labels(census.names, activity)
     trained = sessions.trained_ids(cfg, owner, labels)

@@ -130,7 +130,9 @@ def evaluate(run: Path, cfg: EvalConfig, progress: Callable[[int, int], None] = 
         raise EvalError(f"{run} is not a finished doppel run (no {models.RUN_FILE})")
     info = json.loads((run / models.RUN_FILE).read_text(encoding="utf-8"))
     dataset = cfg.dataset or Path(info["dataset"])
-    sessions = [s for s in load_sessions(dataset, "eval")][:cfg.max_sessions] if dataset.is_dir() else []
+    if not dataset.is_dir():
+        raise EvalError(f"{dataset}: no such dataset directory")
+    sessions = [s for s in load_sessions(dataset, "eval")][:cfg.max_sessions]
     if not sessions:
         raise EvalError(f"{dataset} has no held-out sessions; prepare it with --eval-fraction above 0")
     max_length = config.load(TrainConfig, run / "config.yaml", {}).max_length

@@ -21,6 +21,16 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def train_loss(rows: list[dict[str, Any]]) -> float | None:
+    """The mean training loss over all the steps the rows cover, each row's loss weighted by the steps it averages.
+    transformers' own train_loss counts only the steps this process ran: a resumed run's last stretch."""
+    logged = [row for row in rows if "loss" in row]
+    if any("loss_steps" not in row for row in logged):
+        return None  # a run logged by an older doppel: its rows do not say how many steps they cover
+    steps = sum(row["loss_steps"] for row in logged)
+    return sum(row["loss"] * row["loss_steps"] for row in logged) / steps if steps else None
+
+
 def truncate(path: Path, last_step: int) -> None:
     """Forget logs after `last_step` (a resumed run logs those steps again)."""
     kept = [row for row in read(path) if row["step"] <= last_step]
@@ -41,6 +51,7 @@ class TrainLog(TrainerCallback):
         self.accumulation = accumulation
         self.start = self.last_step = time.perf_counter()
         self.first_step = 0
+        self.logged_step = 0  # where the window of the next logged loss starts
         self.paused = 0.0
         self.mark = (0.0, 0, 0)  # (train seconds, tokens, targets) at the last log line
         self.base = self.mark  # the same at the start (a resumed run's checkpoint)
@@ -49,7 +60,7 @@ class TrainLog(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start = self.last_step = time.perf_counter()
-        self.first_step = state.global_step
+        self.first_step = self.logged_step = state.global_step
         # a resumed run goes on counting from its checkpoint (the log was cut back to it)
         done = [row for row in read(self.path) if "tokens" in row] if self.first_step else []
         self.mark = (done[-1]["train_seconds"], done[-1]["tokens"], done[-1]["target_tokens"]) if done else (0.0, 0, 0)
@@ -72,6 +83,9 @@ class TrainLog(TrainerCallback):
         self.last_step = time.perf_counter()
         if state.global_step >= state.max_steps and args.eval_strategy != "no":
             control.should_evaluate = True  # every run ends with its held-out loss
+        # a loss row at every checkpoint and at the end: the rows a resume keeps cover exactly the steps before it
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
         if control.should_evaluate:
             self.collator.counting = False
         if self.progress is not None:
@@ -99,11 +113,14 @@ class TrainLog(TrainerCallback):
             consumed = self.collator.consumed((state.global_step - self.first_step) * self.accumulation)
             tokens, targets = (base + n * self.processes for base, n in zip(self.base[1:], consumed, strict=True))
             span = max(seconds - self.mark[0], 1e-9)
-            row.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+            # transformers' loss is the mean over the steps since its last log (or since the resumed checkpoint)
+            row.update(loss=logs["loss"], loss_steps=state.global_step - self.logged_step,
+                       learning_rate=logs.get("learning_rate"),
                        tokens_per_s=round((tokens - self.mark[1]) / span, 1),
                        target_tokens_per_s=round((targets - self.mark[2]) / span, 1),
                        tokens=tokens, target_tokens=targets, train_seconds=round(seconds, 4))
             self.mark = (seconds, tokens, targets)
+            self.logged_step = state.global_step
         elif "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
         else:

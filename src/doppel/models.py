@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,6 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
                quantize_4bit: bool = False, device_map: Any = None) -> Any:
     """A causal LM by name (None: the embedded default), offline. Raises `ModelError`."""
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
@@ -115,16 +116,25 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
     model = _resolve(model)
     if model is None:
         kwargs["gguf_file"] = EMBEDDED_FILE
-    try:
+    with loading(f"{base_name(model)} offline"):
         loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
-    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
-        raise ModelError(f"cannot load {base_name(model)} offline: {str(exc).splitlines()[0]}") from None
     if model is None:
         # GGUF weights are dequantized on load: what remains is a plain model, trainable and saveable
         loaded.hf_quantizer = None  # type: ignore[assignment]
         loaded.is_quantized = False  # type: ignore[assignment]
         del loaded.config.quantization_config
     return loaded
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Turn the ways weights fail to load (missing, corrupt or truncated files) into one `ModelError`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
+        raise ModelError(f"cannot load {what}: {str(exc).splitlines()[0]}") from None
 
 
 def _resolve(model: str | None) -> str | None:
@@ -175,7 +185,8 @@ def load_run(path: str | Path | None) -> tuple[Any, Any, dict]:
 
     model = load_model(info["base"])
     fit_embeddings(model, tokenizer)
-    return PeftModel.from_pretrained(model, str(folder)), tokenizer, info
+    with loading(f"the adapter of {folder}"):
+        return PeftModel.from_pretrained(model, str(folder)), tokenizer, info
 
 
 def merge(run: Path, out: Path) -> None:

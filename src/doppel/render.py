@@ -6,10 +6,16 @@
 
 The header is never a target; a trained turn's body and its `<|im_end|>` are. Tokenization works
 segment by segment, so labels follow token boundaries for any tokenizer.
+
+Text is always text: the control tokens come only from the two ChatML segments, and every other segment
+is tokenized with the tokenizer's special tokens split into plain pieces, so a message or a name that
+contains `<|im_end|>` (or any other special token) can never end a turn or forge one. A speaker's name is
+one line in its header: line breaks and other control characters in it become spaces.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,12 +29,25 @@ def body(messages: Iterable[str]) -> str:
     return "\n".join(PREFIX + m for m in messages)
 
 
+_NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def header_name(name: str) -> str:
+    """A speaker's name as it goes into a header: one line, whatever it held."""
+    return " ".join(_NOT_IN_A_NAME.sub(" ", name).split()) or "?"
+
+
 def turn_segments(turn: Turn) -> list[tuple[str, bool]]:
     """(text, is_target) pieces of one turn, in order."""
     # the special tokens are segments of their own, so that a SentencePiece tokenizer does not
     # treat the speaker's name as the start of a text
-    return [(IM_START, False), (f"{turn.speaker}\n", False), (body(turn.messages), turn.train),
+    return [(IM_START, False), (f"{header_name(turn.speaker)}\n", False), (body(turn.messages), turn.train),
             (IM_END, turn.train), ("\n", False)]
+
+
+def header(speaker: str) -> str:
+    """The opening of a turn that the model is to write."""
+    return f"{IM_START}{header_name(speaker)}\n"
 
 
 def segments(session: Session) -> list[tuple[str, bool]]:
@@ -54,16 +73,20 @@ def ensure_chatml(tokenizer: Any) -> bool:
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # split_special_tokens: "<|im_end|>" typed by a person is the characters, not the control token
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def segment_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` as they are in the middle of a conversation.
+    """Token ids of `text` as they are in the middle of a conversation; the ChatML markers alone are
+    control tokens, any other text is plain text whatever it contains.
 
     SentencePiece-style tokenizers put a word-start marker at the start of every call; tokenizing
     after a fixed anchor and dropping the anchor's ids removes it. Byte-level BPE has no marker and
     merges the anchor away, so the plain ids are used.
     """
+    if text in (IM_START, IM_END):
+        return [tokenizer.convert_tokens_to_ids(text)]
     anchor = _ids(tokenizer, "\n")
     ids = _ids(tokenizer, "\n" + text)
     return ids[len(anchor):] if ids[:len(anchor)] == anchor else _ids(tokenizer, text)

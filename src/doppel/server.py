@@ -3,6 +3,10 @@
 `model` in a request names the persona; each `user` message's `name` says who writes (default: the
 server's `--as`); `assistant` messages are the persona's earlier replies. A reply's content is the
 persona's messages joined by newlines. One model is in memory and requests take turns on it.
+
+No request can hold the model for good: a failed generation becomes an error in OpenAI's shape and frees
+the model, a client that leaves stops its generation (waiting or running), and the body size, the number of
+messages and the prompt's tokens are limited (`ServeConfig`). docs/security.md says what is promised.
 """
 
 from __future__ import annotations
@@ -14,23 +18,37 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
-from doppel.chat import Conversation, Sampling
+from doppel.chat import ChatError, ContextTooLong, Conversation, Sampling
+from doppel.config import LOOPBACK, ServeConfig
 from doppel.sessions import Turn
 
 PAGE = Path(__file__).with_name("page.html")
+DEFAULTS = Sampling()
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
     role: str
-    content: str | None = None
+    content: str | list[TextPart] | None = None  # a list of text parts, as newer OpenAI clients send
     name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
 
 
 class ChatRequest(BaseModel):
@@ -41,11 +59,23 @@ class ChatRequest(BaseModel):
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float = Field(default=0.8, ge=0, le=2)
-    top_p: float = Field(default=0.9, gt=0, le=1)
+    # null is what some clients send for "the default"
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    n: int = 1
-    seed: int | None = None
+    n: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise ApiError(400, "stop must be up to 4 non-empty strings", "stop")
+        return stops
+
+    def sampling(self) -> Sampling:
+        return Sampling(DEFAULTS.temperature if self.temperature is None else self.temperature,
+                        self.top_p or DEFAULTS.top_p, DEFAULTS.repetition_penalty,
+                        self.max_completion_tokens or self.max_tokens or DEFAULTS.max_new_tokens, self.seed)
 
 
 class ApiError(Exception):
@@ -54,11 +84,13 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse(ApiError(status, message, param, code, kind).body(), status_code=status)
 
 
 def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list[Turn], Turn]:
@@ -70,8 +102,11 @@ def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list
             continue  # personas have no system prompt: who speaks is in the headers
         if message.role not in ("user", "assistant"):
             raise ApiError(400, f"Invalid role {message.role!r}: use user or assistant", "messages")
+        if message.role == "user" and message.name is not None and message.name.strip() == persona:
+            raise ApiError(400, f"A user message cannot be written as {persona!r}, the persona the model plays: "
+                                "name another writer", "messages")
         speaker = persona if message.role == "assistant" else (message.name or default_user)
-        lines = tuple(line for line in (message.content or "").split("\n") if line.strip())
+        lines = tuple(line for line in message.text().split("\n") if line.strip())
         if not lines:
             continue
         if turns and turns[-1].speaker == speaker:
@@ -84,27 +119,33 @@ def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list
 
 
 def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: str,
-               api_key: str | None = None, default_persona: str | None = None) -> FastAPI:
-    app = FastAPI(title="doppel", docs_url=None, redoc_url=None)
+               cfg: ServeConfig | None = None, default_persona: str | None = None) -> FastAPI:
+    cfg = cfg or ServeConfig()
+    app = FastAPI(title="doppel", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one generation at a time on the one model; the others wait their turn
     names = personas or [default_persona or "Me"]
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind, exc.param, exc.code)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a byte offset, not a parameter
+            return _error(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"Invalid request: {where}: {first.get('msg')}", param=where or None)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return _error(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), code="request_too_large" if exc.status_code == 413 else None)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"The server failed: {type(exc).__name__}", "server_error")
+
+    app.add_middleware(Guard, cfg=cfg)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -115,21 +156,35 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "doppel"}
                                            for name in names]}
 
-    def conversation(request: ChatRequest) -> tuple[Conversation, list[str]]:
-        if request.n != 1:
+    def conversation(request: ChatRequest) -> Conversation:
+        """The request's conversation with the user's turn added; raises `ApiError` for what cannot run."""
+        if request.n not in (None, 1):
             raise ApiError(400, "Only n=1 is supported", "n")
         if personas and request.model not in personas:
             raise ApiError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
+        if len(request.messages) > cfg.max_messages:
+            raise ApiError(400, f"Too many messages: {len(request.messages)}, at most {cfg.max_messages}",
+                           "messages", "too_many_messages")
         earlier, last = history(request, request.model, default_user)
-        sampling = Sampling(request.temperature, request.top_p, 1.1,
-                            request.max_completion_tokens or request.max_tokens or 200, request.seed)
-        chat = Conversation(model, tokenizer, request.model, last.speaker, sampling)
-        chat.history = earlier
-        return chat, list(last.messages)
+        try:
+            chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
+                                max_prompt=cfg.max_prompt_tokens)
+            chat.history = earlier
+            chat.add(list(last.messages))
+        except ContextTooLong as exc:
+            raise ApiError(400, f"This request does not fit the model's context: {exc}", "messages",
+                           "context_length_exceeded") from None
+        except ChatError as exc:
+            raise ApiError(400, str(exc)) from None
+        return chat
 
-    def replies(chat: Conversation, messages: list[str], stops: list[str]) -> Iterator[str]:
-        with lock:
-            for message in chat.reply(messages):
+    def replies(chat: Conversation, stops: list[str], cancel: threading.Event) -> Iterator[str]:
+        """The persona's messages, cut at the first stop string, once the model is free."""
+        while not lock.acquire(timeout=0.05):
+            if cancel.is_set():
+                return  # the client left while waiting its turn
+        try:
+            for message in chat.answer(cancel):
                 cut = min((message.find(s) for s in stops if s in message), default=-1)
                 if cut >= 0:
                     chat.finish_reason = "stop"
@@ -137,18 +192,31 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                         yield message[:cut].rstrip()
                     return
                 yield message
+        finally:
+            lock.release()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def completions(request: ChatRequest) -> Any:
-        chat, messages = conversation(request)
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    async def completions(body: ChatRequest, request: Request) -> Any:
+        stops = body.stops()
+        chat = await asyncio.to_thread(conversation, body)  # tokenizing a long history is work too
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if request.stream:
-            return StreamingResponse(_events(replies(chat, messages, stops), lambda: chat.finish_reason, ident,
-                                             created, request.model), media_type="text/event-stream")
-        said = await asyncio.to_thread(lambda: list(replies(chat, messages, stops)))
+        cancel = threading.Event()
+        if body.stream:
+            return StreamingResponse(_events(replies(chat, stops, cancel), cancel, lambda: chat.finish_reason,
+                                             ident, created, body.model), media_type="text/event-stream")
+        work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(chat, stops, cancel))))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=0.25)
+                if not work.done() and await request.is_disconnected():
+                    cancel.set()  # nobody will read the answer: stop generating it
+            said = work.result()
+        except ChatError as exc:
+            raise ApiError(500, str(exc), kind="server_error") from None
+        finally:
+            cancel.set()
         prompt, completion = chat.usage
-        return {"id": ident, "object": "chat.completion", "created": created, "model": request.model,
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "finish_reason": chat.finish_reason, "logprobs": None,
                              "message": {"role": "assistant", "content": "\n".join(said)}}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -157,29 +225,98 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
     return app
 
 
-async def _events(messages: Iterator[str], finish: Callable[[], str], ident: str, created: int,
-                  model: str) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, one chunk per message (newline-separated), a finish chunk, [DONE]."""
+def _host_allowed(host: str, cfg: ServeConfig) -> bool:
+    """The Host header names the bound address (DNS rebinding: a web page's own name pointed at 127.0.0.1)."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    allowed = set(cfg.allowed_host)
+    if "*" in allowed or cfg.host in ("0.0.0.0", "::", ""):  # any address: the API key guards it
+        return True
+    allowed |= set(LOOPBACK) if cfg.loopback else {cfg.host.lower()}
+    return name in allowed
+
+
+class Guard:
+    """Refuses a request before any work: a Host header that is not the bound address, a missing API key, a body
+    over the size limit (413: by its Content-Length at once, or as its chunks arrive).
+
+    Plain ASGI: Starlette's BaseHTTPMiddleware would run the app in a task of its own, which wraps the 413 raised
+    while the body is read in an exception group and hides a client's disconnect from the endpoint.
+    """
+
+    def __init__(self, app: Any, cfg: ServeConfig) -> None:
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope, Headers(scope=scope))
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.cfg.max_body_bytes:
+                raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _refusal(self, scope: Any, headers: Headers) -> JSONResponse | None:
+        if not _host_allowed(headers.get("host", ""), self.cfg):
+            return _error(400, "Invalid Host header (doppel answers only to the address it is bound to; see "
+                               "--allowed-host)", code="invalid_host")
+        if self.cfg.api_key and scope["path"].startswith("/v1/") and \
+                headers.get("authorization") != f"Bearer {self.cfg.api_key}":
+            return _error(401, "Incorrect API key provided", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.cfg.max_body_bytes):
+            return _error(413, self._too_large(), code="request_too_large")
+        return None
+
+    def _too_large(self) -> str:
+        return f"The request body is larger than {self.cfg.max_body_bytes} bytes (--max-body-bytes)"
+
+
+async def _events(messages: Iterator[str], cancel: threading.Event, finish: Callable[[], str], ident: str,
+                  created: int, model: str) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, one chunk per message (newline-separated), a finish chunk, [DONE];
+    an error event instead of the finish chunk when generation fails."""
     def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
     def produce() -> None:
         try:
             for message in messages:
                 loop.call_soon_threadsafe(queue.put_nowait, message)
+        except BaseException as exc:  # sent to the client as an error event
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    threading.Thread(target=produce, daemon=True).start()
-    first = True
-    while (message := await queue.get()) is not None:
-        yield chunk({"content": message if first else "\n" + message})
-        first = False
-    yield chunk({}, finish())
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        threading.Thread(target=produce, daemon=True).start()
+        first = True
+        while (message := await queue.get()) is not None:
+            if isinstance(message, BaseException):
+                failed = type(message).__name__
+                said = str(message) if isinstance(message, ChatError) else f"The server failed: {failed}"
+                yield f"data: {json.dumps(ApiError(500, said, kind='server_error').body(), ensure_ascii=False)}\n\n"
+                await queue.get()
+                break
+            yield chunk({"content": message if first else "\n" + message})
+            first = False
+        else:
+            yield chunk({}, finish())
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # the client left (the response was cancelled) or the reply is complete

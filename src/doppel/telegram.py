@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ class Header:
     layout: Layout
     owner_id: str | None  # from personal_information (full export) or None
     shifted: bool = False  # chat ids are v1.4.8-v2.7.1 shifted peer ids (integer from_id values)
+    owner_name: str | None = None  # "first_name last_name" from personal_information
 
 
 def peer_id(raw: int | str | None) -> str:
@@ -140,17 +142,27 @@ def to_message(m: dict[str, Any]) -> Message:
 
 # --- layout and owner ---------------------------------------------------------------------------
 
-def open_export(path: Path) -> BinaryIO:
-    """Open an export file, turning the common wrong inputs into one clear `ExportError`."""
+def export_file(path: Path) -> Path:
+    """The export's JSON file: `path` itself, or `path/result.json` for an export folder.
+
+    Anything but a regular file is refused before it is opened: a FIFO without a writer would block.
+    """
     if not path.exists():
         raise ExportError(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / "result.json").is_file():
-            path = path / "result.json"
-        elif (path / "export_results.html").exists() or (path / "messages.html").exists():
-            raise ExportError(f"{path} is an HTML export; re-export with 'Machine-readable JSON'")
-        else:
-            raise ExportError(f"{path} has no result.json; point doppel at a Telegram JSON export")
+        if not (path / "result.json").exists():
+            html = (path / "export_results.html").exists() or (path / "messages.html").exists()
+            raise ExportError(f"{path} is an HTML export; re-export with 'Machine-readable JSON'" if html
+                              else f"{path} has no result.json; point doppel at a Telegram JSON export")
+        path = path / "result.json"
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ExportError(f"{path} is not a regular file; point doppel at the export's result.json")
+    return path
+
+
+def open_export(path: Path) -> BinaryIO:
+    """Open an export file, turning the common wrong inputs into one clear `ExportError`."""
+    path = export_file(path)
     handle = path.open("rb")
     start = handle.read(512).lstrip(b"\xef\xbb\xbf \t\r\n")
     handle.seek(0)
@@ -164,28 +176,43 @@ def open_export(path: Path) -> BinaryIO:
 
 
 def read_header(path: Path) -> Header:
-    """Layout and owner id, from the keys written before the first chat."""
+    """Layout and owner, from the keys written before the first chat."""
+    path = export_file(path)
     with open_export(path) as raw:
         keys: set[str] = set()
-        owner: str | None = None
+        me: dict[str, Any] = {}
         try:
             for prefix, event, value in ijson.parse(RepairingReader(raw), use_float=True):
                 if prefix == "" and event == "map_key":
                     keys.add(value)
                     if value in ("messages", "chats", "left_chats"):
                         break
-                elif prefix == "personal_information.user_id":
-                    owner = f"user{int(value)}"  # always the plain id, even above 2^32
+                elif prefix.startswith("personal_information.") and event in ("string", "number", "null"):
+                    me[prefix.removeprefix("personal_information.")] = value
         except ijson.JSONError as exc:
             raise ExportError(
                 f"{path} is not valid JSON ({_short(exc)}); is the file truncated?") from None
     if "messages" in keys:
         return Header("single", None, _shifted_ids(path))
     if keys & {"chats", "left_chats", "personal_information", "about"}:
-        return Header("full", owner, _shifted_ids(path))
+        return Header("full", _owner_id(path, me.get("user_id")), _shifted_ids(path), _owner_name(me))
     if {"info.json", "msgsCount"} & keys:
         raise ExportError(f"{path} looks like an exteraGram export; use Telegram Desktop's JSON export")
     raise ExportError(f"{path} is not a Telegram Desktop export (no 'messages' or 'chats' key)")
+
+
+def _owner_id(path: Path, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return f"user{int(raw)}"  # always the plain id, even above 2^32
+    except (ValueError, TypeError):
+        raise ExportError(f"{path} has a malformed personal_information.user_id ({raw!r})") from None
+
+
+def _owner_name(me: dict[str, Any]) -> str | None:
+    parts = (me.get("first_name"), me.get("last_name"))
+    return " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip()) or None
 
 
 _FROM_ID = re.compile(rb'"(?:from_id|actor_id)"\s*:\s*(["\d-])')
@@ -240,7 +267,10 @@ def _escaped(buf: bytes, quote: int) -> bool:
 
 
 def _json_string(raw: bytes) -> str:
-    return str(json.loads(raw))
+    try:
+        return str(json.loads(raw))
+    except ValueError:  # e.g. invalid UTF-8: the general reader gives the error
+        raise UnusualLayout("unreadable chat header") from None
 
 
 def _pieces(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[bytes | Chat | str]:
@@ -389,21 +419,37 @@ def iter_export(path: Path, general: bool = False,
     yielding) when the file is not shaped as Telegram Desktop writes it; the caller then starts
     over with `general=True`, which reads any key order and gives the authoritative error.
     """
+    path = export_file(path)
     header = read_header(path)
     with open_export(path) as raw:
         if not general:
             try:
-                for item in _fast(raw, header.layout, on_read):
-                    yield _bare(item, header.shifted) if isinstance(item, Chat) else to_message(item)
+                yield from _normalised(_fast(raw, header.layout, on_read), header, path)
             except ijson.JSONError as exc:
                 raise UnusualLayout from exc
             return
         try:
-            for item in _general(raw, header.layout, on_read):
-                yield _bare(item, header.shifted) if isinstance(item, Chat) else to_message(item)
+            yield from _normalised(_general(raw, header.layout, on_read), header, path)
         except ijson.IncompleteJSONError as exc:
             raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated") from None
         except ijson.JSONError as exc:
             raise ExportError(f"{path} is not valid JSON ({_short(exc)})") from None
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ExportError(f"{path} has a malformed message ({_short(exc)})") from None
+        except (KeyError, ValueError, TypeError) as exc:  # messages are `_normalised`'s
+            raise ExportError(f"{path} has a malformed chat ({_short(exc)})") from None
+
+
+def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iterator[Chat | Message]:
+    """Bare chat ids and `Message` records; a message that cannot be read is an `ExportError`."""
+    chat: Chat | None = None
+    for item in items:
+        if isinstance(item, Chat):
+            chat = _bare(item, header.shifted)
+            yield chat
+            continue
+        try:
+            message = to_message(item)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            mid = item.get("id", "?") if isinstance(item, dict) else "?"
+            raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
+                              f"message {mid}: {_short(exc)})") from None
+        yield message

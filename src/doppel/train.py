@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from doppel.config import ConfigError, knob
 
 CHECKPOINTS = "checkpoints"
 TOKENS = "tokens"
+
+log = logging.getLogger(__name__)
 
 
 class TrainError(Exception):
@@ -167,12 +170,14 @@ def _train(dataset_dir: Path, run_dir: Path, cfg: TrainConfig, cuda: bool, stats
     # (docs/benchmarks.md). Not measured on a GPU yet, so not done there.
     with disable_input_dtype_casting(model, active=args.bf16 and not cuda):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    log = metrics.read(run_dir / metrics.METRICS_FILE)
+    logged = metrics.read(run_dir / metrics.METRICS_FILE)
+    # the whole run's mean (transformers' own counts only this process's steps); an older run's log cannot say
+    train_loss = metrics.train_loss(logged) or result.training_loss
     info = {"base": cfg.model, "mode": cfg.mode, "attention": attention, "precision": "bf16" if args.bf16 else "fp32",
             "steps": trainer.state.global_step, "processes": args.world_size,
             "distributed": str(trainer.accelerator.distributed_type).split(".")[-1].lower(),
-            "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
-            "eval_loss": next((r["eval_loss"] for r in reversed(log) if "eval_loss" in r), None),
+            "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": train_loss,
+            "eval_loss": next((r["eval_loss"] for r in reversed(logged) if "eval_loss" in r), None),
             "dataset": str(dataset_dir.resolve()), "owner": stats.get("owner"),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if save:
@@ -209,14 +214,78 @@ def _check_run(run_dir: Path, resume: bool) -> Path | None:
             raise TrainError(f"{run_dir} is not empty; add --resume to continue the run there, "
                              "or choose another --out")
         return None
-    done = _checkpoints(run_dir)
-    return done[-1] if done else None
+    return _last_complete(run_dir)
+
+
+def _last_complete(run_dir: Path) -> Path | None:
+    """The newest checkpoint with no damaged file. The damaged ones skipped are named in a warning (by the first
+    process: under accelerate launch every process checks the same files)."""
+    damaged: list[str] = []
+    for checkpoint in reversed(_checkpoints(run_dir)):
+        problem = _damage(checkpoint)
+        if problem is None:
+            if damaged and int(os.environ.get("RANK", "0")) == 0:
+                log.warning("%s; resuming from %s", ", ".join(damaged), checkpoint.name)
+            return checkpoint
+        damaged.append(f"{checkpoint.name} is damaged ({problem})")
+    if damaged:
+        raise TrainError(f"cannot resume: {', '.join(damaged)}; delete {run_dir / CHECKPOINTS} and run the same "
+                         "command to start over")
+    return None
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
+    """The run's saved checkpoints, oldest first (transformers writes trainer_state.json last)."""
     found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return [p for p in found if (p / "trainer_state.json").is_file()]
+
+
+def _damage(checkpoint: Path) -> str | None:
+    """Which of a checkpoint's files is cut short or unreadable, if any. Only headers and indexes are read, never
+    tensors, so it takes milliseconds even next to a 7B full fine-tune's optimizer state. What it cannot check (the
+    shards of FSDP's distributed checkpoints) passes."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        problem = _file_damage(path)
+        if problem:
+            return f"{path.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def _file_damage(path: Path) -> str | None:
+    import zipfile
+
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            return "is not valid JSON"
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        # torch.save writes a zip archive, whose central directory comes last: a cut-off file has none
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except zipfile.BadZipFile:
+            return "is truncated"
+    elif path.suffix == ".safetensors":
+        return _safetensors_damage(path)
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the tensors at the offsets the header
+    gives, so the header alone tells the size of the whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = f.read(min(length, size))
+    if 8 + length > size:
+        return "is truncated"
+    try:
+        tensors = json.loads(header)
+    except ValueError:
+        return "has an unreadable header"
+    end = max((t["data_offsets"][1] for name, t in tensors.items() if name != "__metadata__"), default=0)
+    return "is truncated" if 8 + length + end > size else None
 
 
 # what an option needs: a GPU, and the package to pip install with the modules any of which will do
