@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,13 @@ def sentencepiece_tokenizer() -> Any:
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     corpus = ["yo gym later? ok see you Bye! Max Orlov Lena Volkova >>> го)) в 7\n🙂"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    # the trainer learns characters, not byte tokens: Llama's 256 `<0xNN>` pieces are added to the vocabulary, so
+    # that a character the corpus lacks falls back to its bytes (not to `<unk>`) and any text decodes back
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<0x{i:02X}>": len(vocab) + i for i in range(256)})
+    tok = Tokenizer.from_str(json.dumps(spec))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
 

@@ -114,3 +114,21 @@ def test_eval_dataset_must_be_an_existing_dataset_directory(tmp_path):
     with pytest.raises(ExportError) as other:
         evaluate(run, EvalConfig(dataset=tmp_path))
     assert str(other.value) == f"{tmp_path} is not a doppel dataset (no sessions.eval.jsonl); run doppel prepare"
+
+
+def test_a_held_out_turn_too_long_for_the_context_is_skipped(memorised):
+    """It used to be dropped from the prompt silently (the model answered an empty prompt); now it cannot be
+    sent, so eval leaves that turn out and goes on."""
+    from doppel.evaluate import EvalConfig, generate_turns
+    from doppel.models import load_run
+
+    model, tokenizer, _ = load_run(memorised)
+    chat = {"id": 1, "name": "Max", "type": "personal_chat"}
+    long = Session("1:1", chat, 0, 1, (Turn("Max Orlov", "user201", ("word " * 2100,), False),
+                                      Turn("Me Owner", "user100", ("ok",), True)))
+    short = Session("1:2", chat, 2, 3, (Turn("Max Orlov", "user201", ("yo", "gym later?"), False),
+                                       Turn("Me Owner", "user100", ("го))", "в 7 🙂"), True)))
+    steps = []
+    out = generate_turns(model.eval(), tokenizer, [long, short], EvalConfig(max_new_tokens=16),
+                         lambda: steps.append(1))
+    assert len(steps) == 2 and list(out) == ["Me Owner"] and len(out["Me Owner"]) == 1

@@ -233,8 +233,11 @@ def test_micro_batch_defaults_to_one_row_on_cpu(tiny, sample_data, tmp_path):
 
 
 class Interrupt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
+        if state.global_step == self.step:
             raise KeyboardInterrupt
 
 
@@ -242,7 +245,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
     cfg = TrainConfig(model=str(tiny), max_steps=6, learning_rate=1e-2, seed=3, **{**FAST, "save_steps": 2})
     train(sample_data, tmp_path / "whole", cfg)
     with pytest.raises(KeyboardInterrupt):
-        train(sample_data, tmp_path / "cut", cfg, callbacks=[Interrupt()])
+        train(sample_data, tmp_path / "cut", cfg, callbacks=[Interrupt(3)])
     cut = tmp_path / "cut"
     assert not (cut / "run.json").exists() and not (cut / "adapter_model.safetensors").exists()
     with pytest.raises(ModelError, match="is an unfinished run; finish it with doppel train"):
@@ -261,6 +264,117 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
     counts = {run: [(r["tokens"], r["target_tokens"]) for r in metrics.read(run / "metrics.jsonl") if "tokens" in r]
               for run in (tmp_path / "whole", cut)}
     assert counts[cut] == counts[tmp_path / "whole"]
+
+
+class Seen(TrainerCallback):
+    """The step a run (re)starts from, and the train_loss transformers reports for the steps it ran."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_loss" in logs:
+            self.train_loss = logs["train_loss"]
+
+
+# checkpoints at steps 2 and 4 fall between the log steps 1, 3 and 6
+CUT_CFG = dict(max_steps=7, learning_rate=1e-2, seed=3, **{**FAST, "save_steps": 2, "logging_steps": 3})
+
+
+@pytest.fixture(scope="module")
+def cut_run(tiny, sample_data, tmp_path_factory):
+    """A run of 7 steps, and the same run stopped at step 5 (checkpoints 2 and 4), with transformers' train_loss
+    for the whole run."""
+    folder = tmp_path_factory.mktemp("cut")
+    cfg = TrainConfig(model=str(tiny), **CUT_CFG)
+    seen = Seen()
+    whole = train(sample_data, folder / "whole", cfg, callbacks=[seen])
+    with pytest.raises(KeyboardInterrupt):
+        train(sample_data, folder / "cut", cfg, callbacks=[Interrupt(5)])
+    assert sorted(p.name for p in (folder / "cut" / "checkpoints").iterdir()) == ["README.md", "checkpoint-2",
+                                                                                   "checkpoint-4"]
+    return {"whole": folder / "whole", "cut": folder / "cut", "cfg": dataclasses.replace(cfg, resume=True),
+            "whole_info": whole, "whole_hf_loss": seen.train_loss}
+
+
+def windows(run: Path) -> list[tuple[int, int]]:
+    return [(row["step"], row["loss_steps"]) for row in metrics.read(run / metrics.METRICS_FILE) if "loss" in row]
+
+
+def test_train_loss_of_a_resumed_run_is_the_mean_over_all_its_steps(cut_run, sample_data, tmp_path):
+    """transformers' train_loss counts only the steps of the process that ran them: after a resume, the steps since
+    the checkpoint. doppel's is the mean over every step of the run: each metrics row says how many steps its loss
+    averages, and every checkpoint and the last step end a window, so the rows left at a checkpoint tile its steps."""
+    run = tmp_path / "run"
+    shutil.copytree(cut_run["cut"], run)
+    seen = Seen()
+    info = train(sample_data, run, cut_run["cfg"], callbacks=[seen])
+    whole = cut_run["whole_info"]["train_loss"]
+    assert seen.first_step == 4 and info["steps"] == 7
+    assert whole == pytest.approx(cut_run["whole_hf_loss"], abs=1e-6)  # an uninterrupted run: transformers' figure
+    assert info["train_loss"] == pytest.approx(whole, abs=1e-4)
+    # transformers' figure for the resumed steps 5 to 7 alone, which run.json used to report
+    rows = {step: loss for step, loss in losses(run)}
+    assert seen.train_loss == pytest.approx((2 * rows[6] + rows[7]) / 3, abs=1e-6)
+    assert abs(seen.train_loss - whole) > 0.01
+    assert windows(run) == windows(cut_run["whole"]) == [(1, 1), (2, 1), (3, 1), (4, 1), (6, 2), (7, 1)]
+
+
+def truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def test_resume_skips_a_damaged_checkpoint_with_a_warning(cut_run, sample_data, tmp_path, caplog):
+    """A checkpoint whose save was cut short (a full disk, a killed process) can hold a truncated file; resuming
+    goes back to the newest complete checkpoint and says so, and runs the same steps from there."""
+    run = tmp_path / "run"
+    shutil.copytree(cut_run["cut"], run)
+    optimizer = run / "checkpoints" / "checkpoint-4" / "optimizer.pt"
+    truncate(optimizer, optimizer.stat().st_size // 2)
+    seen = Seen()
+    info = train(sample_data, run, cut_run["cfg"], callbacks=[seen])
+    assert [r.getMessage() for r in caplog.records if r.name == "doppel.train"] == [
+        "checkpoint-4 is damaged (optimizer.pt is truncated); resuming from checkpoint-2"]
+    assert seen.first_step == 2 and info["steps"] == 7
+    resumed, whole = losses(run), losses(cut_run["whole"])
+    assert [step for step, _ in resumed] == [step for step, _ in whole] == [1, 2, 3, 4, 6, 7]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-5)
+    assert info["train_loss"] == pytest.approx(cut_run["whole_info"]["train_loss"], abs=1e-4)
+
+
+def test_the_cli_says_which_damaged_checkpoint_it_skipped_in_one_line(cut_run, sample_data, tmp_path):
+    """The library's warning comes out as one line of its own on stderr, and the run goes on from checkpoint-2."""
+    run = tmp_path / "run"
+    shutil.copytree(cut_run["cut"], run)
+    optimizer = run / "checkpoints" / "checkpoint-4" / "optimizer.pt"
+    truncate(optimizer, optimizer.stat().st_size // 2)
+    result = run_cli("train", sample_data, "-o", run, "--resume")
+    assert result.exit_code == 0
+    # the rest of stderr is the progress bars of this test process (a doppel process has none: TQDM_DISABLE)
+    assert result.stderr.splitlines()[0] == \
+        "doppel: warning: checkpoint-4 is damaged (optimizer.pt is truncated); resuming from checkpoint-2"
+    assert result.stderr.count("damaged") == 1
+    assert result.stdout.startswith("step 3/7 ") and result.stdout.endswith(f"\nwrote {run}\n")
+
+
+@pytest.mark.parametrize(("file", "size", "problem"), [
+    ("optimizer.pt", 1000, "optimizer.pt is truncated"),
+    ("adapter_model.safetensors", 100, "adapter_model.safetensors is truncated"),  # in the header
+    ("adapter_model.safetensors", 60_000, "adapter_model.safetensors is truncated"),  # in the tensors
+    ("trainer_state.json", 300, "trainer_state.json is not valid JSON"),
+])
+def test_resume_refuses_when_every_checkpoint_is_damaged(cut_run, sample_data, tmp_path, file, size, problem):
+    run = tmp_path / "run"
+    shutil.copytree(cut_run["cut"], run)
+    for step in (2, 4):
+        truncate(run / "checkpoints" / f"checkpoint-{step}" / file, size)
+    with pytest.raises(TrainError) as refused:
+        train(sample_data, run, cut_run["cfg"])
+    assert str(refused.value) == f"cannot resume: checkpoint-4 is damaged ({problem}), checkpoint-2 is damaged " \
+        f"({problem}); delete {run / 'checkpoints'} and run the same command to start over"
+    result = run_cli("train", sample_data, "-o", run, "--resume")
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {refused.value}\n")
 
 
 @pytest.mark.parametrize(("save_steps", "stop_at", "said"), [
@@ -518,8 +632,8 @@ def test_embedded_model_trains_end_to_end(sample_data, tmp_path):
     assert (info["base"], info["mode"], info["steps"]) == (None, "lora", 3)
     rows = metrics.read(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eval_loss"] > 0
-    assert all(set(r) == {"step", "epoch", "loss", "learning_rate", "tokens_per_s", "target_tokens_per_s", "tokens",
-                          "target_tokens", "train_seconds"}
+    assert all(set(r) == {"step", "epoch", "loss", "loss_steps", "learning_rate", "tokens_per_s",
+                          "target_tokens_per_s", "tokens", "target_tokens", "train_seconds"}
                for r in rows[:3])
     model, tokenizer, _ = load_run(tmp_path / "run")
     assert type(model).__name__ == "PeftModelForCausalLM" and len(tokenizer) == 49152

@@ -48,8 +48,10 @@ class Sampling:
             raise ChatError(f"temperature must be between 0 and 100, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty <= 100:
+        if not self.repetition_penalty > 0:  # also refuses nan
             raise ChatError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.repetition_penalty > 100:  # far above, logits * penalty overflow to inf
+            raise ChatError(f"repetition_penalty must be at most 100, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise ChatError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:

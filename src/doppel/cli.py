@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -515,7 +516,14 @@ def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
             console.rule(f"{session.id} · {session.chat['name']} · {len(session.turns)} turns")
             out = Text()
             for piece, target in render.segments(session):
-                out.append(piece, style="bold green" if target else "dim")
+                style = "bold green" if target else "dim"
+                if piece in (render.IM_START, render.IM_END):
+                    out.append(piece, style=style)
+                    continue
+                # a marker typed inside a message is plain text to the model: shown struck through, so that it
+                # does not look like a turn of its own
+                for n, part in enumerate(re.split(r"(<\|im_start\|>|<\|im_end\|>)", piece)):
+                    out.append(part, style=style + (" strike" if n % 2 else ""))
             console.print(out, end="")
     if not sys.stdout.isatty():
         click.echo("(targets are the bodies of trained turns and their <|im_end|>)")

@@ -65,7 +65,7 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
 def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: EvalConfig,
                    progress: Callable[[], None]) -> dict[str, list[tuple[str, ...]]]:
     """{speaker: generated turns}, each from the real turns before a trained turn of the speaker."""
-    from doppel.chat import Conversation, Sampling
+    from doppel.chat import ContextTooLong, Conversation, Sampling
 
     out: dict[str, list[tuple[str, ...]]] = {}
     for i, (session, index) in enumerate(_targets(sessions, cfg.max_turns)):
@@ -73,7 +73,12 @@ def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: Eva
         chat = Conversation(model, tokenizer, turn.speaker, session.turns[index - 1].speaker,
                             Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i))
         chat.history = list(session.turns[:index - 1])
-        out.setdefault(turn.speaker, []).append(tuple(chat.reply(list(session.turns[index - 1].messages))))
+        try:
+            said = tuple(chat.reply(list(session.turns[index - 1].messages)))
+        except ContextTooLong:  # a turn too long for the model's context (a pasted log): nothing to answer from
+            said = None
+        if said is not None:
+            out.setdefault(turn.speaker, []).append(said)
         progress()
     return out
 
