@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from doppel.synthetic import message, write_export
+from doppel.readers.synthetic import message, write_export
 
 OWNER, MAX, SOPHIE, DMITRY, ALEX_R, ALEX_2, GONE, BOT = (
     700100200, 700100301, 700100302, 700100303, 700100304, 700100305, 700100306, 700100400)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from doppel.synthetic import message, write_export
+from doppel.readers.synthetic import message, write_export
 
 ME, MAX, ANN = 100, 201, 202
 T0 = 1_700_000_000
@@ -108,11 +108,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> Pa
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample export, prepared."""
-    from doppel import dataset
     from doppel.config import PrepareConfig
+    from doppel.preparing import pipeline
 
     out = tmp_path_factory.mktemp("sample") / "data"
-    dataset.prepare(Path(__file__).parent.parent / "examples" / "sample_export" / "result.json", out,
+    pipeline.prepare(Path(__file__).parent.parent / "examples" / "sample_export" / "result.json", out,
                     PrepareConfig())
     return out
 
@@ -120,9 +120,9 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def memorised(tmp_path_factory, tiny):
     """A tiny model trained until it knows its three identical sessions by heart."""
-    from doppel import dataset
-    from doppel.config import PrepareConfig
-    from doppel.train import TrainConfig, train
+    from doppel.config import PrepareConfig, TrainConfig
+    from doppel.preparing import pipeline
+    from doppel.training.train import train
 
     folder = tmp_path_factory.mktemp("memorised")
     talk = []
@@ -130,7 +130,7 @@ def memorised(tmp_path_factory, tiny):
         talk += [msg(10 * i + 1, start, MAX, "yo"), msg(10 * i + 2, start + 5, MAX, "gym later?"),
                  msg(10 * i + 3, start + 30, ME, "го))"), msg(10 * i + 4, start + 35, ME, "в 7 🙂")]
     export = write_export(folder / "result.json", full_export([personal(MAX, talk)]))
-    dataset.prepare(export, folder / "data", PrepareConfig(eval_fraction=0))
+    pipeline.prepare(export, folder / "data", PrepareConfig(eval_fraction=0))
     train(folder / "data", folder / "run", TrainConfig(model=str(tiny), mode="full", max_steps=60, learning_rate=1e-2,
                                                        warmup=0, lr_scheduler="constant_with_warmup", max_length=256,
                                                        batch_size=2, logging_steps=20, save_steps=1000))

@@ -5,22 +5,27 @@ import json
 import pytest
 import torch
 
-from doppel import packing
-from doppel.attention import VARLEN, session_starts
-from doppel.models import load_model, load_run
-from doppel.train import TrainConfig, attention_kernel, train
+from doppel.config import TrainConfig
+from doppel.dataset import Dataset
+from doppel.models import load_model
+from doppel.run import Run
+from doppel.training import packing
+from doppel.training.attention import VARLEN, register, session_starts
+from doppel.training.plan import attention_kernel
+from doppel.training.train import train
 
 FAST = dict(max_length=256, batch_size=2, logging_steps=1, save_steps=1000)
 
 
 @pytest.fixture(scope="module")
 def samples(sample_data, smollm2_tokenizer):
-    return packing.tokenized(sample_data, "train", smollm2_tokenizer, 256).select(range(12))
+    return packing.tokenized(Dataset.open(sample_data), "train", smollm2_tokenizer, 256).select(range(12))
 
 
 @pytest.fixture(scope="module")
 def models(tiny):
     """The tiny GQA model (4 query heads, 2 key/value heads) with each kernel."""
+    register()  # doppel's varlen, as training registers it
     return {kernel: load_model(str(tiny), attention=kernel) for kernel in ("sdpa", VARLEN)}
 
 
@@ -85,12 +90,13 @@ def test_training_with_varlen_matches_sdpa_and_is_the_cpu_default(tiny, sample_d
         cfg = TrainConfig(model=str(tiny), mode="lora", max_steps=3, learning_rate=1e-2, seed=5, attention=kernel,
                           lora_dropout=0.0, packing=packed, precision="fp32", **FAST)
         info = train(sample_data, tmp_path / kernel, cfg)
-        runs[info["attention"]] = [(r["step"], r["loss"]) for r in
+        runs[info.attention] = [(r["step"], r["loss"]) for r in
                                    map(json.loads, (tmp_path / kernel / "metrics.jsonl").read_text().splitlines())
                                    if "loss" in r]
     assert list(runs) == ["sdpa", VARLEN]
     assert [step for step, _ in runs[VARLEN]] == [1, 2, 3]
     assert [loss for _, loss in runs[VARLEN]] == pytest.approx([loss for _, loss in runs["sdpa"]], abs=1e-5)
     # the kernel is not saved with the model: chat loads the run with SDPA, which generation needs
-    model, _, info = load_run(tmp_path / "auto")
-    assert info["attention"] == VARLEN and model.config._attn_implementation == "sdpa"
+    model, _ = Run(tmp_path / "auto").load()
+    info = Run(tmp_path / "auto").info
+    assert info.attention == VARLEN and model.config._attn_implementation == "sdpa"

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from doppel import style
 from doppel.cli import main
+from doppel.evaluation import style
+from doppel.records import Session, Turn
 from doppel.render import IGNORE, turn_ids
-from doppel.sessions import Session, Turn
 
 
 def test_style_measures_on_hand_made_turns():
@@ -40,7 +40,7 @@ def test_distance_is_zero_for_the_same_style_and_grows_with_differences():
 def test_per_speaker_loss_is_the_masked_loss_by_hand(tiny, smollm2_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from doppel.evaluate import speaker_losses
+    from doppel.evaluation.evaluate import speaker_losses
 
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     session = Session("1:1", {"id": 1, "name": "Max", "type": "personal_chat"}, 0, 9, (
@@ -63,11 +63,11 @@ def test_per_speaker_loss_is_the_masked_loss_by_hand(tiny, smollm2_tokenizer):
 
 
 def test_report_of_a_converged_model_beats_its_base(memorised, tmp_path):
-    from doppel import dataset
     from doppel.config import PrepareConfig
+    from doppel.preparing import pipeline
 
     held_out = tmp_path / "data"  # the memorised conversation again, its newest session held out
-    dataset.prepare(memorised.parent / "result.json", held_out, PrepareConfig(eval_fraction=0.34))
+    pipeline.prepare(memorised.parent / "result.json", held_out, PrepareConfig(eval_fraction=0.34))
     result = CliRunner().invoke(main, ["eval", str(memorised), "--dataset", str(held_out), "--max-new-tokens", "16"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -91,38 +91,41 @@ def test_report_of_a_converged_model_beats_its_base(memorised, tmp_path):
 
 def test_eval_needs_a_finished_run_with_held_out_sessions(memorised, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(tmp_path)])
-    assert result.exit_code == 2 and result.output == f"doppel: error: {tmp_path} is not a finished doppel run " \
-                                                      "(no run.json)\n"
+    assert result.exit_code == 2 and result.output == f"doppel: error: {tmp_path} is not a doppel run (no run.json, " \
+                                                      "no config.yaml)\n"
     result = CliRunner().invoke(main, ["eval", str(memorised)])  # trained with no eval split
-    assert result.exit_code == 2 and "has no held-out sessions; prepare it with --eval-fraction above 0" in \
+    assert result.exit_code == 2 and "has no held-out sessions; prepare it with eval_fraction above 0" in \
         result.output
 
 
 def test_eval_dataset_must_be_an_existing_dataset_directory(tmp_path):
-    from doppel.evaluate import EvalConfig, EvalError, evaluate
-    from doppel.telegram import ExportError
+    from doppel.config import EvalConfig
+    from doppel.errors import DatasetError
+    from doppel.evaluation.evaluate import evaluate
+    from doppel.run import RunInfo
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))
-    with pytest.raises(EvalError) as err:
+    info = RunInfo(None, "lora", 1, 1.0, 1.0, None, str(tmp_path / "gone"))
+    (run / "run.json").write_text(json.dumps(info.to_json()))
+    with pytest.raises(DatasetError) as err:
         evaluate(run, EvalConfig())
     assert str(err.value) == f"{tmp_path / 'gone'}: no such dataset directory"
-    with pytest.raises(EvalError) as err:
+    with pytest.raises(DatasetError) as err:
         evaluate(run, EvalConfig(dataset=tmp_path / "nonexistent"))
     assert str(err.value) == f"{tmp_path / 'nonexistent'}: no such dataset directory"
-    with pytest.raises(ExportError) as other:
+    with pytest.raises(DatasetError) as other:
         evaluate(run, EvalConfig(dataset=tmp_path))
-    assert str(other.value) == f"{tmp_path} is not a doppel dataset (no sessions.eval.jsonl); run doppel prepare"
+    assert str(other.value) == f"{tmp_path} is not a doppel dataset (no stats.json); run doppel prepare"
 
 
 def test_a_held_out_turn_too_long_for_the_context_is_skipped(memorised):
     """It used to be dropped from the prompt silently (the model answered an empty prompt); now it cannot be
     sent, so eval leaves that turn out and goes on."""
-    from doppel.evaluate import EvalConfig, generate_turns
-    from doppel.models import load_run
+    from doppel.evaluation.evaluate import EvalConfig, generate_turns
+    from doppel.run import Run
 
-    model, tokenizer, _ = load_run(memorised)
+    model, tokenizer = Run(memorised).load()
     chat = {"id": 1, "name": "Max", "type": "personal_chat"}
     long = Session("1:1", chat, 0, 1, (Turn("Max Orlov", "user201", ("word " * 2100,), False),
                                       Turn("Me Owner", "user100", ("ok",), True)))

@@ -4,10 +4,13 @@ runs them on one."""
 import pytest
 import torch
 
-from doppel import metrics, packing
-from doppel.attention import VARLEN, _torch_varlen
+from doppel.config import TrainConfig
+from doppel.dataset import Dataset
 from doppel.models import load_model
-from doppel.train import TrainConfig, train
+from doppel.run import Run
+from doppel.training import packing
+from doppel.training.attention import VARLEN, _torch_varlen
+from doppel.training.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -15,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 def test_varlen_flash_kernel_gives_the_block_mask_loss_and_gradients(sample_data, tiny, smollm2_tokenizer):
     """PyTorch's own varlen flash kernel (no flash-attn package) on packed sessions, against SDPA's block mask."""
     assert _torch_varlen() is not None
-    samples = packing.tokenized(sample_data, "train", smollm2_tokenizer, 256).select(range(12))
+    samples = packing.tokenized(Dataset.open(sample_data), "train", smollm2_tokenizer, 256).select(range(12))
     packed = list(packing.rows(samples, 256, packing=True))
     pad = smollm2_tokenizer.pad_token_id
     batches = {"sdpa": packing.Collator(pad)(packed), VARLEN: packing.Collator(pad, flatten=True)(packed)}
@@ -37,7 +40,7 @@ def test_liger_kernels_train_with_the_plain_losses(sample_data, tiny, tmp_path):
                           precision="fp32", lora_dropout=0.0, max_length=256, batch_size=2, logging_steps=1,
                           save_steps=1000)
         train(sample_data, tmp_path / str(liger), cfg, save=False)
-        curves[liger] = [row["loss"] for row in metrics.read(tmp_path / str(liger) / metrics.METRICS_FILE)
+        curves[liger] = [row["loss"] for row in Run(tmp_path / str(liger)).metrics()
                          if "loss" in row]
     assert len(curves[True]) == 4
     assert curves[True] == pytest.approx(curves[False], abs=1e-3)
@@ -46,7 +49,7 @@ def test_liger_kernels_train_with_the_plain_losses(sample_data, tiny, tmp_path):
 
 def test_a_real_out_of_memory_names_the_options_that_need_less(sample_data, tiny, tmp_path):
     """The allocator capped at 16 MB: the tiny model loads, its first step of 8 rows does not fit."""
-    from doppel.train import TrainError
+    from doppel.training.train import TrainError
 
     torch.cuda.set_per_process_memory_fraction(16 * 2**20 / torch.cuda.get_device_properties(0).total_memory)
     try:
@@ -55,6 +58,6 @@ def test_a_real_out_of_memory_names_the_options_that_need_less(sample_data, tiny
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
-    assert str(failed.value) == "out of GPU memory with 8 × 1024-token rows per micro-batch; try --batch-size 4 " \
-        "--gradient-accumulation 2 (the same steps), --gradient-checkpointing on, --mode qlora"
+    assert str(failed.value) == "out of GPU memory with 8 × 1024-token rows per micro-batch; try batch_size 4 with " \
+        "gradient_accumulation 2 (the same steps), gradient_checkpointing on, mode qlora"
     assert not (tmp_path / "run").exists()

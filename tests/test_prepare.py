@@ -4,16 +4,17 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
-from doppel import dataset
 from doppel.cli import main
 from doppel.config import PrepareConfig
-from doppel.telegram import ExportError
+from doppel.preparing import pipeline
+from doppel.readers.telegram import ExportError
 
 
 def run(*args):
@@ -167,7 +168,7 @@ def test_refuses_a_directory_with_anything_but_dataset_files(write, tmp_path, en
     for name, text in entries.items():
         (out / name).mkdir() if text is None else (out / name).write_text(text)
     with pytest.raises(ExportError) as err:
-        dataset.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
+        pipeline.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
     assert str(err.value) == f"{out} is not a doppel dataset ({expected}); refusing to replace it"
     assert {p.name: p.read_text() if p.is_file() else None for p in out.iterdir()} == entries
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "result.json"]
@@ -175,15 +176,16 @@ def test_refuses_a_directory_with_anything_but_dataset_files(write, tmp_path, en
 
 def test_replaces_a_dataset_of_this_version_and_of_the_previous_one(write, tmp_path):
     out = tmp_path / "data"
-    dataset.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
+    pipeline.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
     assert sorted(p.name for p in out.iterdir()) == [".doppel-dataset", "config.yaml", "sessions.eval.jsonl",
                                                      "sessions.train.jsonl", "stats.json"]
     assert (out / ".doppel-dataset").read_text() == "doppel-dataset/1\n"
     bigger = write(full_export([personal(MAX, sessions_for(5))]), "bigger.json")
-    assert dataset.prepare(bigger, out, PrepareConfig())["sessions"] == {"train": 5, "eval": 0}
+    assert pipeline.prepare(bigger, out, PrepareConfig()).to_json()["sessions"] == {"train": 5, "eval": 0}
     (out / ".doppel-dataset").unlink()  # as the previous version wrote it
     (out / "config.yaml").unlink()
-    assert dataset.prepare(bigger, out, PrepareConfig(eval_fraction=0.2))["sessions"] == {"train": 4, "eval": 1}
+    stats = pipeline.prepare(bigger, out, PrepareConfig(eval_fraction=0.2))
+    assert (stats.train_sessions, stats.eval_sessions) == (4, 1)
     assert (out / ".doppel-dataset").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger.json", "data", "result.json"]
 
@@ -195,7 +197,7 @@ def test_malformed_message_is_one_line_naming_chat_and_message(write, tmp_path):
     expected = (f"{path} has a malformed message (chat {MAX}, message 12: invalid literal for int() "
                 "with base 10: 'abc')")
     with pytest.raises(ExportError) as err:
-        dataset.prepare(path, tmp_path / "out", PrepareConfig())
+        pipeline.prepare(path, tmp_path / "out", PrepareConfig())
     assert str(err.value) == expected
     proc = subprocess.run([sys.executable, "-m", "doppel", "prepare", str(path), "-o", str(tmp_path / "out")],
                           capture_output=True, text=True)
@@ -219,7 +221,7 @@ def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
     assert (proc.returncode, proc.stderr) == (
         2, f"doppel: error: {fifo} is not a regular file; point doppel at the export's result.json\n")
     with pytest.raises(ExportError) as err:
-        dataset.prepare(Path("/dev/null"), tmp_path / "d", PrepareConfig())
+        pipeline.prepare(Path("/dev/null"), tmp_path / "d", PrepareConfig())
     assert str(err.value) == "/dev/null is not a regular file; point doppel at the export's result.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
 
@@ -228,10 +230,10 @@ def test_a_chat_exported_twice_counts_once(write, tmp_path):
     once = write(full_export([personal(MAX, sessions_for(4))]), "once.json")
     messages = sessions_for(4)
     twice = write(full_export([personal(MAX, messages), personal(MAX, messages)]), "twice.json")
-    first = dataset.prepare(once, tmp_path / "a", PrepareConfig())
-    second = dataset.prepare(twice, tmp_path / "b", PrepareConfig())
-    assert second["dropped"] == {"duplicate": 12}
-    assert {**second, "dropped": {}} == first
+    first = pipeline.prepare(once, tmp_path / "a", PrepareConfig())
+    second = pipeline.prepare(twice, tmp_path / "b", PrepareConfig())
+    assert second.dropped == {"duplicate": 12}
+    assert replace(second, dropped={}) == first
     for name in ("sessions.train.jsonl", "sessions.eval.jsonl"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
 
@@ -239,16 +241,16 @@ def test_a_chat_exported_twice_counts_once(write, tmp_path):
 def test_a_message_repeated_in_its_chat_counts_once(write, tmp_path):
     messages = dialogue()
     path = write(full_export([personal(MAX, [*messages[:2], messages[1], messages[2]])]))
-    stats = dataset.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
-    assert (stats["messages"], stats["dropped"]) == (3, {"duplicate": 1})
+    stats = pipeline.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
+    assert (stats.messages, stats.dropped) == (3, {"duplicate": 1})
 
 
 def test_owner_without_a_name_in_messages_is_named_from_personal_information(write, tmp_path):
     mine = msg(3, 30, ME, "го))")
     mine["from"] = None
     path = write(full_export([personal(MAX, [*dialogue()[:2], mine])]))
-    stats = dataset.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
-    assert stats["owner"] == {"id": f"user{ME}", "name": "Me Owner"}
+    stats = pipeline.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
+    assert (stats.owner_id, stats.owner_name) == (f"user{ME}", "Me Owner")
     (session,) = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
     assert [t["speaker"] for t in session["turns"]] == ["Max Orlov", "Me Owner"]
 
@@ -313,7 +315,7 @@ def test_every_command_is_documented_in_the_readme():
 
 
 def test_unusual_key_order_gives_the_same_dataset_through_the_general_reader(tmp_path):
-    from doppel.synthetic import tdesktop_bytes
+    from doppel.readers.synthetic import tdesktop_bytes
 
     chats = [personal(MAX, sessions_for(4)), personal(ANN, sessions_for(3, ANN), "Ann")]
     normal, odd = tmp_path / "normal.json", tmp_path / "odd.json"

@@ -1,6 +1,6 @@
 import pytest
 
-from doppel.privacy import aliases, name_replacer, redact
+from doppel.preparing.privacy import aliases, name_replacer, redact
 
 
 @pytest.mark.parametrize(("text", "expected"), [

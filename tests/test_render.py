@@ -4,7 +4,7 @@ import pytest
 from conftest import sentencepiece_tokenizer
 
 from doppel import render
-from doppel.sessions import Session, Turn
+from doppel.records import Session, Turn
 
 SESSION = Session("1:1", {"id": 1, "name": "Max", "type": "personal_chat"}, 0, 9, (
     Turn("Max Orlov", "user1", ("yo", "gym later?"), True),

@@ -2,7 +2,7 @@ import io
 
 import pytest
 
-from doppel.repair import RepairingReader, repair
+from doppel.readers.repair import RepairingReader, repair
 
 RAW = (b'{"text": "line one\\u2028\x80\xa8line two", '
        b'"b": "tab\\tok, vertical-tab\\x0Bbad, nul\\x00bad", "c": "C:\\\\x41", '

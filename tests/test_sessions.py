@@ -5,8 +5,8 @@ import pytest
 from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
 from doppel.config import PrepareConfig
-from doppel.sessions import SeenIds, collect, eval_counts, exclusion, resolve_owner, unique_labels
-from doppel.telegram import Chat, ExportError, Header, iter_export
+from doppel.preparing.sessions import SeenIds, collect, eval_counts, exclusion, resolve_owner, unique_labels
+from doppel.readers.telegram import Chat, ExportError, Header, iter_export
 
 
 def spooled(path, **cfg):
@@ -60,13 +60,13 @@ def test_bursts_merge_into_turns_and_stickers_become_emoji(write):
     (Chat(5, None, None), "other"),
 ])
 def test_default_exclusions(chat, reason):
-    from doppel.sessions import Census
+    from doppel.preparing.sessions import Census
 
     assert exclusion(chat, PrepareConfig(), Census()) == reason
 
 
 def test_chat_selection_flags():
-    from doppel.sessions import Census
+    from doppel.preparing.sessions import Census
 
     group, channel = Chat(7, "private_group", "Crew"), Chat(8, "public_channel", "News")
     assert exclusion(group, PrepareConfig(include_groups=True), Census()) is None

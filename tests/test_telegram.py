@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from conftest import MAX, ME, T0, dialogue, full_export, msg, personal
 
-from doppel.synthetic import tdesktop_bytes
-from doppel.telegram import (
+from doppel.readers.synthetic import tdesktop_bytes
+from doppel.readers.telegram import (
     Chat,
     ExportError,
     Header,

@@ -17,11 +17,15 @@ from click.testing import CliRunner
 from conftest import dialogue, full_export, personal, sentencepiece_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from doppel import metrics, packing
 from doppel.cli import main
-from doppel.models import ModelError, load_run
+from doppel.config import TrainConfig
+from doppel.dataset import Dataset, DatasetStats
+from doppel.errors import RunError, TrainError
 from doppel.render import IGNORE
-from doppel.train import TrainConfig, TrainError, cpu_has_bf16, train, uses_bf16
+from doppel.run import Run
+from doppel.training import packing
+from doppel.training.plan import cpu_has_bf16, uses_bf16
+from doppel.training.train import train
 
 FAST = dict(max_length=256, batch_size=2, logging_steps=1, save_steps=1000)
 
@@ -31,12 +35,12 @@ def run_cli(*args):
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
-    return [(row["step"], row["loss"]) for row in metrics.read(run / metrics.METRICS_FILE) if "loss" in row]
+    return [(row["step"], row["loss"]) for row in Run(run).metrics() if "loss" in row]
 
 
 @pytest.fixture(scope="module")
 def samples(sample_data, smollm2_tokenizer):
-    return packing.tokenized(sample_data, "train", smollm2_tokenizer, 256).select(range(12))
+    return packing.tokenized(Dataset.open(sample_data), "train", smollm2_tokenizer, 256).select(range(12))
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +107,11 @@ def test_masked_positions_get_no_gradient(samples, tiny_lm, smollm2_tokenizer):
 
 
 def small_dataset(tmp_path: Path, write) -> Path:
-    from doppel import dataset
     from doppel.config import PrepareConfig
+    from doppel.preparing import pipeline
 
     export = write(full_export([personal(201, dialogue(start=0) + dialogue(start=7200, first_id=10))]))
-    dataset.prepare(export, tmp_path / "data", PrepareConfig(eval_fraction=0))
+    pipeline.prepare(export, tmp_path / "data", PrepareConfig(eval_fraction=0))
     return tmp_path / "data"
 
 
@@ -119,7 +123,7 @@ def test_tiny_model_overfits_one_batch(tiny, tmp_path, write):
     curve = losses(tmp_path / "run")
     assert [step for step, _ in curve] == [1, 20, 40, 60]
     assert curve[0][1] > 10 and curve[-1][1] < 0.1
-    assert info["steps"] == 60 and info["mode"] == "full" and info["eval_loss"] is None
+    assert info.steps == 60 and info.mode == "full" and info.eval_loss is None
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
@@ -172,7 +176,7 @@ def test_bf16_on_cpu_computes_in_bf16_and_trains_fp32_weights(tiny, sample_data,
                           precision=precision, **FAST)  # type: ignore[arg-type]
         info = train(sample_data, tmp_path / precision, cfg, save=False,
                      callbacks=[Probe()] if precision == "bf16" else [])
-        assert info["precision"] == precision
+        assert info.precision == precision
         runs[precision] = [loss for _, loss in losses(tmp_path / precision)]
     assert seen["trained"] == {torch.float32}
     assert seen["frozen"] == ({torch.bfloat16} if mode == "lora" else set())
@@ -213,8 +217,9 @@ def test_qlora_keeps_embeddings_norms_and_head_in_bf16_over_a_4bit_base(smollm2_
     assert seen == {"4-bit": 14, "trained": {torch.bfloat16}, "rest": {torch.bfloat16}, "hidden": torch.bfloat16}
     assert len(runs["qlora"]) == 4 and runs["qlora"][-1] < runs["qlora"][0] - 0.05
     assert runs["qlora"] == pytest.approx(runs["lora"], abs=0.05) and runs["qlora"] != runs["lora"]
-    model, _, info = load_run(tmp_path / "qlora")
-    assert info["mode"] == "qlora"
+    model, _ = Run(tmp_path / "qlora").load()
+    info = Run(tmp_path / "qlora").info
+    assert info.mode == "qlora"
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 9224, 198, 2]])).logits).all()
 
@@ -226,8 +231,9 @@ def test_micro_batch_defaults_to_one_row_on_cpu(tiny, sample_data, tmp_path):
     cfg = TrainConfig(model=str(tiny), max_steps=2, max_length=256, logging_steps=1, save_steps=1000)
     assert cfg.batch_size is None
     train(sample_data, tmp_path / "run", cfg)
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["batch_size"] == 1
-    rows = [r for r in metrics.read(tmp_path / "run" / metrics.METRICS_FILE) if "loss" in r]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["batch_size"] is None  # as given
+    assert Run(tmp_path / "run").info.plan["rows"] == 1  # as resolved here
+    rows = [r for r in Run(tmp_path / "run").metrics() if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["tokens"] - before <= 256 for r, before in zip(
         rows, [0, rows[0]["tokens"]], strict=True))
 
@@ -248,10 +254,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
         train(sample_data, tmp_path / "cut", cfg, callbacks=[Interrupt(3)])
     cut = tmp_path / "cut"
     assert not (cut / "run.json").exists() and not (cut / "adapter_model.safetensors").exists()
-    with pytest.raises(ModelError, match="is an unfinished run; finish it with doppel train"):
-        load_run(cut)
+    with pytest.raises(RunError, match="is an unfinished run; finish it with doppel train"):
+        Run(cut).load()
     result = run_cli("train", sample_data, "-o", cut)
-    assert result.exit_code == 2 and "is not empty; add --resume" in result.output
+    assert result.exit_code == 2 and "is not empty; resume to continue the run there" in result.output
 
     result = run_cli("train", sample_data, "-o", cut, "--resume")  # the saved config.yaml is reused
     assert result.exit_code == 0, result.output
@@ -261,7 +267,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny, sample_data, tmp_path
     # same steps, same batches in the same order, same optimizer state: the same losses
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-5)
     # the running token counts go on from the checkpoint
-    counts = {run: [(r["tokens"], r["target_tokens"]) for r in metrics.read(run / "metrics.jsonl") if "tokens" in r]
+    counts = {run: [(r["tokens"], r["target_tokens"]) for r in Run(run).metrics() if "tokens" in r]
               for run in (tmp_path / "whole", cut)}
     assert counts[cut] == counts[tmp_path / "whole"]
 
@@ -298,7 +304,7 @@ def cut_run(tiny, sample_data, tmp_path_factory):
 
 
 def windows(run: Path) -> list[tuple[int, int]]:
-    return [(row["step"], row["loss_steps"]) for row in metrics.read(run / metrics.METRICS_FILE) if "loss" in row]
+    return [(row["step"], row["loss_steps"]) for row in Run(run).metrics() if "loss" in row]
 
 
 def test_train_loss_of_a_resumed_run_is_the_mean_over_all_its_steps(cut_run, sample_data, tmp_path):
@@ -309,10 +315,10 @@ def test_train_loss_of_a_resumed_run_is_the_mean_over_all_its_steps(cut_run, sam
     shutil.copytree(cut_run["cut"], run)
     seen = Seen()
     info = train(sample_data, run, cut_run["cfg"], callbacks=[seen])
-    whole = cut_run["whole_info"]["train_loss"]
-    assert seen.first_step == 4 and info["steps"] == 7
+    whole = cut_run["whole_info"].train_loss
+    assert seen.first_step == 4 and info.steps == 7
     assert whole == pytest.approx(cut_run["whole_hf_loss"], abs=1e-6)  # an uninterrupted run: transformers' figure
-    assert info["train_loss"] == pytest.approx(whole, abs=1e-4)
+    assert info.train_loss == pytest.approx(whole, abs=1e-4)
     # transformers' figure for the resumed steps 5 to 7 alone, which run.json used to report
     rows = {step: loss for step, loss in losses(run)}
     assert seen.train_loss == pytest.approx((2 * rows[6] + rows[7]) / 3, abs=1e-6)
@@ -334,13 +340,13 @@ def test_resume_skips_a_damaged_checkpoint_with_a_warning(cut_run, sample_data, 
     truncate(optimizer, optimizer.stat().st_size // 2)
     seen = Seen()
     info = train(sample_data, run, cut_run["cfg"], callbacks=[seen])
-    assert [r.getMessage() for r in caplog.records if r.name == "doppel.train"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "doppel.run"] == [
         "checkpoint-4 is damaged (optimizer.pt is truncated); resuming from checkpoint-2"]
-    assert seen.first_step == 2 and info["steps"] == 7
+    assert seen.first_step == 2 and info.steps == 7
     resumed, whole = losses(run), losses(cut_run["whole"])
     assert [step for step, _ in resumed] == [step for step, _ in whole] == [1, 2, 3, 4, 6, 7]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in whole], abs=1e-5)
-    assert info["train_loss"] == pytest.approx(cut_run["whole_info"]["train_loss"], abs=1e-4)
+    assert info.train_loss == pytest.approx(cut_run["whole_info"].train_loss, abs=1e-4)
 
 
 def test_the_cli_says_which_damaged_checkpoint_it_skipped_in_one_line(cut_run, sample_data, tmp_path):
@@ -407,7 +413,7 @@ def test_tokenizer_without_chatml_gets_trainable_chatml_embeddings(sample_data, 
     model_dir = tiny_model(tmp_path / "sp", tokenizer)
     train(sample_data, tmp_path / "run", TrainConfig(model=str(model_dir), max_steps=2, learning_rate=1e-2,
                                                      warmup=0, **FAST))
-    model, loaded, _ = load_run(tmp_path / "run")
+    model, loaded = Run(tmp_path / "run").load()
     assert loaded.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [n, n + 1]
     assert model.get_input_embeddings().weight.shape[0] == n + 2
     with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:
@@ -428,7 +434,7 @@ def test_merge_writes_a_standalone_model_with_the_same_outputs(tiny, sample_data
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
         "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
-    tuned, _, _ = load_run(run)
+    tuned, _ = Run(run).load()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny)
     ids = torch.tensor([[1, 9224, 198, 2]])
@@ -436,13 +442,13 @@ def test_merge_writes_a_standalone_model_with_the_same_outputs(tiny, sample_data
         a, b, c = (m(ids).logits for m in (tuned, merged, base))
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
     assert run_cli("merge", tmp_path / "merged", "-o", tmp_path / "again").output == \
-        f"doppel: error: {tmp_path / 'merged'} is not a finished doppel run (no run.json)\n"
+        f"doppel: error: {tmp_path / 'merged'} is not a doppel run (no run.json, no config.yaml)\n"
 
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--max-length", "8"], "max_length must be at least 32 tokens, got 8"),
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
-    (["--model", "/nonexistent/model"], "cannot load the tokenizer of /nonexistent/model offline"),
+    (["--model", "/nonexistent/model"], "cannot load the config of /nonexistent/model offline"),
     (["--report-to", "mlflow"], "report_to: unknown 'mlflow'"),
 ])
 def test_impossible_settings_give_one_line_and_exit_2(sample_data, tmp_path, args, expected):
@@ -453,19 +459,19 @@ def test_impossible_settings_give_one_line_and_exit_2(sample_data, tmp_path, arg
 
 
 NOT_HERE = [(args, expected) for args, expected, missing in [
-    (["--mode", "qlora"], "--mode qlora needs a --model in Hugging Face format: the embedded model is GGUF, which "
-                          "transformers loads only dequantized; use --mode lora for it", None),
-    (["--mode", "qlora", "--model", "random:smollm2-135m"], "--mode qlora needs the bitsandbytes package, which is "
+    (["--mode", "qlora"], "mode qlora needs a model in Hugging Face format: the embedded model is GGUF, which "
+                          "transformers loads only dequantized; use mode lora for it", None),
+    (["--mode", "qlora", "--model", "random:smollm2-135m"], "mode qlora needs the bitsandbytes package, which is "
                                                             "not installed: pip install bitsandbytes", "bitsandbytes"),
-    (["--liger"], "--liger needs an NVIDIA GPU", "cuda"),
-    (["--attention", "flash_attention_2"], "--attention flash_attention_2 needs an NVIDIA GPU", "cuda"),
-    (["--optim", "adamw_8bit"], "--optim adamw_8bit needs the bitsandbytes package, which is not installed: "
+    (["--liger"], "liger needs an NVIDIA GPU", "cuda"),
+    (["--attention", "flash_attention_2"], "attention flash_attention_2 needs an NVIDIA GPU", "cuda"),
+    (["--optim", "adamw_8bit"], "optim adamw_8bit needs the bitsandbytes package, which is not installed: "
                                 "pip install bitsandbytes", "bitsandbytes"),
-    (["--report-to", "tensorboard"], "--report-to tensorboard needs the tensorboard package, which is not "
+    (["--report-to", "tensorboard"], "report_to tensorboard needs the tensorboard package, which is not "
                                      "installed: pip install tensorboard", "tensorboard"),
-    (["--report-to", "wandb"], "--report-to wandb needs the wandb package, which is not installed: "
+    (["--report-to", "wandb"], "report_to wandb needs the wandb package, which is not installed: "
                                "pip install wandb", "wandb"),
-    (["--report-to", "trackio"], "--report-to trackio needs the trackio package, which is not installed: "
+    (["--report-to", "trackio"], "report_to trackio needs the trackio package, which is not installed: "
                                  "pip install trackio", "trackio"),
 ] if missing is None or not (torch.cuda.is_available() if missing == "cuda" else importlib.util.find_spec(missing))]
 
@@ -508,25 +514,29 @@ def test_out_of_memory_says_which_options_need_less(tiny, sample_data, tmp_path)
     cfg = TrainConfig(model=str(tiny), max_steps=4, **FAST)
     with pytest.raises(TrainError) as fresh:
         train(sample_data, tmp_path / "fresh", cfg, callbacks=[OutOfMemory()])
-    assert str(fresh.value) == "out of GPU memory with 2 × 256-token rows per micro-batch; try --batch-size 1 " \
-        "--gradient-accumulation 2 (the same steps), --gradient-checkpointing on, --mode qlora"
+    assert str(fresh.value) == "out of GPU memory with 2 × 256-token rows per micro-batch; try batch_size 1 with " \
+        "gradient_accumulation 2 (the same steps), gradient_checkpointing on, mode qlora"
     assert not (tmp_path / "fresh").exists()
     cfg = dataclasses.replace(cfg, batch_size=1, save_steps=1, mode="full", gradient_checkpointing="on")
     with pytest.raises(TrainError) as saved:
         train(sample_data, tmp_path / "saved", cfg, callbacks=[OutOfMemory()])
-    assert str(saved.value) == "out of GPU memory with 1 × 256-token rows per micro-batch; try --max-length " \
-        "128, --mode lora or --mode qlora, or more GPUs (configs/fsdp.yaml); the checkpoints so far are kept in " \
-        f"{tmp_path / 'saved' / 'checkpoints'}, --resume goes on from the last"
+    assert str(saved.value) == "out of GPU memory with 1 × 256-token rows per micro-batch; try max_length " \
+        "128, mode lora or mode qlora, or more GPUs (configs/fsdp.yaml); the checkpoints so far are kept in " \
+        f"{tmp_path / 'saved' / 'checkpoints'}, resume goes on from the last"
     assert sorted(p.name for p in (tmp_path / "saved" / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-1", "checkpoint-2"]
 
 
 def test_missing_or_empty_dataset(tmp_path):
     result = run_cli("train", tmp_path / "nope", "-o", tmp_path / "run")
+    assert result.output == f"doppel: error: {tmp_path / 'nope'}: no such dataset directory\n"
+    (tmp_path / "nope").mkdir()
+    result = run_cli("train", tmp_path / "nope", "-o", tmp_path / "run")
     assert result.output == f"doppel: error: {tmp_path / 'nope'} is not a doppel dataset (no stats.json); " \
-                            "run doppel prepare first\n"
+                            "run doppel prepare\n"
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "stats.json").write_text('{"sessions": {"train": 0, "eval": 0}}')
+    DatasetStats(None, None, 0, 0, 0, 0.0, 0.0, 0, ()).write(tmp_path / "empty")
+    (tmp_path / "empty" / "sessions.train.jsonl").write_text("")
     result = run_cli("train", tmp_path / "empty", "-o", tmp_path / "run")
     assert result.exit_code == 2 and "has no training sessions" in result.output
 
@@ -561,7 +571,7 @@ def two_cpus(tmp_path: Path, **fsdp_config: Any) -> Path:
 
 def steps(run: Path) -> list[tuple[Any, ...]]:
     return [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("tokens"), r.get("learning_rate"))
-            for r in metrics.read(run / metrics.METRICS_FILE)]
+            for r in Run(run).metrics()]
 
 
 def test_fsdp_full_fine_tuning_on_two_cpu_processes_matches_ddp(tiny, sample_data, tmp_path):
@@ -628,14 +638,14 @@ def test_embedded_model_trains_end_to_end(sample_data, tmp_path):
                      "--max-length", "256", "--logging-steps", "1")
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 'run'}" in result.output.splitlines()
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert (info["base"], info["mode"], info["steps"]) == (None, "lora", 3)
-    rows = metrics.read(tmp_path / "run" / "metrics.jsonl")
+    info = Run(tmp_path / "run").info
+    assert (info.base, info.mode, info.steps) == (None, "lora", 3)
+    rows = Run(tmp_path / "run").metrics()
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["eval_loss"] > 0
     assert all(set(r) == {"step", "epoch", "loss", "loss_steps", "learning_rate", "tokens_per_s",
                           "target_tokens_per_s", "tokens", "target_tokens", "train_seconds"}
                for r in rows[:3])
-    model, tokenizer, _ = load_run(tmp_path / "run")
+    model, tokenizer = Run(tmp_path / "run").load()
     assert type(model).__name__ == "PeftModelForCausalLM" and len(tokenizer) == 49152
 
 
@@ -656,7 +666,7 @@ def test_cpu_loss_projects_only_targets_with_trls_loss_and_gradients(samples, ti
     that can still be backpropagated."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from doppel.loss import target_loss
+    from doppel.training.loss import target_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
@@ -683,3 +693,33 @@ def test_cpu_loss_projects_only_targets_with_trls_loss_and_gradients(samples, ti
     empty = target_loss(model, nothing)
     empty.backward()
     assert empty.item() == 0.0
+
+
+def test_a_finished_run_trains_on_to_a_larger_budget(tiny, sample_data, tmp_path):
+    """Finish 4 steps, extend to 6: steps 1-4 of metrics.jsonl are the first run's, no step is logged twice, and
+    the run is finished again at 6; a budget it has already reached is refused in one line."""
+    cfg = TrainConfig(model=str(tiny), max_steps=4, learning_rate=1e-2, seed=3, **FAST)
+    run = tmp_path / "run"
+    first = train(sample_data, run, cfg)
+    before = [row for row in Run(run).metrics() if "loss" in row]
+    assert (first.steps, [row["step"] for row in before]) == (4, [1, 2, 3, 4])
+    assert [p.name for p in Run(run).checkpoints] == ["checkpoint-4"]  # saved at the end, so it can train on
+    with pytest.raises(TrainError) as err:
+        train(sample_data, run, cfg)
+    assert str(err.value) == f"{run} already holds a finished run; choose another out, or resume it with a larger " \
+                             "max_steps or epochs to train it further"
+    result = run_cli("train", sample_data, "-o", run, "--resume")  # the saved config: max_steps 4
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {run} has already trained 4 steps (0.16 "
+                                                    "epochs): nothing more to do with max_steps 4; give a larger "
+                                                    "max_steps or epochs\n")
+    assert Run(run).finished
+    result = run_cli("train", sample_data, "-o", run, "--resume", "--max-steps", 6)
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("trained 6 steps") for line in result.output.splitlines()), result.output[-600:]
+    rows = [row for row in Run(run).metrics() if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[:4] == before
+    steps = [(row["step"], "loss" in row) for row in Run(run).metrics()]
+    assert len(steps) == len(set(steps))  # no line twice
+    assert Run(run).info.steps == 6 and Run(run).config.max_steps == 6
+    assert Run(run).info.train_loss == pytest.approx(sum(row["loss"] for row in rows) / 6, abs=1e-6)

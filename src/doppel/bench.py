@@ -37,7 +37,7 @@ _PREPARE = """
 import resource, sys, time
 from pathlib import Path
 from doppel.config import PrepareConfig
-from doppel.dataset import prepare
+from doppel.preparing.pipeline import prepare
 t = time.perf_counter()
 stats = prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig())
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -51,7 +51,7 @@ def _run(script: str, *args: str) -> tuple[float, float]:
 
 
 def bench_prepare(messages: int, chats: int, keep: Path | None) -> dict[str, float | int | str]:
-    from doppel.synthetic import write_large_export
+    from doppel.readers.synthetic import write_large_export
 
     with tempfile.TemporaryDirectory() as tmp:
         export = (keep or Path(tmp)) / "result.json"
@@ -111,11 +111,14 @@ def _device() -> str:
 
 def subset(dataset: Path, out: Path, tokenizer: Any, target_tokens: int, max_length: int) -> int:
     """Write a dataset of the first training sessions holding `target_tokens` target tokens."""
+    from dataclasses import replace
+
     from doppel import dataset as ds
     from doppel.render import IGNORE, encode
 
+    source = ds.Dataset.open(dataset)
     total, lines = 0, []
-    for session in ds.load_sessions(dataset, "train"):
+    for session in source.sessions("train"):
         total += sum(label != IGNORE for _, labels in encode(session, tokenizer, max_length) for label in labels)
         lines.append(ds.jsonl_line(session.to_json()))
         if total >= target_tokens:
@@ -123,8 +126,7 @@ def subset(dataset: Path, out: Path, tokenizer: Any, target_tokens: int, max_len
     out.mkdir(parents=True)
     (out / ds.TRAIN_FILE).write_text("".join(lines), encoding="utf-8")
     (out / ds.EVAL_FILE).write_text("", encoding="utf-8")
-    stats = json.loads((dataset / ds.STATS_FILE).read_text(encoding="utf-8"))
-    ds.write_stats({**stats, "sessions": {"train": len(lines), "eval": 0}}, out)
+    replace(source.stats, train_sessions=len(lines), eval_sessions=0).write(out)
     return total
 
 
@@ -136,7 +138,7 @@ def matmul_params(model_name: str | None) -> int:
     from doppel import models
 
     if model_name is None or model_name.startswith(models.RANDOM):
-        folder = models.embedded_dir() if model_name is None else models._random_dir(model_name)
+        folder = models.embedded_dir() if model_name is None else models.random_dir(model_name)
         kwargs = {"gguf_file": models.EMBEDDED_FILE} if model_name is None else {}
         config = AutoConfig.from_pretrained(str(folder), **kwargs)
     else:
@@ -162,8 +164,10 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
                 precision: str = "auto") -> dict[str, Any]:
     import torch
 
-    from doppel import metrics, models
-    from doppel.train import TrainConfig, train
+    from doppel import models
+    from doppel.config import TrainConfig
+    from doppel.run import Run
+    from doppel.training.train import train
 
     cuda = torch.cuda.is_available()
     tokenizer = models.load_tokenizer(model)
@@ -185,13 +189,13 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
             else:
                 _reset_peak_rss()
             info = train(Path(tmp) / "data", Path(tmp) / name, cfg, save=False)
-            rows = [r for r in metrics.read(Path(tmp) / name / metrics.METRICS_FILE) if "loss" in r]
+            rows = [r for r in Run(Path(tmp) / name).metrics() if "loss" in r]
             figures = _measure(rows)
             figures["batch"] = f"{cfg.batch_size} row{'s' if cfg.batch_size != 1 else ''}, " + \
                 ("packed to" if cfg.packing else "padded, up to") + f" {max_length} tokens"
             figures["peak_memory_gb"] = round((torch.cuda.max_memory_allocated() if cuda else _peak_rss()) / 2**30, 2)
             figures["liger"] = cfg.liger
-            figures["attention"], figures["precision"] = info["attention"], info["precision"]
+            figures["attention"], figures["precision"] = info.attention, info.precision
             result[name] = figures
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None) if cuda else None
     if peak:
@@ -213,12 +217,13 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
     import torch
     from transformers import TextIteratorStreamer
 
-    from doppel.chat import Conversation, Sampling
-    from doppel.models import base_name, load_run
-    from doppel.sessions import Turn
+    from doppel.config import Sampling
+    from doppel.records import Turn
+    from doppel.run import open_model
+    from doppel.serving.chat import Conversation
 
-    model, tokenizer, info = load_run(run)
-    model.eval()
+    loaded = open_model(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     conversation = Conversation(model, tokenizer, "Me", "Friend", Sampling(temperature=0, max_new_tokens=tokens))
     conversation.history.append(Turn("Friend", "", ("hey", "what's up?"), False))
     ids = torch.tensor([conversation.prompt_ids()], device=model.device)
@@ -237,7 +242,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
         end = time.perf_counter()
         firsts.append((first or end) - start)
         rates.append((tokens - 1) / (end - (first or start)))
-    return {"device": _device(), "model": base_name(info.get("base")) if run is not None else info["model"],
+    return {"device": _device(), "model": loaded.name,
             "prompt_tokens": int(ids.shape[1]), "new_tokens": tokens,
             "time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
             "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1), "repeats": repeats}

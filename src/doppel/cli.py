@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from doppel import __version__, config
-from doppel.config import ConfigError, PrepareConfig, ServeConfig
-from doppel.train import TrainConfig
+from doppel.config import EvalConfig, PrepareConfig, Sampling, ServeConfig, TrainConfig
+from doppel.errors import DoppelError
 
 
 class Failure(click.ClickException):
@@ -32,15 +32,9 @@ class Failure(click.ClickException):
 @contextmanager
 def failures() -> Iterator[None]:
     """Turn the library's expected errors into `Failure`."""
-    from doppel.chat import ChatError
-    from doppel.evaluate import EvalError
-    from doppel.models import ModelError
-    from doppel.telegram import ExportError
-    from doppel.train import TrainError
-
     try:
         yield
-    except (ExportError, ConfigError, ModelError, TrainError, ChatError, EvalError) as exc:
+    except DoppelError as exc:
         raise Failure(str(exc)) from None
     except OSError as exc:
         raise Failure(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
@@ -108,13 +102,13 @@ def prepare(export: Path, out: Path, config_file: Path | None, show: int, **flag
     Example:
         doppel prepare ~/Downloads/Telegram\\ Desktop/DataExport_2026-01-01/result.json -o data
     """
-    from doppel import dataset
+    from doppel.preparing.pipeline import prepare as build
 
     with failures():
         cfg = config.load(PrepareConfig, config_file, config.given(PrepareConfig, flags))
         with progress_bar("reading export") as bar:
-            stats = dataset.prepare(export, out, cfg, progress=bar)
-    for line in dataset.summary(stats):
+            stats = build(export, out, cfg, progress=bar)
+    for line in stats.summary():
         click.echo(line)
     click.echo(f"wrote {out}")
     if show:
@@ -134,14 +128,10 @@ def inspect(dataset_dir: Path, count: int, split: str) -> None:
     Example:
         doppel inspect data -n 5
     """
-    from doppel import dataset
+    from doppel.dataset import Dataset
 
     with failures():
-        stats = json.loads((dataset_dir / dataset.STATS_FILE).read_text(encoding="utf-8")) \
-            if (dataset_dir / dataset.STATS_FILE).is_file() else None
-        if stats is None:
-            raise Failure(f"{dataset_dir} is not a doppel dataset (no stats.json); run doppel prepare")
-        for line in dataset.summary(stats):
+        for line in Dataset.open(dataset_dir).stats.summary():
             click.echo(line)
         _show(dataset_dir, count, split)
 
@@ -158,20 +148,24 @@ def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) 
 
     With no --model it trains the embedded SmolLM2-135M-Instruct, on CPU if there is no GPU.
     The same command runs on many GPUs under `accelerate launch --config_file configs/fsdp.yaml`.
-    With --resume the saved config.yaml of the run is the starting point, then --config, then flags.
+    With --resume the saved config.yaml of the run is the starting point, then --config, then flags: an
+    unfinished run goes on from its last checkpoint, and a finished one trains on to a larger --max-steps or
+    --epochs.
 
     \b
     Examples:
         doppel train data -o runs/me --max-steps 60
+        doppel train data -o runs/me --resume --max-steps 120
         doppel train data -o runs/me7b --config configs/lora-7b.yaml
         accelerate launch --config_file configs/fsdp.yaml -m doppel train data -o runs/full \\
             --config configs/full-fsdp.yaml
     """
-    from doppel import train as training
+    from doppel.run import CONFIG_FILE
+    from doppel.training import train as training
 
     with failures():
         given = config.given(TrainConfig, flags)
-        saved = out / "config.yaml"
+        saved = out / CONFIG_FILE
         resuming = given.get("resume") and saved.is_file()
         cfg = config.load(TrainConfig, config_file, given, base=saved if resuming else None)
         try:
@@ -182,8 +176,8 @@ def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) 
             raise Failure(f"interrupted; continue with: doppel train {dataset_dir} -o {out} --resume") from None
     if int(os.environ.get("RANK", "0")):
         return  # under accelerate launch, one process reports
-    click.echo(f"trained {info['steps']} steps ({info['epochs']:g} epochs), final train loss "
-               f"{info['train_loss']:.4f}" + (f", eval loss {info['eval_loss']:.4f}" if info["eval_loss"] else ""))
+    click.echo(f"trained {info.steps} steps ({info.epochs:g} epochs), final train loss {info.train_loss:.4f}"
+               + (f", eval loss {info.eval_loss:.4f}" if info.eval_loss else ""))
     click.echo(f"wrote {out}")
 
 
@@ -197,10 +191,13 @@ def merge(run: Path, out: Path) -> None:
     Example:
         doppel merge runs/me -o models/me
     """
-    from doppel import models
+    from doppel.run import Run
 
     with failures():
-        models.merge(run, out)
+        found = Run.open(run)
+        if not found.finished:
+            raise Failure(f"{run} is not a finished doppel run (no run.json)")
+        found.merge(out)
     click.echo(f"wrote {out}")
 
 
@@ -209,14 +206,10 @@ def merge(run: Path, out: Path) -> None:
 @click.option("--persona", help="who the model plays (default: you, the export's owner)")
 @click.option("--as", "as_", metavar="NAME", help="who you are (default: the most active other speaker)")
 @click.option("--list", "list_", is_flag=True, help="list the run's speakers and exit")
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
-@click.option("--top-p", type=float, default=0.9, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.1, show_default=True)
-@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="per reply")
 @click.option("--max-context", type=int, help="tokens of history kept (default: the model's context)")
-@click.option("--seed", type=int, help="make sampling repeatable")
-def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, temperature: float, top_p: float,
-         repetition_penalty: float, max_new_tokens: int, max_context: int | None, seed: int | None) -> None:
+@config.click_options(Sampling)
+def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, max_context: int | None,
+         **flags: Any) -> None:
     """Chat with a persona of a trained run (or, with no RUN, the untuned embedded model).
 
     Type one message per line; an empty line sends your turn. The persona answers with one or more
@@ -228,22 +221,23 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
         doppel chat runs/me --persona "Lena Volkova" --as "Max Orlov"
         printf 'hey\\nwhat'"'"'s up?\\n' | doppel chat runs/me --as "Max Orlov"
     """
-    from doppel import chat as chatting
+    from doppel.errors import ContextTooLong
+    from doppel.run import Run, open_model
+    from doppel.serving import chat as chatting
 
     with failures():
-        known = chatting.speakers(run)
+        found = Run(run) if run is not None else None
+        known = found.speakers if found else []
         if list_:
             click.echo("\n".join(known) if known else "this model has no speaker list: any name works")
             return
         _check_exists(run)
-        me = chatting.owner(run)
-        persona = chatting.check_name(persona or me or (known[0] if known else "Me"), known, "persona")
-        others = [k for k in known if k != persona]
-        user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
-        sampling = chatting.Sampling(temperature, top_p, repetition_penalty, max_new_tokens, seed)
+        persona, user = chatting.pick_people(known, found.owner if found else None, persona, as_)
+        sampling = config.load(Sampling, None, config.given(Sampling, flags))
         if sys.stdin is None or sys.stdin.closed:
             raise Failure("standard input is closed: type in a terminal, or pipe the turns in")
-        conversation = _conversation(run, persona, user, sampling, max_context)
+        loaded = open_model(run)
+        conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context)
         interactive = sys.stdin.isatty()
         if interactive:
             click.echo(f"{persona} is listening; you are {user}. One message per line, an empty line sends; "
@@ -257,17 +251,10 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, te
                 for message in conversation.reply(turn):
                     click.echo(click.style(f"{conversation.persona}: ", fg="green", bold=True) + message
                                if interactive else f"{conversation.persona}: {message}")
-            except chatting.ContextTooLong as exc:  # that turn is left out; the chat goes on
+            except ContextTooLong as exc:  # that turn is left out; the chat goes on
                 click.echo(f"doppel: {exc}; not sent", err=True)
             if not interactive:
                 click.echo()
-
-
-def _conversation(run: Path | None, persona: str, user: str, sampling: Any, max_context: int | None) -> Any:
-    from doppel import chat as chatting
-
-    model, tokenizer = _load(run)
-    return chatting.Conversation(model, tokenizer, persona, user, sampling, max_context)
 
 
 def _check_exists(run: Path | None) -> None:
@@ -282,14 +269,6 @@ def _check_port(host: str, port: int) -> None:
         socket.create_server((host, port)).close()
     except OSError as exc:
         raise Failure(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}") from None
-
-
-def _load(run: Path | None) -> tuple[Any, Any]:
-    """The model (in eval mode) and tokenizer of a run, a model directory, or the embedded model."""
-    from doppel.models import load_run
-
-    model, tokenizer, _ = load_run(run)
-    return model.eval(), tokenizer
 
 
 def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
@@ -320,7 +299,8 @@ def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
 
 def _command(conversation: Any, line: str, known: list[str]) -> bool:
     """Apply a /command; False to quit."""
-    from doppel.chat import ChatError, check_name
+    from doppel.errors import ChatError
+    from doppel.serving.chat import check_name
 
     name, _, arg = line.partition(" ")
     try:
@@ -361,20 +341,20 @@ def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
     """
     import uvicorn
 
-    from doppel import chat as chatting
-    from doppel.server import create_app
+    from doppel.run import Run, open_model
+    from doppel.serving import chat as chatting
+    from doppel.serving.server import create_app
 
     with failures():
         cfg = config.load(ServeConfig, None, config.given(ServeConfig, flags))
         _check_exists(run)
         _check_port(cfg.host, cfg.port)  # before the model loads, so a taken port fails at once
-        known = chatting.speakers(run)
-        me = chatting.owner(run)
-        others = [k for k in known if k != me]
-        user = chatting.check_name(as_ or (others[0] if others else "Friend"), known, "speaker")
-        model, tokenizer = _load(run)
-        personas = ([me] if me in known else []) + [k for k in known if k != me]
-        app = create_app(model, tokenizer, personas, user, cfg, default_persona=me)
+        found = Run(run) if run is not None else None
+        personas = found.personas() if found else []
+        me = found.owner if found else None
+        _, user = chatting.pick_people(personas, me, None, as_)
+        loaded = open_model(run)
+        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me)
     if not cfg.loopback and cfg.api_key is None:
         click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
                     "this address can use the model", err=True, fg="red", bold=True)
@@ -386,15 +366,8 @@ def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
 
 @main.command("eval")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--dataset", "dataset_dir", type=click.Path(path_type=Path),
-              help="dataset whose eval split is used (default: the one the run was trained on)")
-@click.option("--compare", default="base", show_default=True, help="'base' or another run directory")
-@click.option("--max-sessions", type=int, default=20, show_default=True, help="held-out sessions used")
-@click.option("--max-turns", type=int, default=3, show_default=True, help="generated turns per session")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="per generated turn")
-@click.option("--seed", type=int, default=0, show_default=True)
-def eval_(run: Path, dataset_dir: Path | None, compare: str, max_sessions: int, max_turns: int,
-          max_new_tokens: int, seed: int) -> None:
+@config.click_options(EvalConfig)
+def eval_(run: Path, **flags: Any) -> None:
     """Measure how much a run sounds like each person, against its base model.
 
     Held-out loss and perplexity per speaker, style of generated turns against the real ones,
@@ -405,12 +378,10 @@ def eval_(run: Path, dataset_dir: Path | None, compare: str, max_sessions: int, 
     Example:
         doppel eval runs/me --max-sessions 50
     """
-    from doppel import evaluate, report
+    from doppel.evaluation import evaluate, report
 
     with failures():
-        if compare != "base" and not Path(compare).is_dir():
-            raise Failure(f"--compare must be 'base' or a run directory, got {compare!r}")
-        cfg = evaluate.EvalConfig(dataset_dir, compare, max_sessions, max_turns, max_new_tokens, seed=seed)
+        cfg = config.load(EvalConfig, None, config.given(EvalConfig, flags))
         with progress_bar("generating turns") as bar:
             result = evaluate.evaluate(run, cfg, progress=bar)
     for line in report.headline(result):
@@ -436,7 +407,9 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
     """
     from doppel.bench import bench_prepare as run
 
-    for key, value in run(messages, chats, keep).items():
+    with failures():
+        figures = run(messages, chats, keep)
+    for key, value in figures.items():
         click.echo(f"{key:>24}: {value}")
 
 
@@ -471,7 +444,7 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
     import torch
 
     from doppel.bench import bench_train as run
-    from doppel.train import default_rows
+    from doppel.training.plan import default_rows
 
     with failures():
         cuda = torch.cuda.is_available()
@@ -512,8 +485,8 @@ def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
 
     console = Console(highlight=False, soft_wrap=True)
     with failures():
-        for session in islice(dataset.load_sessions(dataset_dir, split), count):
-            console.rule(f"{session.id} · {session.chat['name']} · {len(session.turns)} turns")
+        for session in islice(dataset.Dataset.open(dataset_dir).sessions(split), count):  # type: ignore[arg-type]
+            console.rule(f"{session.id} · {session.chat.name} · {len(session.turns)} turns")
             out = Text()
             for piece, target in render.segments(session):
                 style = "bold green" if target else "dim"

@@ -1,4 +1,4 @@
-"""Typed, validated configs for each stage.
+"""Typed, validated configs for every stage: prepare, train, eval, chat sampling, serve.
 
 One name per knob: the dataclass field `session_gap` is the YAML key `session_gap` and the flag
 `--session-gap`. Precedence: field defaults, then `--config file.yaml`, then flags given on the
@@ -18,9 +18,7 @@ from typing import Any, Literal, TypeVar
 import click
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value or file is invalid; the message is shown to the user as is."""
+from doppel.errors import ConfigError
 
 
 def knob(default: Any, help: str, **extra: Any) -> Any:
@@ -52,6 +50,119 @@ class PrepareConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.train_on:
             raise ConfigError("train_on needs at least one value: all, me, or a name/id")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str | None = knob(None, "base model: Hugging Face id or local path (default: embedded SmolLM2-135M)")
+    mode: Literal["lora", "qlora", "full"] = knob("lora", "lora, qlora (4-bit NF4 base, bitsandbytes) or full")
+    max_length: int = knob(1024, "tokens per training row; longer sessions are split at turn boundaries")
+    packing: bool = knob(True, "pack short sessions into full rows (they never attend to each other)")
+    batch_size: int | None = knob(None, "rows per device per micro-batch (default: 8 on a GPU; 1 on CPU, where "
+                                  "micro-batches of about a thousand tokens train fastest)")
+    gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
+    epochs: float = knob(3.0, "passes over the training sessions")
+    max_steps: int | None = knob(None, "stop after this many optimizer steps (overrides epochs)")
+    learning_rate: float | None = knob(None, "peak learning rate (default: 2e-4 lora/qlora, 2e-5 full)")
+    warmup: float = knob(0.03, "share of the steps spent warming up the learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = knob("cosine", "learning-rate schedule")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    lora_r: int = knob(16, "LoRA rank")
+    lora_alpha: int = knob(32, "LoRA scaling numerator (alpha / r scales the update)")
+    lora_dropout: float = knob(0.05, "dropout on the LoRA input")
+    gradient_checkpointing: Literal["auto", "on", "off"] = knob(
+        "auto", "recompute activations to save memory (auto: on for models over 1B parameters on GPU)")
+    precision: Literal["auto", "bf16", "fp32"] = knob(
+        "auto", "auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or "
+        "AMX), else fp32")
+    attention: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = knob(
+        "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa on CUDA, varlen on "
+        "CPU; varlen: each packed session's attention alone, see doppel/attention.py)")
+    liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE; CUDA, liger-kernel installed)")
+    optim: Literal["auto", "adamw", "adamw_8bit"] = knob(
+        "auto", "optimizer (auto: fused AdamW on GPU; adamw_8bit halves a full fine-tune's optimizer memory)")
+    save_steps: int = knob(200, "save a checkpoint every this many steps")
+    save_total_limit: int = knob(2, "keep only this many recent checkpoints")
+    eval_steps: int | None = knob(None, "held-out loss every this many steps (default: save_steps)")
+    logging_steps: int = knob(10, "log loss and tokens/s every this many steps")
+    seed: int = knob(42, "random seed (data order, LoRA init)")
+    resume: bool = knob(False, "continue the run in the output directory from its last checkpoint")
+    report_to: tuple[str, ...] = knob((), "also log to: tensorboard, trackio, wandb (repeatable)")
+
+    def __post_init__(self) -> None:
+        positive = ("max_length", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha",
+                    "save_steps", "logging_steps", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length < 32:
+            raise ConfigError(f"max_length must be at least 32 tokens, got {self.max_length}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
+            raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("warmup and lora_dropout must be in [0, 1)")
+        unknown = set(self.report_to) - {"tensorboard", "trackio", "wandb"}
+        if unknown:
+            raise ConfigError(f"report_to: unknown {sorted(unknown)[0]!r}; use tensorboard, trackio or wandb")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or (2e-5 if self.mode == "full" else 2e-4)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: Path | None = knob(None, "dataset whose eval split is used (default: the one the run trained on)")
+    compare: str = knob("base", "'base' or another run directory to compare with")
+    max_sessions: int = knob(20, "held-out sessions used (each chat's newest come first in the split)")
+    max_turns: int = knob(3, "generated turns per session")
+    max_new_tokens: int = knob(48, "tokens per generated turn")
+    probe_turns: int = knob(3, "generated turns per probe conversation")
+    top_contacts: int = knob(2, "contacts the probes talk with, most active first")
+    seed: int = knob(0, "random seed of generation")
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_turns", "max_new_tokens", "probe_turns"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_contacts < 0:
+            raise ConfigError(f"top_contacts must be at least 0, got {self.top_contacts}")
+        if self.compare != "base" and not Path(self.compare).is_dir():
+            raise ConfigError(f"compare must be 'base' or a run directory, got {self.compare!r}")
+
+
+GREEDY_BELOW = 0.01  # at 0.01 a logit gap of 0.1 is already e^10 odds; far below, logits / t overflow to inf
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = knob(0.8, "0 (or under 0.01) is greedy")
+    top_p: float = knob(0.9, "nucleus sampling: the smallest set of tokens with this much probability")
+    repetition_penalty: float = knob(1.1, "above 1 makes repeating a token less likely")
+    max_new_tokens: int = knob(200, "tokens per reply at most")
+    seed: int | None = knob(None, "make sampling repeatable")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.temperature <= 100:  # also refuses nan
+            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:  # also refuses nan
+            raise ConfigError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.repetition_penalty > 100:  # far above, logits * penalty overflow to inf
+            raise ConfigError(f"repetition_penalty must be at most 100, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise ConfigError(f"seed must fit in 64 bits, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -163,7 +274,11 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             args = typing.get_args(kind)
-            extra: dict[str, Any] = {"default": None, "help": f.metadata.get("help"),
+            # the flag's own default is None ("not given"), so that a YAML file's value is not overridden;
+            # the field's default is shown in the help
+            default = f.default if f.default is not dataclasses.MISSING else None
+            shown = f" [default: {default}]" if default not in (None, False) else ""
+            extra: dict[str, Any] = {"default": None, "help": f"{f.metadata.get('help')}{shown}",
                                      "envvar": f.metadata.get("envvar")}
             if kind is bool:
                 decl = [f"{flag}/--no-{flag[2:]}", f.name]

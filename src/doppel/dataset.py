@@ -1,217 +1,135 @@
-"""`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
+"""A dataset directory: its files, its typed stats, and its sessions. `preparing/` writes it; training,
+evaluation and chat read it through `Dataset.open`.
 
-The dataset is built in a temporary sibling directory and swapped into place only when complete,
-so a failed run never leaves a half-written dataset and never damages an existing one. An existing
-directory is replaced only when it holds nothing but a dataset's files (see `_check_target`).
+    DIR/sessions.train.jsonl   one session per line (records.Session)
+    DIR/sessions.eval.jsonl
+    DIR/stats.json             owner, chats, sessions, speakers, dropped messages
+    DIR/config.yaml            the resolved prepare options
+    DIR/.doppel-dataset        marks a directory that doppel wrote
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from doppel import config, privacy, sessions
-from doppel.config import PrepareConfig
-from doppel.sessions import Census, Session
-from doppel.telegram import ExportError, Header, UnusualLayout, export_file, iter_export, read_header
+from doppel.errors import DatasetError
+from doppel.records import Session
 
-TRAIN_FILE, EVAL_FILE, STATS_FILE = "sessions.train.jsonl", "sessions.eval.jsonl", "stats.json"
+TRAIN_FILE, EVAL_FILE, STATS_FILE, CONFIG_FILE = "sessions.train.jsonl", "sessions.eval.jsonl", "stats.json", \
+    "config.yaml"
 MARKER_FILE, MARKER = ".doppel-dataset", "doppel-dataset/1\n"  # written into every dataset, by doppel only
-DATASET_FILES = frozenset({TRAIN_FILE, EVAL_FILE, STATS_FILE, "config.yaml", MARKER_FILE})
+DATASET_FILES = frozenset({TRAIN_FILE, EVAL_FILE, STATS_FILE, CONFIG_FILE, MARKER_FILE})
+Split = Literal["train", "eval"]
 
 
-def prepare(export: Path, out: Path, cfg: PrepareConfig,
-            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Build the dataset in `out` and return its stats. Raises `ExportError` on bad input."""
-    export = export_file(export)
-    header = read_header(export)
-    _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        census = _collect(export, header, cfg, work / "spool.jsonl", progress)
-        stats = _write(census, header, cfg, work)
-        (work / "spool.jsonl").unlink()
-        write_stats(stats, work)
-        config.dump(cfg, work / "config.yaml")
-        (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
-        _swap(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return stats
+@dataclass(frozen=True)
+class Speaker:
+    id: str
+    name: str
+    messages: int
+    turns: int
 
 
-def _check_target(out: Path) -> None:
-    """Allow `out` to be missing, empty or a dataset; anything else is an `ExportError`.
+@dataclass(frozen=True)
+class DatasetStats:
+    """What stats.json says: who is who, and how much of the export went where."""
 
-    A dataset holds doppel's files only, among them the marker or, from versions that wrote no
-    marker, stats.json.
-    """
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    if not out.is_dir():
-        return
-    entries = sorted(out.iterdir())
-    stray = next((p.name for p in entries if p.name not in DATASET_FILES or not p.is_file()), None)
-    if stray is not None:
-        raise ExportError(f"{out} is not a doppel dataset ({stray} is not one of its files); "
-                          "refusing to replace it")
-    if entries and not {p.name for p in entries} & {MARKER_FILE, STATS_FILE}:
-        raise ExportError(f"{out} is not a doppel dataset (no {STATS_FILE}); refusing to replace it")
+    owner_id: str | None
+    owner_name: str | None
+    chats: int
+    train_sessions: int
+    eval_sessions: int
+    turns_per_session: float
+    messages_per_session: float
+    messages: int
+    speakers: tuple[Speaker, ...]  # most active first
+    dropped: dict[str, int] = field(default_factory=dict)  # messages left out, by reason
+    excluded_chats: dict[str, int] = field(default_factory=dict)  # chats left out, by reason
+    warnings: tuple[str, ...] = ()
 
+    @property
+    def speaker_names(self) -> list[str]:
+        return [s.name for s in self.speakers]
 
-def _swap(work: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        _check_target(out)  # again: reading a large export takes minutes
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        # by name: a file that appeared since the check stays, in the renamed directory
-        for name in DATASET_FILES:
-            (old / name).unlink(missing_ok=True)
-        old.rmdir()
+    def to_json(self) -> dict[str, Any]:
+        return {"owner": {"id": self.owner_id, "name": self.owner_name}, "chats": self.chats,
+                "sessions": {"train": self.train_sessions, "eval": self.eval_sessions},
+                "turns_per_session": self.turns_per_session, "messages_per_session": self.messages_per_session,
+                "messages": self.messages,
+                "speakers": [{"id": s.id, "name": s.name, "messages": s.messages, "turns": s.turns}
+                             for s in self.speakers],
+                "dropped": self.dropped, "excluded_chats": self.excluded_chats, "warnings": list(self.warnings)}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetStats:
+        owner = data.get("owner") or {}
+        return cls(owner.get("id"), owner.get("name"), data["chats"], data["sessions"]["train"],
+                   data["sessions"]["eval"], data["turns_per_session"], data["messages_per_session"],
+                   data["messages"], tuple(Speaker(**s) for s in data["speakers"]), dict(data.get("dropped", {})),
+                   dict(data.get("excluded_chats", {})), tuple(data.get("warnings", ())))
 
-def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
-             progress: Callable[[int, int], None] | None) -> Census:
-    size = export.stat().st_size
-    for general in (False, True):
-        with spool.open("w", encoding="utf-8") as handle:
-            try:
-                items = iter_export(export, general=general,
-                                    on_read=(lambda n: progress(n, size)) if progress else None)
-                return sessions.collect(items, cfg, handle)
-            except UnusualLayout:
-                continue  # the general reader starts over from the first byte
-    raise AssertionError("unreachable: the general reader does not raise UnusualLayout")
+    @classmethod
+    def read(cls, path: Path) -> DatasetStats:
+        """From a stats.json (or a run's copy of it); `DatasetError` if it is not one."""
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{path} is not a doppel dataset's stats ({type(exc).__name__}: {exc})") from None
 
+    def write(self, folder: Path) -> None:
+        (folder / STATS_FILE).write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=1) + "\n",
+                                         encoding="utf-8")
 
-def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> dict[str, Any]:
-    unmatched = [v for v in cfg.chat if v not in census.matched]
-    if unmatched:
-        raise ExportError(f"--chat {unmatched[0]!r} matched no chat in the export")
-    owner = sessions.resolve_owner(header, census, cfg)
-    if owner == header.owner_id and owner in census.names and census.names[owner] is None:
-        census.names[owner] = header.owner_name  # their messages have "from": null
-    activity = sum(census.senders, Counter())
-    labels = sessions.unique_labels(census.names, activity)
-    trained = sessions.trained_ids(cfg, owner, labels)
-    rename: Callable[[str], str] = lambda text: text  # noqa: E731
-    if cfg.pseudonymize:
-        alias = privacy.aliases(sid for sid, _ in activity.most_common())
-        rename = privacy.name_replacer({n: alias[s] for s, n in census.names.items() if n})
-        labels = {sid: alias.get(sid, label) for sid, label in labels.items()}
-    spool = work / "spool.jsonl"
-
-    def kept() -> Iterator[Session]:
-        with spool.open(encoding="utf-8") as handle:
-            yield from sessions.sessions(handle, census, labels, trained, rename)
-
-    # with every turn trained, every spooled session (two turns or more) satisfies the context rule
-    per_chat = census.spooled if trained is None else Counter(s.chat["id"] for s in kept())
-    per_chat = +per_chat
-    if not per_chat:
-        raise ExportError("no usable conversations in the export: no session with a reply "
-                          "(check the chat selection, --include-groups or --train-on)")
-    to_eval = sessions.eval_counts(per_chat, cfg.eval_fraction)
-    seen: Counter[int] = Counter()
-    counts = Counter[str]()
-    speakers: dict[str, Counter[str]] = {}
-    n_turns = n_messages = 0
-    with (work / TRAIN_FILE).open("w", encoding="utf-8") as train, \
-            (work / EVAL_FILE).open("w", encoding="utf-8") as held_out:
-        for session in kept():
-            chat = session.chat["id"]
-            seen[chat] += 1
-            split = "eval" if seen[chat] > per_chat[chat] - to_eval[chat] else "train"
-            counts[split] += 1
-            (held_out if split == "eval" else train).write(jsonl_line(session.to_json()))
-            for turn in session.turns:
-                person = speakers.setdefault(turn.speaker_id, Counter())
-                person["messages"] += len(turn.messages)
-                person["turns"] += 1
-                n_messages += len(turn.messages)
-            n_turns += len(session.turns)
-    total = counts["train"] + counts["eval"]
-    owner_name = labels.get(owner) if owner else None
-    stats = _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat),
-                   n_turns / total, n_messages)
-    stats["warnings"] = _warnings(census, owner)
-    return stats
+    def summary(self, top: int = 5) -> list[str]:
+        """Human summary lines."""
+        total = self.train_sessions + self.eval_sessions
+        lines = [f"{total:,} sessions from {self.chats:,} chats, "
+                 f"{self.messages_per_session:.2f} messages per session on average "
+                 f"({self.train_sessions:,} train, {self.eval_sessions:,} eval)"]
+        lines.append(f"you: {self.owner_name} ({self.owner_id})" if self.owner_id else "you: unknown (--me)")
+        people = ", ".join(f"{s.name} {s.messages:,}" for s in self.speakers[:top])
+        lines.append(f"top speakers (messages): {people}")
+        if self.dropped:
+            lines.append("messages dropped: " + ", ".join(f"{k} {v:,}" for k, v in self.dropped.items()))
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        if self.excluded_chats:
+            lines.append("chats not used: " + ", ".join(f"{k} {v:,}" for k, v in self.excluded_chats.items()))
+        return lines
 
 
-def _warnings(census: Census, owner: str | None) -> list[str]:
-    """Groups whose kept messages are all the owner's: the export held only their own messages."""
-    return [f"group {chat.name or chat.id!s} holds only your own messages (a full export keeps only "
-            "yours by default); export it on its own with 'Export chat history' to use it"
-            for chat, senders in zip(census.chats, census.senders, strict=True)
-            if chat.type in sessions.GROUP_TYPES and senders and set(senders) == {owner}]
+@dataclass(frozen=True)
+class Dataset:
+    """A prepared dataset directory."""
 
+    path: Path
+    stats: DatasetStats
 
-def _stats(census: Census, owner: str | None, owner_name: str | None, labels: dict[str, str],
-           speakers: dict[str, Counter[str]], counts: Counter[str], chats: int,
-           turns_per_session: float, messages: int) -> dict[str, Any]:
-    ranked = sorted(speakers.items(), key=lambda kv: (-kv[1]["messages"], kv[0]))
-    total = counts["train"] + counts["eval"]
-    return {
-        "owner": {"id": owner, "name": owner_name},
-        "chats": chats,
-        "sessions": {"train": counts["train"], "eval": counts["eval"]},
-        "turns_per_session": round(turns_per_session, 4),
-        "messages_per_session": round(messages / total, 4),
-        "messages": messages,
-        "speakers": [{"id": sid, "name": labels[sid], "messages": c["messages"], "turns": c["turns"]}
-                     for sid, c in ranked],
-        "dropped": dict(census.dropped.most_common()),
-        "excluded_chats": dict(census.excluded_chats.most_common()),
-    }
+    @classmethod
+    def open(cls, path: str | Path) -> Dataset:
+        """The dataset in `path`; `DatasetError` when there is none."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: no such dataset directory" if not folder.exists() else
+                               f"{folder} is not a directory; give a dataset directory (doppel prepare -o DIR)")
+        if not (folder / STATS_FILE).is_file() or not (folder / TRAIN_FILE).is_file():
+            raise DatasetError(f"{folder} is not a doppel dataset (no {STATS_FILE}); run doppel prepare")
+        return cls(folder, DatasetStats.read(folder / STATS_FILE))
+
+    def sessions(self, split: Split = "train") -> Iterator[Session]:
+        """The sessions of one split, in file order (each chat's newest last)."""
+        path = self.path / (TRAIN_FILE if split == "train" else EVAL_FILE)
+        if not path.is_file():
+            raise DatasetError(f"{self.path} is not a doppel dataset (no {path.name}); run doppel prepare")
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                yield Session.from_json(json.loads(line))
 
 
 def jsonl_line(obj: Any) -> str:
     """One JSON line; U+2028/U+2029 escaped so that no line-splitting reader breaks it apart."""
     text = json.dumps(obj, ensure_ascii=False)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
-
-
-def write_stats(stats: dict[str, Any], out: Path) -> None:
-    (out / STATS_FILE).write_text(json.dumps(stats, ensure_ascii=False, indent=1) + "\n",
-                                  encoding="utf-8")
-
-
-def load_sessions(dataset: Path, split: str = "train") -> Iterator[Session]:
-    """Read one split of a dataset directory."""
-    path = dataset / (TRAIN_FILE if split == "train" else EVAL_FILE)
-    if not path.is_file():
-        raise ExportError(f"{dataset} is not a doppel dataset (no {path.name}); run doppel prepare")
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            yield Session.from_json(json.loads(line))
-
-
-def summary(stats: dict[str, Any], top: int = 5) -> list[str]:
-    """Human summary lines of a dataset's stats."""
-    total = stats["sessions"]["train"] + stats["sessions"]["eval"]
-    lines = [f"{total:,} sessions from {stats['chats']:,} chats, "
-             f"{stats['messages_per_session']:.2f} messages per session on average "
-             f"({stats['sessions']['train']:,} train, {stats['sessions']['eval']:,} eval)"]
-    owner = stats["owner"]
-    lines.append(f"you: {owner['name']} ({owner['id']})" if owner["id"] else "you: unknown (--me)")
-    people = ", ".join(f"{s['name']} {s['messages']:,}" for s in stats["speakers"][:top])
-    lines.append(f"top speakers (messages): {people}")
-    if stats["dropped"]:
-        lines.append("messages dropped: "
-                     + ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()))
-    lines.extend(f"warning: {w}" for w in stats.get("warnings", []))
-    if stats.get("excluded_chats"):
-        lines.append("chats not used: "
-                     + ", ".join(f"{k} {v:,}" for k, v in stats["excluded_chats"].items()))
-    return lines

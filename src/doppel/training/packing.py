@@ -13,19 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doppel.dataset import Dataset as DoppelDataset
+from doppel.dataset import Split
 from doppel.render import IGNORE
 
 
-def tokenized(dataset_dir: Path, split: str, tokenizer: Any, max_length: int) -> Any:
+def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: int) -> Any:
     """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session."""
     from datasets import Dataset
 
-    from doppel.dataset import load_sessions
     from doppel.render import encode
 
     ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for session in load_sessions(dataset_dir, split):
+    for session in dataset.sessions(split):
         for sample_ids, sample_labels in encode(session, tokenizer, max_length):
             ids.append(sample_ids)
             labels.append(sample_labels)

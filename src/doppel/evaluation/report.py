@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from doppel import style
+from doppel.evaluation import style
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50)), 4)
 
 
 def build(run: Path, dataset: Path, cfg: Any, owner: str, real: dict[str, list[tuple[str, ...]]],
           results: dict[str, Any]) -> dict[str, Any]:
     """report.json's content: per speaker real / base / tuned, and an overall summary."""
-    from doppel.evaluate import perplexity
-
     speakers = []
     names = sorted(set(results["tuned"]["losses"]) | set(real),
                    key=lambda n: (n != owner, -results["tuned"]["losses"].get(n, (0, 0))[1], n))
@@ -59,7 +62,7 @@ def headline(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write(folder: Path, result: dict[str, Any], metrics: Path) -> None:
+def write(folder: Path, result: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     (folder / "report.md").write_text(markdown(result), encoding="utf-8")
@@ -104,13 +107,11 @@ def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def plots(folder: Path, result: dict[str, Any], metrics: Path) -> None:
+def plots(folder: Path, result: dict[str, Any], metrics: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from doppel.metrics import read
 
     speakers = [s for s in result["speakers"] if s["tuned"]["loss"] is not None]
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(speakers)), 3.5))
@@ -138,7 +139,7 @@ def plots(folder: Path, result: dict[str, Any], metrics: Path) -> None:
     fig.savefig(folder / "style.png", dpi=100)
     plt.close(fig)
 
-    rows = read(metrics)
+    rows = metrics
     fig, ax = plt.subplots(figsize=(5, 3.2))
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from doppel.chat import ChatError, ContextTooLong, Conversation, Sampling
-from doppel.config import LOOPBACK, ServeConfig
-from doppel.sessions import Turn
+from doppel.config import LOOPBACK, Sampling, ServeConfig
+from doppel.errors import ChatError, ContextTooLong, DoppelError
+from doppel.records import Turn
+from doppel.serving.chat import Conversation, Reply
 
 PAGE = Path(__file__).with_name("page.html")
 DEFAULTS = Sampling()
@@ -174,25 +175,26 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         except ContextTooLong as exc:
             raise ApiError(400, f"This request does not fit the model's context: {exc}", "messages",
                            "context_length_exceeded") from None
-        except ChatError as exc:
+        except DoppelError as exc:  # a sampling setting out of range
             raise ApiError(400, str(exc)) from None
         return chat
 
-    def replies(chat: Conversation, stops: list[str], cancel: threading.Event) -> Iterator[str]:
+    def replies(reply: Reply, stops: list[str], cancel: threading.Event) -> Iterator[str]:
         """The persona's messages, cut at the first stop string, once the model is free."""
         while not lock.acquire(timeout=0.05):
             if cancel.is_set():
                 return  # the client left while waiting its turn
         try:
-            for message in chat.answer(cancel):
+            for message in reply:
                 cut = min((message.find(s) for s in stops if s in message), default=-1)
                 if cut >= 0:
-                    chat.finish_reason = "stop"
+                    reply.finish_reason = "stop"
                     if message[:cut].strip():
                         yield message[:cut].rstrip()
                     return
                 yield message
         finally:
+            reply.close()
             lock.release()
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -201,10 +203,11 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         chat = await asyncio.to_thread(conversation, body)  # tokenizing a long history is work too
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         cancel = threading.Event()
+        reply = chat.answer(cancel)
         if body.stream:
-            return StreamingResponse(_events(replies(chat, stops, cancel), cancel, lambda: chat.finish_reason,
-                                             ident, created, body.model), media_type="text/event-stream")
-        work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(chat, stops, cancel))))
+            return StreamingResponse(_events(replies(reply, stops, cancel), cancel, lambda: reply.finish_reason or
+                                             "length", ident, created, body.model), media_type="text/event-stream")
+        work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(reply, stops, cancel))))
         try:
             while not work.done():
                 await asyncio.wait({work}, timeout=0.25)
@@ -215,12 +218,11 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             raise ApiError(500, str(exc), kind="server_error") from None
         finally:
             cancel.set()
-        prompt, completion = chat.usage
         return {"id": ident, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "finish_reason": chat.finish_reason, "logprobs": None,
+                "choices": [{"index": 0, "finish_reason": reply.finish_reason or "length", "logprobs": None,
                              "message": {"role": "assistant", "content": "\n".join(said)}}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}}
+                "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
 
     return app
 

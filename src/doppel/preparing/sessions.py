@@ -1,8 +1,9 @@
 """Chat selection, filtering, owner and speaker resolution, time-gap sessions, and the eval split.
 
 Two passes keep memory independent of the export's size: `collect` streams the export once and
-spools candidate sessions (ids only) to disk while counting people; `finalize` resolves the owner
-and unique speaker labels, applies the minimum-context rule and splits train/eval per chat.
+spools candidate sessions (ids only) to disk while counting people; then `resolve_owner`,
+`unique_labels` and `trained_ids` settle who is who, `sessions` applies the minimum-context rule to the
+spool, and `eval_counts` splits train/eval per chat (preparing/pipeline.py runs them in that order).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from doppel import privacy
 from doppel.config import PrepareConfig
-from doppel.telegram import Chat, ExportError, Header, Message
+from doppel.errors import ExportError
+from doppel.preparing import privacy
+from doppel.readers.telegram import Chat, Header, Message
+from doppel.records import ChatRef, Session, Turn
 
 SERVICE_CHAT = 777000  # "Telegram" notifications: login codes
 GROUP_TYPES = frozenset({"private_group", "private_supergroup", "public_supergroup"})
@@ -27,34 +30,6 @@ _EXCLUSION = {
     "verification_codes": "verification codes", "private_channel": "channel",
     "public_channel": "channel",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    speaker: str
-    speaker_id: str
-    messages: tuple[str, ...]
-    train: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    id: str
-    chat: dict[str, Any]  # {"id", "name", "type"}
-    start: int
-    end: int
-    turns: tuple[Turn, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "chat": self.chat, "start": self.start, "end": self.end,
-                "turns": [{"speaker": t.speaker, "speaker_id": t.speaker_id,
-                           "messages": list(t.messages), "train": t.train} for t in self.turns]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Session:
-        turns = tuple(Turn(t["speaker"], t["speaker_id"], tuple(t["messages"]), bool(t["train"]))
-                      for t in data["turns"])
-        return cls(data["id"], data["chat"], data["start"], data["end"], turns)
 
 
 @dataclass
@@ -285,8 +260,7 @@ def sessions(spool: Iterable[str], census: Census, labels: dict[str, str],
             continue  # a reply needs context: some trained turn must follow another turn
         chat = census.chats[chat_index]
         name = chat.name if chat.type != "personal_chat" else labels.get(f"user{chat.id}", chat.name)
-        yield Session(f"{chat.id}:{first_id}", {"id": chat.id, "name": rename(name or ""),
-                                                "type": chat.type}, start, end, turns)
+        yield Session(f"{chat.id}:{first_id}", ChatRef(chat.id, rename(name or ""), chat.type), start, end, turns)
 
 
 def eval_counts(per_chat: Counter[int], fraction: float) -> dict[int, int]:

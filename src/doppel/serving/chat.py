@@ -8,73 +8,24 @@ always writes the header, so the model only ever speaks as the persona, and gene
 from __future__ import annotations
 
 import difflib
-import json
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from doppel.config import Sampling
+from doppel.errors import ChatError, ContextTooLong, GenerationFailed
+from doppel.records import Turn
 from doppel.render import IM_END, IM_START, PREFIX, header, header_name, segment_ids, turn_ids, turn_segments
-from doppel.sessions import Turn
 
 
-class ChatError(Exception):
-    """A persona or setting the model cannot use; shown to the user as is."""
-
-
-class ContextTooLong(ChatError):
-    """The newest turn alone does not fit the context with room for the reply."""
-
-
-class GenerationFailed(ChatError):
-    """The model raised while generating; the conversation is as it was before the turn."""
-
-
-GREEDY_BELOW = 0.01  # at 0.01 a logit gap of 0.1 is already e^10 odds; far below, logits / t overflow to inf
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.8  # 0 (or under GREEDY_BELOW): greedy
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 200
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature <= 100:  # also refuses nan
-            raise ChatError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:  # also refuses nan
-            raise ChatError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.repetition_penalty > 100:  # far above, logits * penalty overflow to inf
-            raise ChatError(f"repetition_penalty must be at most 100, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ChatError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
-            raise ChatError(f"seed must fit in 64 bits, got {self.seed}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-
-def _stats(run: Path | None) -> dict[str, Any]:
-    """The statistics of the dataset a run was trained on (empty for a base or merged model)."""
-    path = run / "dataset_stats.json" if run is not None else None
-    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
-
-
-def speakers(run: Path | None) -> list[str]:
-    """The run's speakers, most active first (empty for a base model: any name goes)."""
-    return [s["name"] for s in _stats(run).get("speakers", [])]
-
-
-def owner(run: Path | None) -> str | None:
-    return (_stats(run).get("owner") or {}).get("name")
+def pick_people(known: list[str], owner: str | None, persona: str | None = None,
+                user: str | None = None) -> tuple[str, str]:
+    """(who the model plays, who writes): the names given, checked against `known` (empty: any name goes); by
+    default the owner plays, or the most active speaker, and the most active other speaker writes."""
+    persona = check_name(persona or owner or (known[0] if known else "Me"), known, "persona")
+    others = [k for k in known if k != persona]
+    return persona, check_name(user or (others[0] if others else "Friend"), known, "speaker")
 
 
 def check_name(name: str, known: list[str], role: str) -> str:
@@ -107,16 +58,15 @@ class Conversation:
     are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling = Sampling(),
+    def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling | None = None,
                  max_context: int | None = None, max_prompt: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.persona, self.user, self.sampling = persona, user, sampling
+        self.persona, self.user, self.sampling = persona, user, sampling or Sampling()
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = min(max_context or limit, limit)
         self.max_prompt = max_prompt
         self.history: list[Turn] = []
-        self.usage = (0, 0)  # (prompt, completion) tokens of the last reply
-        self.finish_reason = "stop"  # of the last reply: "stop" (the turn ended) or "length" (max_new_tokens)
+        self.last: Reply | None = None  # the newest reply
         ends = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
         self.stops = ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
 
@@ -165,32 +115,39 @@ class Conversation:
             self.history.pop()
             raise
 
-    def answer(self, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Generate the persona's turn after the history; yield its messages as each is complete.
+    def answer(self, cancel: threading.Event | None = None) -> Reply:
+        """Generate the persona's turn after the history: a `Reply` that streams its messages as each is complete.
 
         Generation stops when `cancel` is set or when the caller stops iterating. If the model fails,
         `GenerationFailed` is raised and no turn is added.
         """
-        said: list[str] = []
-        for message in self._stream(cancel or threading.Event()):
-            said.append(message)
-            yield message
-        self.history.append(Turn(self.persona, "", tuple(said), False))
+        ids = self.prompt_ids()
+        reply = self.last = Reply(len(ids))
+        reply._source = self._turn(reply, ids, cancel or threading.Event())
+        return reply
 
-    def reply(self, messages: list[str], cancel: threading.Event | None = None) -> Iterator[str]:
+    def reply(self, messages: list[str], cancel: threading.Event | None = None) -> Reply:
         """`add` the user's messages, then `answer`; a failed turn leaves the history as it was."""
         self.add(messages)
+        reply = self.answer(cancel)
+        reply._source = self._undo_on_failure(reply._source)
+        return reply
+
+    def _undo_on_failure(self, messages: Iterator[str]) -> Iterator[str]:
         try:
-            yield from self.answer(cancel)
+            yield from messages
         except GenerationFailed:
             self.history.pop()
             raise
 
-    def _stream(self, cancel: threading.Event) -> Iterator[str]:
+    def _turn(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
+        yield from self._stream(reply, ids, cancel)
+        self.history.append(Turn(self.persona, "", tuple(reply.messages), False))
+
+    def _stream(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""
         import torch
 
-        ids = self.prompt_ids()
         tokens = _Tokens()
         s = self.sampling
         kwargs: dict[str, Any] = dict(
@@ -214,14 +171,14 @@ class Conversation:
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        self.usage, self.finish_reason = (len(ids), 0), "length"
         text = _Text(self.tokenizer)
         done = 0
+        finish = "length"
         try:
             for token in tokens:
-                self.usage = (len(ids), self.usage[1] + 1)
+                reply.completion_tokens += 1
                 if token in self.stops:
-                    self.finish_reason = "stop"
+                    finish = "stop"
                     break
                 text.add(token)
                 complete = text.value.rfind("\n" + PREFIX)
@@ -234,6 +191,44 @@ class Conversation:
         if failure:
             raise GenerationFailed(f"generation failed: {_short(failure[0])}") from failure[0]
         yield from split_messages(text.finish()[done:])
+        reply.finish_reason = finish
+
+
+class Reply:
+    """The persona's turn as it is generated: iterate it (once) for its messages, each as soon as it is complete.
+    `messages`, the token counts and `finish_reason` are final when the iteration ends."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.messages: list[str] = []
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # generated, the end-of-turn token included
+        self.finish_reason: str | None = None  # "stop": the turn ended (or a stop string cut it); "length": the budget
+        self._source: Iterator[str] = iter(())
+
+    def __iter__(self) -> Iterator[str]:
+        for message in self._source:
+            self.messages.append(message)
+            yield message
+
+    def wait(self) -> list[str]:
+        """Generate the whole turn; its messages."""
+        for _ in self:
+            pass
+        return self.messages
+
+    def close(self) -> None:
+        """Stop generating (a client that left)."""
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        return self.prompt_tokens, self.completion_tokens
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
 
 
 def _short(exc: BaseException) -> str:

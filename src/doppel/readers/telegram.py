@@ -18,7 +18,8 @@ from typing import Any, BinaryIO, Literal
 
 import ijson
 
-from doppel.repair import RepairingReader
+from doppel.errors import ExportError
+from doppel.readers.repair import RepairingReader
 
 Layout = Literal["full", "single"]
 OnRead = Callable[[int], None] | None  # told the number of bytes read so far
@@ -28,10 +29,6 @@ _MEDIA_KEYS = (
     "photo", "file", "contact_information", "location_information", "poll", "todo_list",
     "game_title", "invoice_information", "giveaway_information", "paid_stars_amount", "place_name",
 )
-
-
-class ExportError(Exception):
-    """The input is not a readable Telegram Desktop JSON export."""
 
 
 @dataclass(frozen=True, slots=True)

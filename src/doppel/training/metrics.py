@@ -10,15 +10,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from doppel.packing import Collator
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from doppel.run import read_metrics
+from doppel.training.packing import Collator
 
 
 def train_loss(rows: list[dict[str, Any]]) -> float | None:
@@ -33,7 +26,7 @@ def train_loss(rows: list[dict[str, Any]]) -> float | None:
 
 def truncate(path: Path, last_step: int) -> None:
     """Forget logs after `last_step` (a resumed run logs those steps again)."""
-    kept = [row for row in read(path) if row["step"] <= last_step]
+    kept = [row for row in read_metrics(path) if row["step"] <= last_step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
 
 
@@ -62,7 +55,7 @@ class TrainLog(TrainerCallback):
         self.start = self.last_step = time.perf_counter()
         self.first_step = self.logged_step = state.global_step
         # a resumed run goes on counting from its checkpoint (the log was cut back to it)
-        done = [row for row in read(self.path) if "tokens" in row] if self.first_step else []
+        done = [row for row in read_metrics(self.path) if "tokens" in row] if self.first_step else []
         self.mark = (done[-1]["train_seconds"], done[-1]["tokens"], done[-1]["target_tokens"]) if done else (0.0, 0, 0)
         self.base = self.mark
         if not state.is_world_process_zero:

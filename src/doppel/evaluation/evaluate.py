@@ -8,30 +8,22 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from doppel import style
-from doppel.sessions import Session, Turn
+from doppel.config import EvalConfig, Sampling
+from doppel.dataset import Dataset
+from doppel.errors import ContextTooLong, EvalError
+from doppel.evaluation import style
+from doppel.records import Session, Turn
+from doppel.run import EVAL_DIR, Run, RunInfo
+
+__all__ = ["EvalConfig", "EvalError", "evaluate"]
 
 OPENERS = {"en": ("hey", "what's up?"), "ru": ("привет", "как дела?")}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    dataset: Path | None = None  # default: the dataset the run was trained on
-    compare: str = "base"  # "base" or another run directory
-    max_sessions: int = 20  # held-out sessions used (the newest of each chat come first in the split)
-    max_turns: int = 3  # generated turns per session
-    max_new_tokens: int = 48
-    probe_turns: int = 3  # generated turns per probe conversation
-    top_contacts: int = 2
-    seed: int = 0
 
 
 def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
@@ -65,7 +57,7 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
 def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: EvalConfig,
                    progress: Callable[[], None]) -> dict[str, list[tuple[str, ...]]]:
     """{speaker: generated turns}, each from the real turns before a trained turn of the speaker."""
-    from doppel.chat import ContextTooLong, Conversation, Sampling
+    from doppel.serving.chat import Conversation
 
     out: dict[str, list[tuple[str, ...]]] = {}
     for i, (session, index) in enumerate(_targets(sessions, cfg.max_turns)):
@@ -92,7 +84,7 @@ def _targets(sessions: list[Session], max_turns: int) -> Iterator[tuple[Session,
 def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language: str, cfg: EvalConfig
            ) -> list[dict[str, Any]]:
     """Fixed openers in both directions; the model then plays both sides for a few turns."""
-    from doppel.chat import Conversation, Sampling
+    from doppel.serving.chat import Conversation
 
     out = []
     for opener_language in dict.fromkeys(("en", language)):
@@ -118,35 +110,28 @@ def _adapters_off(model: Any) -> Iterator[None]:
         yield
 
 
-class EvalError(Exception):
-    """The evaluation cannot run; the message is shown to the user as is."""
-
-
-def evaluate(run: Path, cfg: EvalConfig, progress: Callable[[int, int], None] = lambda done, total: None
-             ) -> dict[str, Any]:
+def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
+             progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Evaluate `run` against its base (or another run) and write RUN/eval/; returns report.json's content."""
     import torch
 
-    from doppel import chat, config, models, report
-    from doppel.dataset import load_sessions
-    from doppel.train import TrainConfig
+    from doppel.evaluation import report
 
-    if not (run / models.RUN_FILE).is_file():
-        raise EvalError(f"{run} is not a finished doppel run (no {models.RUN_FILE})")
-    info = json.loads((run / models.RUN_FILE).read_text(encoding="utf-8"))
-    dataset = cfg.dataset or Path(info["dataset"])
-    if not dataset.is_dir():
-        raise EvalError(f"{dataset}: no such dataset directory")
-    sessions = [s for s in load_sessions(dataset, "eval")][:cfg.max_sessions]
+    cfg = cfg or EvalConfig()
+    run = run if isinstance(run, Run) else Run.open(run)
+    if not run.finished:
+        raise EvalError(f"{run.path} is not a finished doppel run (no run.json)")
+    info = run.info
+    dataset = Dataset.open(cfg.dataset or Path(info.dataset))
+    sessions = [s for s in dataset.sessions("eval")][:cfg.max_sessions]
     if not sessions:
-        raise EvalError(f"{dataset} has no held-out sessions; prepare it with --eval-fraction above 0")
-    max_length = config.load(TrainConfig, run / "config.yaml", {}).max_length
+        raise EvalError(f"{dataset.path} has no held-out sessions; prepare it with eval_fraction above 0")
+    max_length = run.config.max_length
     torch.manual_seed(cfg.seed)
-    tuned, tokenizer, _ = models.load_run(run)
-    tuned.eval()
-    other, use_base = _comparison(run, cfg.compare, tuned, info, tokenizer)
-    owner = (info.get("owner") or {}).get("name") or chat.owner(run) or "Me"
-    contacts = [s for s in chat.speakers(run) if s != owner][:cfg.top_contacts]
+    tuned, tokenizer = run.load()
+    other, use_base = _comparison(cfg.compare, tuned, info, tokenizer)
+    owner = info.owner_name or run.owner or "Me"
+    contacts = [s for s in run.personas() if s != owner][:cfg.top_contacts]
     messages = [m for s in sessions for t in s.turns for m in t.messages]
     language = "ru" if style.measure([messages])["cyrillic_share"] > 0.5 else "en"
     targets = list(_targets(sessions, cfg.max_turns))
@@ -166,24 +151,20 @@ def evaluate(run: Path, cfg: EvalConfig, progress: Callable[[int, int], None] = 
     real: dict[str, list[tuple[str, ...]]] = {}
     for session, index in targets:
         real.setdefault(session.turns[index].speaker, []).append(session.turns[index].messages)
-    result = report.build(run, dataset, cfg, owner, real, results)
-    report.write(run / "eval", result, run / "metrics.jsonl")
+    result = report.build(run.path, dataset.path, cfg, owner, real, results)
+    report.write(run.path / EVAL_DIR, result, run.metrics())
     return result
 
 
-def _comparison(run: Path, compare: str, tuned: Any, info: dict[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+def _comparison(compare: str, tuned: Any, info: RunInfo, tokenizer: Any) -> tuple[Any, Any]:
     """(the model to compare with, a context manager to enter while using it)."""
     from doppel import models
 
     if compare != "base":
-        model, _, _ = models.load_run(Path(compare))
-        return model.eval(), nullcontext
-    if info["mode"] != "full":  # the same weights with the adapter switched off: no second copy
+        model, _ = Run.open(compare).load()
+        return model, nullcontext
+    if info.mode != "full":  # the same weights with the adapter switched off: no second copy
         return tuned, lambda: _adapters_off(tuned)
-    base = models.load_model(info["base"])
+    base = models.load_model(info.base)
     models.fit_embeddings(base, tokenizer)
     return base.eval(), nullcontext
-
-
-def perplexity(loss: float) -> float:
-    return round(math.exp(min(loss, 50)), 4)

@@ -1,0 +1,1 @@
+"""`eval`: held-out loss, style and probes of a run against its base, and the report."""

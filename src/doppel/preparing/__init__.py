@@ -1,0 +1,1 @@
+"""`prepare`: an export's messages → sessions, people, privacy, the train/eval split, the dataset files."""

@@ -1,0 +1,178 @@
+"""`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
+
+The dataset is built in a temporary sibling directory and swapped into place only when complete,
+so a failed run never leaves a half-written dataset and never damages an existing one. An existing
+directory is replaced only when it holds nothing but a dataset's files (see `_check_target`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from doppel import config
+from doppel.config import PrepareConfig
+from doppel.dataset import (
+    CONFIG_FILE,
+    DATASET_FILES,
+    EVAL_FILE,
+    MARKER,
+    MARKER_FILE,
+    STATS_FILE,
+    TRAIN_FILE,
+    DatasetStats,
+    Speaker,
+    jsonl_line,
+)
+from doppel.errors import ExportError
+from doppel.preparing import privacy, sessions
+from doppel.preparing.sessions import Census
+from doppel.readers.telegram import Header, UnusualLayout, export_file, iter_export, read_header
+from doppel.records import Session
+
+
+def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = None,
+            progress: Callable[[int, int], None] | None = None) -> DatasetStats:
+    """Build the dataset in `out` from an export (a file, or the folder that holds it) and return its stats.
+    Raises `ExportError` on bad input."""
+    cfg = cfg or PrepareConfig()
+    export, out = export_file(Path(export)), Path(out)
+    header = read_header(export)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        census = _collect(export, header, cfg, work / "spool.jsonl", progress)
+        stats = _write(census, header, cfg, work)
+        (work / "spool.jsonl").unlink()
+        stats.write(work)
+        config.dump(cfg, work / CONFIG_FILE)
+        (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
+        _swap(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return stats
+
+
+def _check_target(out: Path) -> None:
+    """Allow `out` to be missing, empty or a dataset; anything else is an `ExportError`.
+
+    A dataset holds doppel's files only, among them the marker or, from versions that wrote no
+    marker, stats.json.
+    """
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    entries = sorted(out.iterdir())
+    stray = next((p.name for p in entries if p.name not in DATASET_FILES or not p.is_file()), None)
+    if stray is not None:
+        raise ExportError(f"{out} is not a doppel dataset ({stray} is not one of its files); "
+                          "refusing to replace it")
+    if entries and not {p.name for p in entries} & {MARKER_FILE, STATS_FILE}:
+        raise ExportError(f"{out} is not a doppel dataset (no {STATS_FILE}); refusing to replace it")
+
+
+def _swap(work: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        _check_target(out)  # again: reading a large export takes minutes
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        # by name: a file that appeared since the check stays, in the renamed directory
+        for name in DATASET_FILES:
+            (old / name).unlink(missing_ok=True)
+        old.rmdir()
+
+
+def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
+             progress: Callable[[int, int], None] | None) -> Census:
+    size = export.stat().st_size
+    for general in (False, True):
+        with spool.open("w", encoding="utf-8") as handle:
+            try:
+                items = iter_export(export, general=general,
+                                    on_read=(lambda n: progress(n, size)) if progress else None)
+                return sessions.collect(items, cfg, handle)
+            except UnusualLayout:
+                continue  # the general reader starts over from the first byte
+    raise AssertionError("unreachable: the general reader does not raise UnusualLayout")
+
+
+def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> DatasetStats:
+    unmatched = [v for v in cfg.chat if v not in census.matched]
+    if unmatched:
+        raise ExportError(f"--chat {unmatched[0]!r} matched no chat in the export")
+    owner = sessions.resolve_owner(header, census, cfg)
+    if owner == header.owner_id and owner in census.names and census.names[owner] is None:
+        census.names[owner] = header.owner_name  # their messages have "from": null
+    activity = sum(census.senders, Counter())
+    labels = sessions.unique_labels(census.names, activity)
+    trained = sessions.trained_ids(cfg, owner, labels)
+    rename: Callable[[str], str] = lambda text: text  # noqa: E731
+    if cfg.pseudonymize:
+        alias = privacy.aliases(sid for sid, _ in activity.most_common())
+        rename = privacy.name_replacer({n: alias[s] for s, n in census.names.items() if n})
+        labels = {sid: alias.get(sid, label) for sid, label in labels.items()}
+    spool = work / "spool.jsonl"
+
+    def kept() -> Iterator[Session]:
+        with spool.open(encoding="utf-8") as handle:
+            yield from sessions.sessions(handle, census, labels, trained, rename)
+
+    # with every turn trained, every spooled session (two turns or more) satisfies the context rule
+    per_chat = census.spooled if trained is None else Counter(s.chat.id for s in kept())
+    per_chat = +per_chat
+    if not per_chat:
+        raise ExportError("no usable conversations in the export: no session with a reply "
+                          "(check the chat selection, --include-groups or --train-on)")
+    to_eval = sessions.eval_counts(per_chat, cfg.eval_fraction)
+    seen: Counter[int] = Counter()
+    counts = Counter[str]()
+    speakers: dict[str, Counter[str]] = {}
+    n_turns = n_messages = 0
+    with (work / TRAIN_FILE).open("w", encoding="utf-8") as train, \
+            (work / EVAL_FILE).open("w", encoding="utf-8") as held_out:
+        for session in kept():
+            chat = session.chat.id
+            seen[chat] += 1
+            split = "eval" if seen[chat] > per_chat[chat] - to_eval[chat] else "train"
+            counts[split] += 1
+            (held_out if split == "eval" else train).write(jsonl_line(session.to_json()))
+            for turn in session.turns:
+                person = speakers.setdefault(turn.speaker_id, Counter())
+                person["messages"] += len(turn.messages)
+                person["turns"] += 1
+                n_messages += len(turn.messages)
+            n_turns += len(session.turns)
+    total = counts["train"] + counts["eval"]
+    owner_name = labels.get(owner) if owner else None
+    return _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat), n_turns / total, n_messages)
+
+
+def _warnings(census: Census, owner: str | None) -> list[str]:
+    """Groups whose kept messages are all the owner's: the export held only their own messages."""
+    return [f"group {chat.name or chat.id!s} holds only your own messages (a full export keeps only "
+            "yours by default); export it on its own with 'Export chat history' to use it"
+            for chat, senders in zip(census.chats, census.senders, strict=True)
+            if chat.type in sessions.GROUP_TYPES and senders and set(senders) == {owner}]
+
+
+def _stats(census: Census, owner: str | None, owner_name: str | None, labels: dict[str, str],
+           speakers: dict[str, Counter[str]], counts: Counter[str], chats: int,
+           turns_per_session: float, messages: int) -> DatasetStats:
+    ranked = sorted(speakers.items(), key=lambda kv: (-kv[1]["messages"], kv[0]))
+    total = counts["train"] + counts["eval"]
+    return DatasetStats(
+        owner, owner_name, chats, counts["train"], counts["eval"], round(turns_per_session, 4),
+        round(messages / total, 4), messages,
+        tuple(Speaker(sid, labels[sid], c["messages"], c["turns"]) for sid, c in ranked),
+        dict(census.dropped.most_common()), dict(census.excluded_chats.most_common()),
+        tuple(_warnings(census, owner)))
