@@ -70,7 +70,7 @@ def test_train_on_me_and_minimum_context(write, tmp_path):
                                                                     ("Me Owner", True)]
     bad = run("prepare", path, "-o", tmp_path / "e", "--train-on", "Max Orlv")
     assert bad.exit_code == 2
-    assert bad.output == ("doppel: error: --train-on 'Max Orlv' is not a speaker in this export; "
+    assert bad.output == ("doppel: error: train_on 'Max Orlv' is not a speaker in this export; "
                           "did you mean Max Orlov?\n")
 
 

@@ -5,8 +5,9 @@ import pytest
 from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
 from doppel.config import PrepareConfig
+from doppel.errors import ConfigError
 from doppel.preparing.sessions import SeenIds, collect, eval_counts, exclusion, resolve_owner, unique_labels
-from doppel.readers.telegram import Chat, ExportError, Header, iter_export
+from doppel.readers.telegram import Chat, Header, iter_export
 
 
 def spooled(path, **cfg):
@@ -111,9 +112,9 @@ def test_single_group_export_asks_for_me_with_candidates(write):
     group = {"name": "Crew", "type": "private_supergroup", "id": 7,
              "messages": [msg(1, 0, MAX, "a"), msg(2, 5, ANN, "b"), msg(3, 9, MAX, "c")]}
     census, _ = spooled(write(group), include_groups=True)
-    with pytest.raises(ExportError) as err:
+    with pytest.raises(ConfigError) as err:
         resolve_owner(Header("single", None), census, PrepareConfig())
-    assert str(err.value) == ("cannot tell which member is you in a group export; pass --me ID, one "
+    assert str(err.value) == ("cannot tell which member is you in a group export; set me to your id, one "
                               "of: user201 Max Orlov (2 messages); user202 Ann Lee (1 messages)")
 
 

@@ -180,7 +180,7 @@ class Run:
         from doppel import models
 
         if out.exists() and any(out.iterdir()):
-            raise ModelError(f"{out} is not empty; choose another --out")
+            raise ModelError(f"{out} is not empty; choose another output directory")
         model, tokenizer = self.load()
         if self.info.mode != "full":
             model = model.merge_and_unload()

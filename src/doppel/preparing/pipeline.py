@@ -28,7 +28,7 @@ from doppel.dataset import (
     Speaker,
     jsonl_line,
 )
-from doppel.errors import ExportError
+from doppel.errors import ConfigError, ExportError
 from doppel.preparing import privacy, sessions
 from doppel.preparing.sessions import Census
 from doppel.readers.telegram import Header, UnusualLayout, export_file, iter_export, read_header
@@ -109,7 +109,7 @@ def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
 def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> DatasetStats:
     unmatched = [v for v in cfg.chat if v not in census.matched]
     if unmatched:
-        raise ExportError(f"--chat {unmatched[0]!r} matched no chat in the export")
+        raise ConfigError(f"chat {unmatched[0]!r} matched no chat in the export")
     owner = sessions.resolve_owner(header, census, cfg)
     if owner == header.owner_id and owner in census.names and census.names[owner] is None:
         census.names[owner] = header.owner_name  # their messages have "from": null
@@ -132,7 +132,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     per_chat = +per_chat
     if not per_chat:
         raise ExportError("no usable conversations in the export: no session with a reply "
-                          "(check the chat selection, --include-groups or --train-on)")
+                          "(check the chat selection, include_groups or train_on)")
     to_eval = sessions.eval_counts(per_chat, cfg.eval_fraction)
     seen: Counter[int] = Counter()
     counts = Counter[str]()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from doppel.config import PrepareConfig
-from doppel.errors import ExportError
+from doppel.errors import ConfigError
 from doppel.preparing import privacy
 from doppel.readers.telegram import Chat, Header, Message
 from doppel.records import ChatRef, Session, Turn
@@ -203,7 +203,7 @@ def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | N
         counts = sum(census.senders, Counter())
         listing = "; ".join(f"{sid} {census.names.get(sid) or 'Deleted Account'} ({n} messages)"
                             for sid, n in counts.most_common(10))
-        raise ExportError(f"cannot tell which member is you in a group export; pass --me ID, one of: "
+        raise ConfigError(f"cannot tell which member is you in a group export; set me to your id, one of: "
                           f"{listing or 'no senders found'}")
     return None
 
@@ -236,7 +236,7 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str]) -
     for value in cfg.train_on:
         if value == "me":
             if owner is None:
-                raise ExportError("--train-on me needs to know who you are; pass --me ID")
+                raise ConfigError("train_on me needs to know who you are; set me to your id")
             chosen.add(owner)
         elif value in labels or (value.isdigit() and f"user{value}" in labels):
             chosen.add(value if value in labels else f"user{value}")
@@ -245,7 +245,7 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str]) -
         else:
             close = difflib.get_close_matches(value, labels.values(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ExportError(f"--train-on {value!r} is not a speaker in this export{hint}")
+            raise ConfigError(f"train_on {value!r} is not a speaker in this export{hint}")
     return chosen
 
 

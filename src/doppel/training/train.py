@@ -45,20 +45,20 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, callba
     how = plan(cfg, models.parameter_count(cfg.model))
     take_over_fsdp_checkpointing(how)
     fresh = not (run.path.exists() and any(run.path.iterdir()))
-    loaded = [False]  # whether the model fitted, for the out-of-memory message
     try:
-        return _train(dataset, run, cfg, how, checkpoint, callbacks, save, loaded)
+        return _train(dataset, run, cfg, how, checkpoint, callbacks, save)
     except BaseException as exc:
         kept = run.checkpoints
         if fresh and not kept and int(os.environ.get("RANK", "0")) == 0:
             shutil.rmtree(run.path, ignore_errors=True)  # nothing worth resuming: the same command can run again
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise TrainError(out_of_memory(cfg, how, loaded[0], run.path / CHECKPOINTS if kept else None)) from None
+        if isinstance(exc, torch.cuda.OutOfMemoryError):  # while training: the model itself fitted
+            raise TrainError(out_of_memory(cfg, how, True, run.path / CHECKPOINTS if kept else None)) from None
         raise
 
 
 def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: Path | None,
-           callbacks: Sequence[Any], save: bool, loaded: list[bool]) -> RunInfo:
+           callbacks: Sequence[Any], save: bool) -> RunInfo:
+    import torch
     from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -81,8 +81,10 @@ def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: 
         metrics.truncate(run.path / METRICS_FILE, int(checkpoint.name.split("-")[-1]))
     elif args.process_index == 0:
         (run.path / METRICS_FILE).write_text("", encoding="utf-8")
-    model = _model(cfg, how, tokenizer, args.local_process_index)
-    loaded[0] = True
+    try:
+        model = _model(cfg, how, tokenizer, args.local_process_index)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainError(out_of_memory(cfg, how, False, None)) from None
     if not len(data["eval"]):
         args.eval_strategy = "no"
     collator = packing.Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
