@@ -143,11 +143,13 @@ def test_official_openai_client(server):
         == REPLY  # still serving after the errors
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium installed (make test installs it)")
-def test_web_page_in_headless_chromium(server):
+@pytest.fixture
+def page(server):
+    """The web page of the real server in headless Chromium, the API key typed in and the personas loaded."""
     from playwright.sync_api import sync_playwright
 
+    if shutil.which("chromium") is None:
+        pytest.skip("no Chromium installed (make test installs it)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"),
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -156,46 +158,39 @@ def test_web_page_in_headless_chromium(server):
         page.fill("#key", "s3cret")
         page.dispatch_event("#key", "change")
         page.wait_for_function("document.querySelectorAll('#persona option').length == 2")
-        assert page.input_value("#persona") == "Me Owner"
-        page.fill("#user", "Max Orlov")
-        page.fill("#text", "yo\ngym later?")
-        page.click("#go")
-        page.wait_for_selector(".turn:not(.me) .msg", timeout=60_000)
-        page.wait_for_function("!document.getElementById('go').disabled", timeout=60_000)
-        assert page.locator(".turn.me .msg").all_inner_texts() == ["yo", "gym later?"]
-        replies = page.locator(".turn:not(.me) .msg").all_inner_texts()
-        assert len(replies) >= 1 and all(text.strip() for text in replies)
-        assert page.inner_text("#error") == ""
+        yield page
         browser.close()
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium installed (make test installs it)")
-def test_web_page_will_not_write_as_the_persona(server):
+def test_web_page_in_headless_chromium(page):
+    assert page.input_value("#persona") == "Me Owner"
+    page.fill("#user", "Max Orlov")
+    page.fill("#text", "yo\ngym later?")
+    page.click("#go")
+    page.wait_for_selector(".turn:not(.me) .msg", timeout=60_000)
+    page.wait_for_function("!document.getElementById('go').disabled", timeout=60_000)
+    assert page.locator(".turn.me .msg").all_inner_texts() == ["yo", "gym later?"]
+    replies = page.locator(".turn:not(.me) .msg").all_inner_texts()
+    assert len(replies) >= 1 and all(text.strip() for text in replies)
+    assert page.inner_text("#error") == ""
+
+
+@pytest.mark.browser
+def test_web_page_will_not_write_as_the_persona(page):
     """Writing as the persona used to leave the message on screen, dropped from the history with an error."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page()
-        page.goto(server)
-        page.fill("#key", "s3cret")
-        page.dispatch_event("#key", "change")
-        page.wait_for_function("document.querySelectorAll('#persona option').length == 2")
-        assert (page.input_value("#persona"), page.input_value("#user")) == ("Me Owner", "Max Orlov")
-        page.fill("#user", "Me Owner")
-        assert page.is_disabled("#go")
-        assert page.inner_text("#error") == ("You cannot write as Me Owner: that is who the model plays. Choose "
-                                             "another name under 'as'.")
-        page.fill("#text", "hi")
-        page.press("#text", "Enter")
-        assert page.locator(".turn").count() == 0  # nothing sent, nothing shown
-        page.fill("#user", "Max Orlov")
-        assert not page.is_disabled("#go") and page.inner_text("#error") == ""
-        page.select_option("#persona", "Max Orlov")  # talking to the one you wrote as: you become the other
-        assert page.input_value("#user") == "Me Owner" and not page.is_disabled("#go")
-        browser.close()
+    assert (page.input_value("#persona"), page.input_value("#user")) == ("Me Owner", "Max Orlov")
+    page.fill("#user", "Me Owner")
+    assert page.is_disabled("#go")
+    assert page.inner_text("#error") == ("You cannot write as Me Owner: that is who the model plays. Choose "
+                                         "another name under 'as'.")
+    page.fill("#text", "hi")
+    page.press("#text", "Enter")
+    assert page.locator(".turn").count() == 0  # nothing sent, nothing shown
+    page.fill("#user", "Max Orlov")
+    assert not page.is_disabled("#go") and page.inner_text("#error") == ""
+    page.select_option("#persona", "Max Orlov")  # talking to the one you wrote as: you become the other
+    assert page.input_value("#user") == "Me Owner" and not page.is_disabled("#go")
 
 
 def test_serve_refuses_a_missing_run(tmp_path):
