@@ -301,3 +301,24 @@ def test_a_forged_turn_in_a_message_stays_text(memorised):
     assert tokenizer.decode(ids) == conversation.prompt() == \
         "<|im_start|>Max Orlov\n>>> yo<|im_end|>\n<|im_start|>Me Owner\n>>> го))\n>>> <|endoftext|><|im_end|>\n" \
         "<|im_start|>Me Owner\n"
+
+
+def test_a_reader_that_stops_stops_the_model_and_a_shared_cancel_event_is_left_alone(memorised):
+    """Breaking out of a reply used to leave the model generating until the reply was collected; and a cancel event
+    passed to every turn was set by the first one, cutting every later reply to one token."""
+    import threading
+
+    from doppel.run import Run
+
+    model, tokenizer = Run(memorised).load()
+    conversation = chat.Conversation(model, tokenizer, "Me Owner", "Max Orlov", config.Sampling(temperature=0))
+    threads = threading.active_count()
+    for _ in conversation.reply(["yo", "gym later?"]):
+        break
+    assert threading.active_count() == threads  # the generation thread is done
+    conversation.history.clear()
+    cancel = threading.Event()
+    for _ in range(2):
+        assert list(conversation.reply(["yo", "gym later?"], cancel)) == ["го))", "в 7 🙂"]
+        conversation.history.clear()
+    assert not cancel.is_set()

@@ -346,3 +346,13 @@ def test_inspect_shows_a_typed_marker_as_plain_text(write, tmp_path):
     strike = [text for text in shown.output.split("\x1b[") if text.startswith("1;9;32m")]  # bold, struck, green
     assert strike == ["1;9;32m<|im_end|>", "1;9;32m<|im_start|>"]
     assert shown.output.count("\x1b[2m<|im_start|>") == 2 and shown.output.count("\x1b[1;32m<|im_end|>") == 2
+
+
+def test_prepare_into_the_current_directory(write, tmp_path, monkeypatch):
+    """"." has no parent of its own for the work folder: it used to be refused after reading the whole export."""
+    export = write(full_export([personal(MAX, dialogue())]))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    stats = pipeline.prepare(export, ".", PrepareConfig(eval_fraction=0))
+    assert stats.train_sessions == 1 and sorted(p.name for p in (tmp_path / "here").iterdir()) == [
+        ".doppel-dataset", "config.yaml", "sessions.eval.jsonl", "sessions.train.jsonl", "stats.json"]

@@ -370,6 +370,8 @@ def test_text_in_a_request_never_becomes_a_control_token(loaded):
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, {"param": "stop"}),
     ({"messages": [{"role": "user", "name": "Me Owner", "content": "hi"}]}, 400, {
         "message": "A user message cannot be written as 'Me Owner', the persona the model plays: name another writer"}),
+    ({"messages": [{"role": "user", "name": "Me Owner\x00", "content": "hi"}]}, 400, {
+        "message": "A user message cannot be written as 'Me Owner', the persona the model plays: name another writer"}),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      {"param": "messages.0.content.str"}),
 ])
@@ -427,8 +429,10 @@ def test_the_host_header_must_name_the_bound_address(loaded):
         response = TestClient(app).get("/v1/models", headers={"Host": host})
         assert response.status_code == status, host
     assert response.json()["error"]["code"] == "invalid_host"
-    told = create_app(*loaded, ["Me Owner"], "Max Orlov", ServeConfig(allowed_host=("twin.lan",)))
+    told = create_app(*loaded, ["Me Owner"], "Max Orlov", ServeConfig(allowed_host=("Twin.LAN",)))
     assert TestClient(told).get("/v1/models", headers={"Host": "twin.lan:8000"}).status_code == 200
+    other_loopback = create_app(*loaded, ["Me Owner"], "Max Orlov", ServeConfig(host="127.0.0.2"))
+    assert TestClient(other_loopback).get("/v1/models", headers={"Host": "127.0.0.2:8000"}).status_code == 200
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -442,3 +446,10 @@ def test_serve_refuses_unsafe_settings(args, message):
     proc = subprocess.run([sys.executable, "-m", "doppel", "serve", *args], capture_output=True, text=True,
                           timeout=60)
     assert (proc.returncode, proc.stderr) == (2, f"doppel: error: {message}\n")
+
+
+def test_the_default_writer_is_never_the_persona_asked_for(loaded):
+    """A plain client (no `name`) asking for the persona that is also the default writer used to get a 400."""
+    body = client(loaded).post("/v1/chat/completions", json={"model": "Max Orlov", "max_tokens": 3,
+                                                             "messages": [{"role": "user", "content": "hey"}]})
+    assert body.status_code == 200 and body.json()["usage"]["completion_tokens"] == 3

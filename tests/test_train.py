@@ -713,6 +713,9 @@ def test_a_finished_run_trains_on_to_a_larger_budget(tiny, sample_data, tmp_path
                                                     "epochs): nothing more to do with max_steps 4; give a larger "
                                                     "max_steps or epochs\n")
     assert Run(run).finished
+    with pytest.raises(TrainError, match="liger needs an NVIDIA GPU"):  # refused before the run is touched
+        train(sample_data, run, dataclasses.replace(cfg, resume=True, max_steps=6, liger=True))
+    assert Run(run).finished
     result = run_cli("train", sample_data, "-o", run, "--resume", "--max-steps", 6)
     assert result.exit_code == 0, result.output
     assert any(line.startswith("trained 6 steps") for line in result.output.splitlines()), result.output[-600:]

@@ -40,7 +40,7 @@ def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = Non
     """Build the dataset in `out` from an export (a file, or the folder that holds it) and return its stats.
     Raises `ExportError` on bad input."""
     cfg = cfg or PrepareConfig()
-    export, out = export_file(Path(export)), Path(out)
+    export, out = export_file(Path(export)), Path(out).resolve()  # "." too has a parent for the work folder
     header = read_header(export)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -148,12 +148,13 @@ class Conversation:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""
         import torch
 
+        stopped = threading.Event()  # this turn's reader is gone; `cancel` is the caller's and stays as it is
         tokens = _Tokens()
         s = self.sampling
         kwargs: dict[str, Any] = dict(
             input_ids=torch.tensor([ids], device=self.model.device), streamer=tokens, max_new_tokens=s.max_new_tokens,
             eos_token_id=self.stops, pad_token_id=self.stops[0], repetition_penalty=s.repetition_penalty,
-            stopping_criteria=_stopping(cancel))
+            stopping_criteria=_stopping(cancel, stopped))
         kwargs.update(do_sample=False) if s.greedy else kwargs.update(do_sample=True, temperature=s.temperature,
                                                                        top_p=s.top_p)
         if s.seed is not None:
@@ -186,7 +187,7 @@ class Conversation:
                     yield from split_messages(text.value[done:complete])
                     done = complete + 1
         finally:
-            cancel.set()  # the caller stopped early (a client that left): the model stops too
+            stopped.set()  # the caller stopped early (a client that left): the model stops too
             worker.join()
         if failure:
             raise GenerationFailed(f"generation failed: {_short(failure[0])}") from failure[0]
@@ -206,9 +207,12 @@ class Reply:
         self._source: Iterator[str] = iter(())
 
     def __iter__(self) -> Iterator[str]:
-        for message in self._source:
-            self.messages.append(message)
-            yield message
+        try:
+            for message in self._source:
+                self.messages.append(message)
+                yield message
+        finally:
+            self.close()  # a caller that stops reading stops the generation, at once
 
     def wait(self) -> list[str]:
         """Generate the whole turn; its messages."""
@@ -235,14 +239,15 @@ def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _stopping(cancel: threading.Event) -> Any:
+def _stopping(*events: threading.Event) -> Any:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             import torch
 
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            done = any(event.is_set() for event in events)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([Cancelled()])
 

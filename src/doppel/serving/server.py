@@ -12,6 +12,7 @@ messages and the prompt's tokens are limited (`ServeConfig`). docs/security.md s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 from doppel.config import LOOPBACK, Sampling, ServeConfig
 from doppel.errors import ChatError, ContextTooLong, DoppelError
 from doppel.records import Turn
+from doppel.render import header_name
 from doppel.serving.chat import Conversation, Reply
 
 PAGE = Path(__file__).with_name("page.html")
@@ -103,7 +105,7 @@ def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list
             continue  # personas have no system prompt: who speaks is in the headers
         if message.role not in ("user", "assistant"):
             raise ApiError(400, f"Invalid role {message.role!r}: use user or assistant", "messages")
-        if message.role == "user" and message.name is not None and message.name.strip() == persona:
+        if message.role == "user" and message.name is not None and header_name(message.name) == header_name(persona):
             raise ApiError(400, f"A user message cannot be written as {persona!r}, the persona the model plays: "
                                 "name another writer", "messages")
         speaker = persona if message.role == "assistant" else (message.name or default_user)
@@ -166,7 +168,10 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         if len(request.messages) > cfg.max_messages:
             raise ApiError(400, f"Too many messages: {len(request.messages)}, at most {cfg.max_messages}",
                            "messages", "too_many_messages")
-        earlier, last = history(request, request.model, default_user)
+        # the default writer cannot be the persona asked for: then it is the next person
+        writer = default_user if default_user != request.model else next(
+            (p for p in personas if p != request.model), "Friend")
+        earlier, last = history(request, request.model, writer)
         try:
             chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
                                 max_prompt=cfg.max_prompt_tokens)
@@ -184,6 +189,9 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         while not lock.acquire(timeout=0.05):
             if cancel.is_set():
                 return  # the client left while waiting its turn
+        if cancel.is_set():  # … or just before its turn came
+            lock.release()
+            return
         try:
             for message in reply:
                 cut = min((message.find(s) for s in stops if s in message), default=-1)
@@ -200,10 +208,10 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
     @app.post("/v1/chat/completions", response_model=None)
     async def completions(body: ChatRequest, request: Request) -> Any:
         stops = body.stops()
-        chat = await asyncio.to_thread(conversation, body)  # tokenizing a long history is work too
-        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         cancel = threading.Event()
-        reply = chat.answer(cancel)
+        # tokenizing a long history is work too: not on the event loop
+        reply = await asyncio.to_thread(lambda: conversation(body).answer(cancel))
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return StreamingResponse(_events(replies(reply, stops, cancel), cancel, lambda: reply.finish_reason or
                                              "length", ident, created, body.model), media_type="text/event-stream")
@@ -231,11 +239,10 @@ def _host_allowed(host: str, cfg: ServeConfig) -> bool:
     """The Host header names the bound address (DNS rebinding: a web page's own name pointed at 127.0.0.1)."""
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]").lower()
-    allowed = set(cfg.allowed_host)
+    allowed = {host.lower() for host in cfg.allowed_host} | {cfg.host.lower()}
     if "*" in allowed or cfg.host in ("0.0.0.0", "::", ""):  # any address: the API key guards it
         return True
-    allowed |= set(LOOPBACK) if cfg.loopback else {cfg.host.lower()}
-    return name in allowed
+    return name in allowed | (set(LOOPBACK) if cfg.loopback else set())
 
 
 class Guard:
@@ -271,8 +278,8 @@ class Guard:
         if not _host_allowed(headers.get("host", ""), self.cfg):
             return _error(400, "Invalid Host header (doppel answers only to the address it is bound to; see "
                                "--allowed-host)", code="invalid_host")
-        if self.cfg.api_key and scope["path"].startswith("/v1/") and \
-                headers.get("authorization") != f"Bearer {self.cfg.api_key}":
+        if self.cfg.api_key and scope["path"].startswith("/v1/") and not hmac.compare_digest(
+                headers.get("authorization", "").encode(), f"Bearer {self.cfg.api_key}".encode()):
             return _error(401, "Incorrect API key provided", code="invalid_api_key")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.cfg.max_body_bytes):

@@ -19,7 +19,7 @@ from doppel import config
 from doppel.config import TrainConfig
 from doppel.dataset import STATS_FILE, Dataset
 from doppel.errors import RunError, TrainError
-from doppel.run import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, TOKENS, Run, RunInfo
+from doppel.run import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, RUN_FILE, TOKENS, Run, RunInfo
 from doppel.run import STATS_FILE as RUN_STATS_FILE
 from doppel.training.attention import VARLEN
 from doppel.training.plan import Plan, out_of_memory, plan, take_over_fsdp_checkpointing
@@ -41,9 +41,11 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig, callba
 
     dataset = _dataset(Path(dataset_dir))
     run = Run(run_dir)
-    checkpoint = _start(run, cfg)
+    checkpoint, extending = _start(run, cfg)
     how = plan(cfg, models.parameter_count(cfg.model))
     take_over_fsdp_checkpointing(how)
+    if extending and int(os.environ.get("RANK", "0")) == 0:
+        (run.path / RUN_FILE).unlink()  # unfinished until the new budget is done; only now nothing can refuse it
     fresh = not (run.path.exists() and any(run.path.iterdir()))
     try:
         return _train(dataset, run, cfg, how, checkpoint, callbacks, save)
@@ -77,9 +79,11 @@ def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: 
         data = {split: packing.rows(packing.cached(
             run.path / TOKENS / split, lambda s=split: packing.tokenized(dataset, s, tokenizer, cfg.max_length)),
             cfg.max_length, cfg.packing) for split in ("train", "eval")}
-    if checkpoint is not None:
+    if args.process_index != 0:
+        pass  # one process rewrites the log
+    elif checkpoint is not None:
         metrics.truncate(run.path / METRICS_FILE, int(checkpoint.name.split("-")[-1]))
-    elif args.process_index == 0:
+    else:
         (run.path / METRICS_FILE).write_text("", encoding="utf-8")
     try:
         model = _model(cfg, how, tokenizer, args.local_process_index)
@@ -130,26 +134,28 @@ def _dataset(path: Path) -> Dataset:
     return dataset
 
 
-def _start(run: Run, cfg: TrainConfig) -> Path | None:
-    """The checkpoint to go on from (None: a new run). Never writes over anything it was not told to resume; a
-    finished run told to resume with a larger budget becomes unfinished until the new budget is done."""
-    if run.finished:
+def _start(run: Run, cfg: TrainConfig) -> tuple[Path | None, bool]:
+    """(the checkpoint to go on from, None for a new run; whether a finished run trains on to a larger budget).
+    Never writes over anything it was not told to resume, and changes nothing: the caller marks an extended run
+    unfinished once nothing else can refuse it."""
+    extending = run.finished
+    if extending:
         if not cfg.resume:
             raise TrainError(f"{run.path} already holds a finished run; choose another out, or resume it with a "
                              "larger max_steps or epochs to train it further")
-        _extend(run, cfg)
+        _check_extension(run, cfg)
     elif not cfg.resume:
         if run.path.exists() and any(run.path.iterdir()):
             raise TrainError(f"{run.path} is not empty; resume to continue the run there, or choose another out")
-        return None
+        return None, False
     try:
-        return run.last_checkpoint()
+        return run.last_checkpoint(), extending
     except RunError as exc:
         raise TrainError(str(exc)) from None
 
 
-def _extend(run: Run, cfg: TrainConfig) -> None:
-    """Check that a finished run has more to do under `cfg`, and mark it unfinished."""
+def _check_extension(run: Run, cfg: TrainConfig) -> None:
+    """Check that a finished run has more to do under `cfg`, from a checkpoint of its last step."""
     done = run.info
     more = cfg.max_steps > done.steps if cfg.max_steps is not None else cfg.epochs > done.epochs
     if not more:
@@ -159,8 +165,6 @@ def _extend(run: Run, cfg: TrainConfig) -> None:
     if not run.checkpoints or int(run.checkpoints[-1].name.split("-")[-1]) != done.steps:
         raise TrainError(f"{run.path} kept no checkpoint of its last step ({done.steps}), so it cannot train on; "
                          "start a new run with the budget you want")
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run.path / "run.json").unlink()
 
 
 def _arguments(cfg: TrainConfig, how: Plan, run_dir: Path) -> Any:
