@@ -130,8 +130,11 @@ class Run:
 
     def personas(self) -> list[str]:
         """Who the model can play: the owner first, then the others by activity."""
-        owner = self.owner
-        return ([owner] if owner in self.speakers else []) + [s for s in self.speakers if s != owner]
+        stats = self.stats
+        if stats is None:
+            return []
+        owner, speakers = stats.owner_name, stats.speaker_names
+        return ([owner] if owner in speakers else []) + [s for s in speakers if s != owner]
 
     def metrics(self) -> list[dict[str, Any]]:
         """metrics.jsonl's rows."""

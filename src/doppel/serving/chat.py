@@ -70,20 +70,31 @@ class Conversation:
         ends = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
         self.stops = ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
 
-    def _fit(self) -> tuple[list[int], str]:
-        """(prompt ids, prompt text): the newest turns that fit, then the persona's header."""
-        head = segment_ids(self.tokenizer, IM_START) + segment_ids(self.tokenizer, f"{header_name(self.persona)}\n")
+    def _head(self) -> list[int]:
+        return segment_ids(self.tokenizer, IM_START) + segment_ids(self.tokenizer, f"{header_name(self.persona)}\n")
+
+    def _budget(self, head: list[int]) -> int:
+        """Prompt tokens left for the turns once the reply and the persona's header have their room."""
         budget = self.max_context - self.sampling.max_new_tokens
         if self.max_prompt is not None:
             budget = min(budget, self.max_prompt)
-        budget -= len(head)
+        return budget - len(head)
+
+    def _check_fits(self, turn_size: int, budget: int) -> None:
+        if turn_size > budget:
+            raise ContextTooLong(self._too_long(turn_size, budget))
+
+    def _fit(self) -> tuple[list[int], str]:
+        """(prompt ids, prompt text): the newest turns that fit, then the persona's header."""
+        head = self._head()
+        budget = self._budget(head)
         ids: list[int] = []
         texts: list[str] = []
         for n, turn in enumerate(reversed(self.history)):
             size_ids, _ = turn_ids(self.tokenizer, turn)
-            if len(size_ids) > budget:
-                if n == 0:
-                    raise ContextTooLong(self._too_long(len(size_ids), budget))
+            if n == 0:
+                self._check_fits(len(size_ids), budget)
+            elif len(size_ids) > budget:
                 break
             ids[:0] = size_ids
             texts.insert(0, "".join(piece for piece, _ in turn_segments(turn)))
@@ -108,12 +119,9 @@ class Conversation:
 
     def add(self, messages: list[str]) -> None:
         """Add the user's messages as one turn; `ContextTooLong` (and no turn added) if it cannot fit."""
-        self.history.append(Turn(self.user, "", tuple(messages), False))
-        try:
-            self._fit()
-        except ContextTooLong:
-            self.history.pop()
-            raise
+        turn = Turn(self.user, "", tuple(messages), False)
+        self._check_fits(len(turn_ids(self.tokenizer, turn)[0]), self._budget(self._head()))  # the rest: `_fit`
+        self.history.append(turn)
 
     def answer(self, cancel: threading.Event | None = None) -> Reply:
         """Generate the persona's turn after the history: a `Reply` that streams its messages as each is complete.

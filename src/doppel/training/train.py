@@ -79,12 +79,11 @@ def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: 
         data = {split: packing.rows(packing.cached(
             run.path / TOKENS / split, lambda s=split: packing.tokenized(dataset, s, tokenizer, cfg.max_length)),
             cfg.max_length, cfg.packing) for split in ("train", "eval")}
-    if args.process_index != 0:
-        pass  # one process rewrites the log
-    elif checkpoint is not None:
-        metrics.truncate(run.path / METRICS_FILE, int(checkpoint.name.split("-")[-1]))
-    else:
-        (run.path / METRICS_FILE).write_text("", encoding="utf-8")
+    if args.process_index == 0:  # one process rewrites the log
+        if checkpoint is not None:
+            metrics.truncate(run.path / METRICS_FILE, int(checkpoint.name.split("-")[-1]))
+        else:
+            (run.path / METRICS_FILE).write_text("", encoding="utf-8")
     try:
         model = _model(cfg, how, tokenizer, args.local_process_index)
     except torch.cuda.OutOfMemoryError:
