@@ -2,7 +2,8 @@
 
 Lena (the owner) writes lowercase with bracket smileys "))"; Max writes English lowercase bursts with
 "lol"; Sophie writes one tidy, punctuated message with 🙂; Dmitry writes long Russian messages
-with questions. Around them: a group with two different "Alex", a bot, a channel, Saved Messages,
+with questions. Each contact tells facts (a cat, a trip, a project's deadline) that are asked about in later
+sessions, the newest included. Around them: a group with two different "Alex", a bot, a channel, Saved Messages,
 Telegram's 777000 chat, a deleted account, stickers, media, forwards, service messages, contact
 details, and the invalid bytes Telegram Desktop really writes. Run: python examples/make_sample.py
 """
@@ -54,6 +55,29 @@ STYLE: dict[int, dict[str, list[str]]] = {
 }
 BURST = {OWNER: (1, 2), MAX: (2, 4), SOPHIE: (1, 1), DMITRY: (1, 2)}
 
+# Facts told once and asked about later, the newest sessions (held out) included: what memory is for. Per chat:
+# session index → the turns that open that session (speaker, messages).
+FACTS: dict[int, dict[int, list[tuple[int, list[str]]]]] = {
+    MAX: {
+        4: [(MAX, ["my cat persik is sick", "taking persik to the vet tomorrow"]), (OWNER, ["ой(( бедный"])],
+        9: [(MAX, ["booked the climbing trip to kalymnos", "we fly june 14"]), (OWNER, ["ура))"])],
+        15: [(OWNER, ["how's persik?))"]), (MAX, ["persik is fine now", "vet said its just a cold"])],
+        24: [(OWNER, ["when do we fly to kalymnos?"]), (MAX, ["june 14", "dont forget the rope lol"])],
+        39: [(OWNER, ["how's persik?"]), (MAX, ["persik is great", "he ate my sandwich lol"]),
+             (OWNER, ["and kalymnos?))"]), (MAX, ["still june 14", "cant wait lol"])],
+    },
+    SOPHIE: {
+        3: [(SOPHIE, ["I am flying to Porto on the 3rd of May for my sister's wedding. 🙂"]), (OWNER, ["wow)) congrats"])],
+        14: [(OWNER, ["when r u flying to porto?))"]), (SOPHIE, ["On the 3rd of May! The wedding is on the 5th. 🙂"])],
+        29: [(OWNER, ["how was porto?))"]), (SOPHIE, ["Porto was lovely, and the wedding was beautiful! 🙂"])],
+    },
+    DMITRY: {
+        2: [(DMITRY, ["Мы сдаём проект «Северный мост» пятнадцатого марта, я весь в работе."]), (OWNER, ["удачи))"])],
+        13: [(OWNER, ["как там Северный мост?)"]), (DMITRY, ["Дедлайн по «Северному мосту» всё ещё пятнадцатого марта!"])],
+        29: [(OWNER, ["ну что, сдали мост?))"]), (DMITRY, ["Да! «Северный мост» сдали пятнадцатого марта, все довольны!"])],
+    },
+}
+
 
 def _turn(rng: random.Random, who: int, part: str) -> list[str]:
     low, high = BURST[who]
@@ -69,9 +93,18 @@ def _chat(rng: random.Random, peer: int, sessions: int, first_id: int, ts: int) 
         ts += rng.randint(3, 40) * 3600 + (86400 + 120 if s % 7 == 3 else 0)
         speakers = [OWNER, peer] if rng.random() < 0.5 else [peer, OWNER]
         n_turns = rng.randint(3, 7)
+        told = FACTS.get(peer, {}).get(s, [])
+        for who, texts in told:
+            for text in texts:
+                ts += rng.randint(4, 150)
+                out.append(message(mid, ts, who, NAMES[who], text))
+                mid += 1
+        if told:  # the session goes on from there as any other
+            speakers = [OWNER, peer] if told[-1][0] == peer else [peer, OWNER]
+            n_turns = max(2, n_turns - len(told))
         for t in range(n_turns):
             who = speakers[t % 2]
-            part = "open" if t == 0 else "close" if t == n_turns - 1 else "reply"
+            part = "open" if t == 0 and not told else "close" if t == n_turns - 1 else "reply"
             for text in _turn(rng, who, part):
                 ts += rng.randint(4, 150)
                 out.append(message(mid, ts, who, NAMES[who], text))

@@ -42,16 +42,35 @@ def failures() -> Iterator[None]:
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A byte progress bar on stderr (silent when stderr is not a terminal)."""
+    """A progress bar on stderr (silent when stderr is not a terminal)."""
+    with progress_bars(description) as (bar,):
+        yield bar
+
+
+@contextmanager
+def progress_bars(*descriptions: str) -> Iterator[list[Callable[[int, int], None]]]:
+    """Progress bars on stderr, one per description, each shown from its first update; a description that ends
+    in "bytes" counts bytes."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.filesize import decimal
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+    with Progress("[progress.description]{task.description}", BarColumn(), TextColumn("{task.fields[amount]}"),
                   TimeRemainingColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+        def updater(description: str) -> Callable[[int, int], None]:
+            task: list[Any] = []
+            size = decimal if description.endswith("bytes") else (lambda n: f"{n:,}")
+            name = description.removesuffix(" bytes")
+
+            def update(done: int, total: int) -> None:
+                if not task:
+                    task.append(bar.add_task(name, total=None, amount=""))
+                bar.update(task[0], completed=done, total=total, amount=f"{size(done)}/{size(total)}")
+            return update
+
+        yield [updater(d) for d in descriptions]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,8 +125,8 @@ def prepare(export: Path, out: Path, config_file: Path | None, show: int, **flag
 
     with failures():
         cfg = config.load(PrepareConfig, config_file, config.given(PrepareConfig, flags))
-        with progress_bar("reading export") as bar:
-            stats = build(export, out, cfg, progress=bar)
+        with progress_bars("reading export bytes", "embedding memory") as (bar, memory_bar):
+            stats = build(export, out, cfg, progress=bar, memory_progress=memory_bar)
     for line in stats.summary():
         click.echo(line)
     click.echo(f"wrote {out}")
@@ -207,9 +226,12 @@ def merge(run: Path, out: Path) -> None:
 @click.option("--as", "as_", metavar="NAME", help="who you are (default: the most active other speaker)")
 @click.option("--list", "list_", is_flag=True, help="list the run's speakers and exit")
 @click.option("--max-context", type=int, help="tokens of history kept (default: the model's context)")
+@click.option("--memory", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="recall earlier conversations from the run's memory index (auto: when the run trained with it)")
+@click.option("--remember", is_flag=True, help="remember this conversation, for later chats (RUN/memory/)")
 @config.click_options(Sampling)
-def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, max_context: int | None,
-         **flags: Any) -> None:
+def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, max_context: int | None, memory: str,
+         remember: bool, **flags: Any) -> None:
     """Chat with a persona of a trained run (or, with no RUN, the untuned embedded model).
 
     Type one message per line; an empty line sends your turn. The persona answers with one or more
@@ -236,12 +258,15 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
         sampling = config.load(Sampling, None, config.given(Sampling, flags))
         if sys.stdin is None or sys.stdin.closed:
             raise Failure("standard input is closed: type in a terminal, or pipe the turns in")
+        recall = chatting.open_memory(found if found is not None and found.finished else None, memory, remember)
         loaded = open_model(run)
-        conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context)
+        conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context,
+                                             memory=recall)
         interactive = sys.stdin.isatty()
         if interactive:
             click.echo(f"{persona} is listening; you are {user}. One message per line, an empty line sends; "
-                       "/reset /as NAME /persona NAME /quit")
+                       "/reset /as NAME /persona NAME /memory /quit"
+                       + (f" (memory: {len(recall.memory.entries):,} entries)" if recall else ""))
         for turn in _turns(interactive, f"{user}> "):
             if turn[0].startswith("/"):
                 if not _command(conversation, turn[0], known):
@@ -306,20 +331,35 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
     try:
         if name in ("/quit", "/exit"):
             return False
+        if name == "/memory":
+            _show_memory(conversation)
+            return True
         if name == "/reset":
-            conversation.history.clear()
+            conversation.reset()
         elif name == "/as" and arg:
             conversation.user = check_name(arg.strip(), known, "speaker")
         elif name == "/persona" and arg:
             conversation.persona = check_name(arg.strip(), known, "persona")
         else:
-            click.echo("commands: /reset, /as NAME, /persona NAME, /quit", err=True)
+            click.echo("commands: /reset, /as NAME, /persona NAME, /memory, /quit", err=True)
             return True
         click.echo(f"({conversation.persona} ← {conversation.user}, {len(conversation.history)} turns of history)",
                    err=True)
     except ChatError as exc:
         click.echo(f"doppel: {exc}", err=True)
     return True
+
+
+def _show_memory(conversation: Any) -> None:
+    """What the last reply recalled."""
+    from doppel.render import memory_text
+
+    if conversation.memory is None:
+        click.echo("(memory is off)")
+    elif not conversation.recalled:
+        click.echo("(nothing recalled for the last reply)")
+    else:
+        click.echo(memory_text(conversation.recalled))
 
 
 @main.command()
@@ -353,13 +393,16 @@ def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
         personas = found.personas() if found else []
         me = found.owner if found else None
         _, user = chatting.pick_people(personas, me, None, as_)
+        recall = chatting.open_memory(found if found is not None and found.finished else None, cfg.memory,
+                                      cfg.remember)
         loaded = open_model(run)
-        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me)
+        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall)
     if not cfg.loopback and cfg.api_key is None:
         click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
                     "this address can use the model", err=True, fg="red", bold=True)
     click.echo(f"doppel: serving {run or 'the embedded model'} on http://{cfg.host}:{cfg.port} "
-               f"(personas: {', '.join(personas) or 'any name'})", err=True)
+               f"(personas: {', '.join(personas) or 'any name'}; memory: "
+               f"{f'{len(recall.memory.entries):,} entries' if recall else 'off'})", err=True)
     # a request still generating when the server is asked to stop is cut after a few seconds
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 

@@ -42,6 +42,7 @@ class PrepareConfig:
     keep_media: bool = knob(False, "keep media without a caption as [photo]-style lines")
     redact: bool = knob(False, "replace phone numbers, e-mails and card numbers by placeholders")
     pseudonymize: bool = knob(False, "replace people's names by consistent aliases")
+    memory: bool = knob(True, "build the memory index of past sessions (DIR/memory/) that chat and training recall")
 
     def __post_init__(self) -> None:
         if not 0 < self.session_gap <= 60 * 24 * 365:
@@ -87,6 +88,10 @@ class TrainConfig:
     logging_steps: int = knob(10, "log loss and tokens/s every this many steps")
     seed: int = knob(42, "random seed (data order, LoRA init)")
     resume: bool = knob(False, "continue the run in the output directory from its last checkpoint")
+    memory: Literal["auto", "on", "off"] = knob(
+        "auto", "open each training session with earlier sessions recalled from the dataset's memory index (auto: on "
+        "when the dataset has one)")
+    memory_tokens: int | None = knob(None, "tokens of a row the recalled memory may take (default: max_length / 4)")
     report_to: tuple[str, ...] = knob((), "also log to: tensorboard, trackio, wandb (repeatable)")
 
     def __post_init__(self) -> None:
@@ -97,6 +102,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_length < 32:
             raise ConfigError(f"max_length must be at least 32 tokens, got {self.max_length}")
+        if self.memory_tokens is not None and not 16 <= self.memory_tokens <= self.max_length // 2:
+            raise ConfigError(f"memory_tokens must be between 16 and half of max_length ({self.max_length // 2}), "
+                              f"got {self.memory_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.epochs <= 0:
@@ -108,6 +116,10 @@ class TrainConfig:
         unknown = set(self.report_to) - {"tensorboard", "trackio", "wandb"}
         if unknown:
             raise ConfigError(f"report_to: unknown {sorted(unknown)[0]!r}; use tensorboard, trackio or wandb")
+
+    @property
+    def memory_budget(self) -> int:
+        return self.memory_tokens or self.max_length // 4
 
     @property
     def lr(self) -> float:
@@ -180,6 +192,9 @@ class ServeConfig:
     max_messages: int = knob(1000, "most messages in one request")
     max_prompt_tokens: int = knob(4096, "most prompt tokens (older turns are left out to fit; a newest turn "
                                   "longer than this is refused)")
+    memory: Literal["auto", "on", "off"] = knob("auto", "recall earlier conversations from the run's memory index "
+                                                "(auto: when the run trained with it)")
+    remember: bool = knob(False, "remember the conversations served, for later ones (RUN/memory/)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:

@@ -6,6 +6,7 @@ evaluation and chat read it through `Dataset.open`.
     DIR/stats.json             owner, chats, sessions, speakers, dropped messages
     DIR/config.yaml            the resolved prepare options
     DIR/.doppel-dataset        marks a directory that doppel wrote
+    DIR/memory/                the memory index of the sessions (memory/index.py), unless prepared without
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TRAIN_FILE, EVAL_FILE, STATS_FILE, CONFIG_FILE = "sessions.train.jsonl", "sessio
     "config.yaml"
 MARKER_FILE, MARKER = ".doppel-dataset", "doppel-dataset/1\n"  # written into every dataset, by doppel only
 DATASET_FILES = frozenset({TRAIN_FILE, EVAL_FILE, STATS_FILE, CONFIG_FILE, MARKER_FILE})
+MEMORY_DIR = "memory"
 Split = Literal["train", "eval"]
 
 
@@ -50,6 +52,7 @@ class DatasetStats:
     dropped: dict[str, int] = field(default_factory=dict)  # messages left out, by reason
     excluded_chats: dict[str, int] = field(default_factory=dict)  # chats left out, by reason
     warnings: tuple[str, ...] = ()
+    memory: dict[str, Any] = field(default_factory=dict)  # the memory index: entries, embedded, reused, seconds
 
     @property
     def speaker_names(self) -> list[str]:
@@ -62,7 +65,8 @@ class DatasetStats:
                 "messages": self.messages,
                 "speakers": [{"id": s.id, "name": s.name, "messages": s.messages, "turns": s.turns}
                              for s in self.speakers],
-                "dropped": self.dropped, "excluded_chats": self.excluded_chats, "warnings": list(self.warnings)}
+                "dropped": self.dropped, "excluded_chats": self.excluded_chats, "warnings": list(self.warnings),
+                "memory": self.memory}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DatasetStats:
@@ -70,7 +74,8 @@ class DatasetStats:
         return cls(owner.get("id"), owner.get("name"), data["chats"], data["sessions"]["train"],
                    data["sessions"]["eval"], data["turns_per_session"], data["messages_per_session"],
                    data["messages"], tuple(Speaker(**s) for s in data["speakers"]), dict(data.get("dropped", {})),
-                   dict(data.get("excluded_chats", {})), tuple(data.get("warnings", ())))
+                   dict(data.get("excluded_chats", {})), tuple(data.get("warnings", ())),
+                   dict(data.get("memory") or {}))
 
     @classmethod
     def read(cls, path: Path) -> DatasetStats:
@@ -96,6 +101,9 @@ class DatasetStats:
         if self.dropped:
             lines.append("messages dropped: " + ", ".join(f"{k} {v:,}" for k, v in self.dropped.items()))
         lines.extend(f"warning: {w}" for w in self.warnings)
+        if self.memory:
+            lines.append(f"memory: {self.memory['entries']:,} entries of past sessions ({self.memory['embedded']:,} "
+                         f"embedded, {self.memory['reused']:,} reused) in {self.memory['seconds']:.1f} s")
         if self.excluded_chats:
             lines.append("chats not used: " + ", ".join(f"{k} {v:,}" for k, v in self.excluded_chats.items()))
         return lines
@@ -118,6 +126,12 @@ class Dataset:
         if not (folder / STATS_FILE).is_file() or not (folder / TRAIN_FILE).is_file():
             raise DatasetError(f"{folder} is not a doppel dataset (no {STATS_FILE}); run doppel prepare")
         return cls(folder, DatasetStats.read(folder / STATS_FILE))
+
+    @property
+    def memory_path(self) -> Path | None:
+        """The memory index's directory, None when the dataset has none."""
+        folder = self.path / MEMORY_DIR
+        return folder if folder.is_dir() else None
 
     def sessions(self, split: Split = "train") -> Iterator[Session]:
         """The sessions of one split, in file order (each chat's newest last)."""

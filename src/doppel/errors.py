@@ -49,3 +49,7 @@ class GenerationFailed(ChatError):
 
 class EvalError(DoppelError):
     """The evaluation cannot run."""
+
+
+class MemoryIndexError(DoppelError):
+    """A memory index (or its remembered conversations) is missing or damaged."""

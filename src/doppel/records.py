@@ -54,3 +54,37 @@ class Session:
         chat = data["chat"]
         return cls(data["id"], ChatRef(chat["id"], chat["name"], chat.get("type")), data["start"], data["end"],
                    turns)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEntry:
+    """One remembered piece of conversation: a past session, or a window of a long one (memory/).
+
+    `lines` are (speaker, message) pairs, each message on one line; `split` is where its session is: "train",
+    "eval", or "remembered" (a conversation held with the model).
+    """
+
+    id: str
+    session: str
+    chat: int
+    chat_name: str
+    speakers: tuple[str, ...]
+    start: int
+    end: int
+    split: str
+    lines: tuple[tuple[str, str], ...]
+
+    @property
+    def text(self) -> str:
+        """What is searched: the messages, one a line (names left out: they are in every entry of a chat)."""
+        return "\n".join(message for _, message in self.lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "session": self.session, "chat": {"id": self.chat, "name": self.chat_name},
+                "speakers": list(self.speakers), "start": self.start, "end": self.end, "split": self.split,
+                "lines": [list(line) for line in self.lines]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MemoryEntry:
+        return cls(data["id"], data["session"], data["chat"]["id"], data["chat"]["name"], tuple(data["speakers"]),
+                   data["start"], data["end"], data["split"], tuple((s, m) for s, m in data["lines"]))

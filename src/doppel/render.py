@@ -4,7 +4,14 @@
     >>> yo
     >>> gym later?<|im_end|>
 
-The header is never a target; a trained turn's body and its `<|im_end|>` are. Tokenization works
+The header is never a target; a trained turn's body and its `<|im_end|>` are. Before the turns may come one
+memory block (memory/): earlier conversations, oldest first, never a target:
+
+    <|im_start|>memory
+    2024-03-02 · Max Orlov, Lena Volkova
+    Max Orlov: my cat Persik is sick
+    Lena Volkova: oh no((<|im_end|>
+ Tokenization works
 segment by segment, so labels follow token boundaries for any tokenizer.
 
 Text is always text: the control tokens come only from the two ChatML segments, and every other segment
@@ -16,10 +23,12 @@ one line in its header: line breaks and other control characters in it become sp
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
-from doppel.records import Session, Turn
+from doppel.records import MemoryEntry, Session, Turn
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PREFIX = ">>> "
@@ -48,6 +57,27 @@ def turn_segments(turn: Turn) -> list[tuple[str, bool]]:
 def header(speaker: str) -> str:
     """The opening of a turn that the model is to write."""
     return f"{IM_START}{header_name(speaker)}\n"
+
+
+MEMORY = "memory"  # the memory block's header
+
+
+def memory_text(entries: Sequence[MemoryEntry]) -> str:
+    """The memory block's body: each entry's date and speakers, then its lines, the entries oldest first."""
+    parts = []
+    for entry in sorted(entries, key=lambda e: (e.start, e.id)):
+        day = time.strftime("%Y-%m-%d", time.gmtime(entry.start))
+        lines = [f"{day} · {', '.join(header_name(s) for s in entry.speakers)}"]
+        lines += [f"{header_name(speaker)}: {' '.join(message.split())}" for speaker, message in entry.lines]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def memory_segments(entries: Sequence[MemoryEntry]) -> list[tuple[str, bool]]:
+    """The memory block as (text, is_target) pieces; nothing at all when there are no entries."""
+    if not entries:
+        return []
+    return [(IM_START, False), (f"{MEMORY}\n{memory_text(entries)}", False), (IM_END, False), ("\n", False)]
 
 
 def segments(session: Session) -> list[tuple[str, bool]]:
@@ -103,12 +133,40 @@ def turn_ids(tokenizer: Any, turn: Turn) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def encode(session: Session, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+def memory_ids(tokenizer: Any, entries: Sequence[MemoryEntry]) -> list[int]:
+    return [i for piece, _ in memory_segments(entries) for i in segment_ids(tokenizer, piece)]
+
+
+def fit_memory(tokenizer: Any, ranked: Sequence[MemoryEntry], budget: int) -> tuple[list[int], list[MemoryEntry]]:
+    """(the block's ids, the entries in it): the best-ranked entries whose block fits in `budget` tokens. An entry
+    that does not fit whole keeps its first lines that do; one that cannot keep a line is left out."""
+    chosen: list[MemoryEntry] = []
+    ids: list[int] = []
+    for entry in ranked:
+        for keep in range(len(entry.lines), 0, -1):
+            trial = [*chosen, replace(entry, lines=entry.lines[:keep])]
+            trial_ids = memory_ids(tokenizer, trial)
+            if len(trial_ids) <= budget:
+                chosen, ids = trial, trial_ids
+                break
+    return ids, sorted(chosen, key=lambda e: (e.start, e.id))
+
+
+def encode(session: Session, tokenizer: Any, max_length: int,
+           memory: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
     """Samples of at most `max_length` tokens, split at turn boundaries, never truncated mid-turn.
 
     Each window after the first starts with as many preceding turns as fit, as untrained context.
     A single turn longer than `max_length` is cut into pieces (it cannot fit any other way).
+    `memory`, a memory block's ids, opens every window, never a target.
     """
+    memory = memory or []
+    samples = [(memory + ids, [IGNORE] * len(memory) + labels)
+               for ids, labels in _windows(session, tokenizer, max_length - len(memory))]
+    return samples
+
+
+def _windows(session: Session, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
     turns = [turn_ids(tokenizer, t) for t in session.turns]
     samples = []
     i = 0

@@ -8,6 +8,7 @@
     RUN/dataset_stats.json          the dataset's stats (who the personas are)
     RUN/checkpoints/  RUN/tokens/   resumable checkpoints; the tokenized sessions (cached)
     RUN/eval/                       `doppel eval`'s report
+    RUN/memory/remembered.jsonl     conversations held with the model under `--remember` (memory/index.py)
 
 `training/` writes it; chat, serve, eval, merge and bench read it through `Run.open` (or `open_model`, which
 also takes a merged or Hugging Face model directory, or nothing for the embedded model).
@@ -27,7 +28,7 @@ from doppel.dataset import DatasetStats
 from doppel.errors import ModelError, RunError
 
 RUN_FILE, CONFIG_FILE, METRICS_FILE, STATS_FILE = "run.json", "config.yaml", "metrics.jsonl", "dataset_stats.json"
-CHECKPOINTS, TOKENS, EVAL_DIR = "checkpoints", "tokens", "eval"
+CHECKPOINTS, TOKENS, EVAL_DIR, MEMORY_DIR = "checkpoints", "tokens", "eval", "memory"
 log = logging.getLogger(__name__)
 
 
@@ -50,13 +51,15 @@ class RunInfo:
     distributed: str = "no"
     finished: str = ""
     plan: dict[str, Any] = field(default_factory=dict)  # how it trained here: device, rows, optimizer, …
+    memory_tokens: int | None = None  # trained with memory blocks of at most this many tokens; None: without
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "mode": self.mode, "attention": self.attention, "precision": self.precision,
                 "steps": self.steps, "processes": self.processes, "distributed": self.distributed,
                 "epochs": self.epochs, "train_loss": self.train_loss, "eval_loss": self.eval_loss,
                 "dataset": self.dataset, "owner": {"id": self.owner_id, "name": self.owner_name},
-                "finished": self.finished, "plan": self.plan}
+                "finished": self.finished, "plan": self.plan,
+                "memory": {"tokens": self.memory_tokens} if self.memory_tokens else None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunInfo:
@@ -64,7 +67,8 @@ class RunInfo:
         return cls(data.get("base"), data["mode"], data["steps"], data["epochs"], data["train_loss"],
                    data.get("eval_loss"), data.get("dataset", ""), owner.get("id"), owner.get("name"),
                    data.get("attention", "sdpa"), data.get("precision", "fp32"), data.get("processes", 1),
-                   data.get("distributed", "no"), data.get("finished", ""), dict(data.get("plan") or {}))
+                   data.get("distributed", "no"), data.get("finished", ""), dict(data.get("plan") or {}),
+                   (data.get("memory") or {}).get("tokens"))
 
 
 class Run:

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.config import EvalConfig, Sampling
 from doppel.dataset import Dataset
@@ -21,28 +22,40 @@ from doppel.evaluation import style
 from doppel.records import Session, Turn
 from doppel.run import EVAL_DIR, Run, RunInfo
 
+if TYPE_CHECKING:
+    from doppel.memory.recall import Recall
+
 __all__ = ["EvalConfig", "EvalError", "evaluate"]
 
 OPENERS = {"en": ("hey", "what's up?"), "ru": ("привет", "как дела?")}
 
 
-def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
-                   max_length: int) -> dict[str, tuple[float, int]]:
-    """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, masked as in training."""
+def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_length: int,
+                   blocks: list[list[int]] | None = None, recall: dict[str, set[int]] | None = None
+                   ) -> dict[str, tuple[float, int]]:
+    """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, masked as in training; each session
+    opened by its memory block from `blocks`, if given. With `recall` ({session id: turn indexes}), also
+    {"speaker/recall": …} over those turns only."""
     import torch
     import torch.nn.functional as F
 
     from doppel.render import IGNORE, encode
 
     totals: dict[str, tuple[float, int]] = {}
-    for session in sessions:
+    for k, session in enumerate(sessions):
         # the windows depend on token counts only, so the speakers' label sets share one forward pass
         windows: dict[tuple[int, ...], list[tuple[str, list[int]]]] = {}
+        chosen = (recall or {}).get(session.id, set())
         for speaker in sorted({t.speaker for t in session.turns if t.train}):
-            only = replace(session, turns=tuple(replace(t, train=t.train and t.speaker == speaker)
-                                                for t in session.turns))
-            for ids, labels in encode(only, tokenizer, max_length):
-                windows.setdefault(tuple(ids), []).append((speaker, labels))
+            sets: list[tuple[str, set[int] | None]] = [(speaker, None)]
+            if any(session.turns[i].speaker == speaker for i in chosen):
+                sets.append((f"{speaker}/recall", chosen))
+            for key, only_turns in sets:
+                only = replace(session, turns=tuple(
+                    replace(t, train=t.train and t.speaker == speaker and (only_turns is None or i in only_turns))
+                    for i, t in enumerate(session.turns)))
+                for ids, labels in encode(only, tokenizer, max_length, blocks[k] if blocks else None):
+                    windows.setdefault(tuple(ids), []).append((key, labels))
         for window, by_speaker in windows.items():
             with torch.no_grad():
                 logits = model(torch.tensor([window], device=model.device), use_cache=False).logits[0, :-1].float()
@@ -55,15 +68,17 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session],
 
 
 def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: EvalConfig,
-                   progress: Callable[[], None]) -> dict[str, list[tuple[str, ...]]]:
-    """{speaker: generated turns}, each from the real turns before a trained turn of the speaker."""
+                   progress: Callable[[], None], memory: Recall | None = None) -> dict[str, list[tuple[str, ...]]]:
+    """{speaker: generated turns}, each from the real turns before a trained turn of the speaker (and, with a
+    `memory`, what it recalls from the sessions that ended before)."""
     from doppel.serving.chat import Conversation
 
     out: dict[str, list[tuple[str, ...]]] = {}
     for i, (session, index) in enumerate(_targets(sessions, cfg.max_turns)):
         turn = session.turns[index]
         chat = Conversation(model, tokenizer, turn.speaker, session.turns[index - 1].speaker,
-                            Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i))
+                            Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i),
+                            memory=_before(memory, session))
         chat.history = list(session.turns[:index - 1])
         try:
             said = tuple(chat.reply(list(session.turns[index - 1].messages)))
@@ -101,6 +116,46 @@ def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language
                     turns.append(Turn(speaker, "", said or ("…",), False))
                 out.append({"model_as": persona, "facing": user, "language": opener_language,
                             "turns": [{"speaker": t.speaker, "messages": list(t.messages)} for t in turns]})
+    return out
+
+
+def _before(memory: Recall | None, session: Session) -> Recall | None:
+    """The recall of a held-out session: from the sessions that ended before it started."""
+    from doppel.memory.recall import Recall
+
+    return None if memory is None else Recall(memory.memory, memory.budget, conversation=session.id,
+                                              before=session.start)
+
+
+def recall_probes(model: Any, tokenizer: Any, sessions: list[Session], recall: dict[str, set[int]],
+                  memory: Recall, cfg: EvalConfig, count: int = 3) -> list[dict[str, Any]]:
+    """Held-out turns that mention something told before: the real turn, and the turn generated from the same
+    conversation with and without memory, with what was recalled."""
+    from doppel.render import memory_text
+    from doppel.serving.chat import Conversation
+
+    out = []
+    found = [(s, i) for s in sessions for i in sorted(recall.get(s.id, ())) if i > 0][:count]
+    for session, index in found:
+        turn, before = session.turns[index], session.turns[index - 1]
+        said = {}
+        recalled = ""
+        for with_memory in (True, False):
+            chat = Conversation(model, tokenizer, turn.speaker, before.speaker,
+                                Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
+                                memory=_before(memory, session) if with_memory else None)
+            chat.history = list(session.turns[:index - 1])
+            try:
+                said[with_memory] = list(chat.reply(list(before.messages)))
+            except ContextTooLong:
+                said[with_memory] = []
+            if with_memory:
+                recalled = memory_text(chat.recalled)
+        out.append({"session": session.id, "speaker": turn.speaker,
+                    "context": [{"speaker": t.speaker, "messages": list(t.messages)}
+                                for t in session.turns[max(0, index - 2):index]],
+                    "real": list(turn.messages), "with_memory": said[True], "without_memory": said[False],
+                    "recalled": recalled})
     return out
 
 
@@ -142,18 +197,49 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
         done[0] += 1
         progress(done[0], total)
 
+    memory = _memory(run, dataset)
+    blocks, recall = None, None
+    if memory is not None:
+        from doppel.memory.recall import for_sessions, recall_turns
+
+        blocks = [ids for ids, _ in for_sessions(memory.memory, sessions, tokenizer, memory.budget, None)]
+        recall = recall_turns(memory.memory, sessions)
     results: dict[str, Any] = {}
     for name, model in (("base", other), ("tuned", tuned)):
         with use_base() if name == "base" else nullcontext():
-            results[name] = {"losses": speaker_losses(model, tokenizer, sessions, max_length),
-                             "generated": generate_turns(model, tokenizer, sessions, cfg, step)}
+            # the tuned model as it chats: with memory when it trained with it
+            recalls = memory if name == "tuned" and info.memory_tokens else None
+            losses = speaker_losses(model, tokenizer, sessions, max_length, blocks if recalls else None, recall)
+            results[name] = {"losses": {k: v for k, v in losses.items() if "/recall" not in k},
+                             "generated": generate_turns(model, tokenizer, sessions, cfg, step, recalls)}
             results[name]["probes"] = probes(model, tokenizer, owner, contacts, language, cfg)
+            if memory is not None:
+                other_losses = speaker_losses(model, tokenizer, sessions, max_length, None if recalls else blocks,
+                                              recall)
+                with_, without = (losses, other_losses) if recalls else (other_losses, losses)
+                results[name]["memory"] = {"with": with_, "without": without}
+                if name == "tuned":
+                    results[name]["recall_probes"] = recall_probes(model, tokenizer, sessions, recall or {}, memory,
+                                                                   cfg)
     real: dict[str, list[tuple[str, ...]]] = {}
     for session, index in targets:
         real.setdefault(session.turns[index].speaker, []).append(session.turns[index].messages)
+    if recall is not None:
+        by_id = {s.id: s for s in sessions}
+        results["recall_turns"] = Counter(by_id[sid].turns[i].speaker for sid, found in recall.items() for i in found)
     result = report.build(run.path, dataset.path, cfg, owner, real, results)
     report.write(run.path / EVAL_DIR, result, run.metrics())
     return result
+
+
+def _memory(run: Run, dataset: Dataset) -> Recall | None:
+    """The dataset's memory, with the run's budget; None when the dataset has none."""
+    from doppel.memory.index import Memory
+    from doppel.memory.recall import Recall
+
+    if dataset.memory_path is None:
+        return None
+    return Recall(Memory.open(dataset.memory_path), run.info.memory_tokens or run.config.memory_budget)
 
 
 def _comparison(compare: str, tuned: Any, info: RunInfo, tokenizer: Any) -> tuple[Any, Any]:

@@ -34,6 +34,9 @@ def build(run: Path, dataset: Path, cfg: Any, owner: str, real: dict[str, list[t
                             **measures, "vocabulary_overlap": overlap,
                             "style_distance": style.distance(entry["real"], measures, overlap) if generated else None,
                             "samples": [list(t) for t in generated[:3]]}
+            if "memory" in results[model]:
+                entry[model]["memory"] = _memory(results[model]["memory"], name,
+                                                 results.get("recall_turns", {}).get(name, 0))
         speakers.append(entry)
     overall = {}
     for model in ("base", "tuned"):
@@ -45,7 +48,19 @@ def build(run: Path, dataset: Path, cfg: Any, owner: str, real: dict[str, list[t
                           "style_distance": round(sum(distances) / len(distances), 4) if distances else None}
     return {"run": str(run), "dataset": str(dataset), "compare": cfg.compare, "seed": cfg.seed,
             "sessions": cfg.max_sessions, "owner": owner, "speakers": speakers, "overall": overall,
-            "probes": {"base": results["base"]["probes"], "tuned": results["tuned"]["probes"]}}
+            "probes": {"base": results["base"]["probes"], "tuned": results["tuned"]["probes"]},
+            "recall_probes": results["tuned"].get("recall_probes", [])}
+
+
+def _memory(losses: dict[str, dict[str, tuple[float, int]]], name: str, turns: int) -> dict[str, Any]:
+    """A speaker's held-out loss with and without the memory block, on all trained turns and on the recall turns."""
+    def loss(which: str, key: str) -> float | None:
+        nll, count = losses[which].get(key, (0.0, 0))
+        return round(nll / count, 4) if count else None
+
+    return {"loss_with": loss("with", name), "loss_without": loss("without", name), "recall_turns": turns,
+            "recall_loss_with": loss("with", f"{name}/recall"),
+            "recall_loss_without": loss("without", f"{name}/recall")}
 
 
 def headline(result: dict[str, Any]) -> list[str]:
@@ -59,6 +74,22 @@ def headline(result: dict[str, Any]) -> list[str]:
     base, tuned = result["overall"]["base"]["style_distance"], result["overall"]["tuned"]["style_distance"]
     if base is not None and tuned is not None:
         lines.append(f"style distance to the real turns (0 = same): base {base:.3f} → tuned {tuned:.3f}")
+    lines += memory_lines(result)
+    return lines
+
+
+def memory_lines(result: dict[str, Any]) -> list[str]:
+    """Per speaker with recall turns: the tuned model's loss on them with memory against without, said plainly."""
+    lines = []
+    for s in result["speakers"]:
+        memory = s["tuned"].get("memory")
+        if not memory or not memory["recall_turns"] or memory["recall_loss_with"] is None:
+            continue
+        with_, without = memory["recall_loss_with"], memory["recall_loss_without"]
+        verdict = "memory helps" if with_ < without - 0.01 else "memory does not help" if with_ > without + 0.01 \
+            else "no difference"
+        lines.append(f"{s['name']}: loss on {memory['recall_turns']} turns that recall an earlier session: "
+                     f"{without:.3f} without memory → {with_:.3f} with ({verdict})")
     return lines
 
 
@@ -89,6 +120,20 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {name} | {_num(s['real'].get(name, ''))} | {_num(s['base'][name])} "
                        f"| {_num(s['tuned'][name])} |")
         out.append("")
+    if any("memory" in s["tuned"] for s in result["speakers"]):
+        out += ["## Memory", "", "Held-out loss of each model without and with the memory block; recall turns: "
+                "held-out turns that mention a rare word told in an earlier session of the same chat.", "",
+                "| speaker | model | loss without | loss with | recall turns | recall loss without "
+                "| recall loss with |",
+                "|---|---|---|---|---|---|---|"]
+        for s in result["speakers"]:
+            for model in ("base", "tuned"):
+                m = s[model].get("memory")
+                if m:
+                    out.append(f"| {s['name']} | {model} | {_num(m['loss_without'])} | {_num(m['loss_with'])} | "
+                               f"{m['recall_turns']} | {_num(m['recall_loss_without'])} "
+                               f"| {_num(m['recall_loss_with'])} |")
+        out += ["", *memory_lines(result), ""]
     out += ["Plots: loss.png, style.png, training.png. Probe conversations: probes.md.", ""]
     return "\n".join(out)
 
@@ -100,6 +145,16 @@ def transcripts(result: dict[str, Any]) -> str:
             out += [f"## {model}: model as {probe['model_as']}, facing {probe['facing']} ({probe['language']})", ""]
             for turn in probe["turns"]:
                 out += [f"**{turn['speaker']}**"] + ["> " + m.replace("\n", "\n> ") for m in turn["messages"]] + [""]
+    if result.get("recall_probes"):
+        out += ["# Recall: held-out turns that mention something told in an earlier session", ""]
+        for probe in result["recall_probes"]:
+            out += [f"## {probe['speaker']}, session {probe['session']}", ""]
+            for turn in probe["context"]:
+                out += [f"**{turn['speaker']}**"] + ["> " + m for m in turn["messages"]] + [""]
+            out += ["Recalled (the memory block):", "", "```", probe["recalled"] or "(nothing)", "```", ""]
+            for label, key in (("real", "real"), ("tuned, with memory", "with_memory"),
+                               ("tuned, without memory", "without_memory")):
+                out += [f"**{probe['speaker']}** ({label})"] + ["> " + m for m in probe[key] or ["…"]] + [""]
     return "\n".join(out)
 
 

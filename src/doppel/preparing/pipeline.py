@@ -22,8 +22,10 @@ from doppel.dataset import (
     EVAL_FILE,
     MARKER,
     MARKER_FILE,
+    MEMORY_DIR,
     STATS_FILE,
     TRAIN_FILE,
+    Dataset,
     DatasetStats,
     Speaker,
     jsonl_line,
@@ -36,9 +38,11 @@ from doppel.records import Session
 
 
 def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = None,
-            progress: Callable[[int, int], None] | None = None) -> DatasetStats:
+            progress: Callable[[int, int], None] | None = None,
+            memory_progress: Callable[[int, int], None] | None = None) -> DatasetStats:
     """Build the dataset in `out` from an export (a file, or the folder that holds it) and return its stats.
-    Raises `ExportError` on bad input."""
+    `progress` is called with the bytes read and the export's size, `memory_progress` with the memory entries
+    embedded and the number to embed. Raises `ExportError` on bad input."""
     cfg = cfg or PrepareConfig()
     export, out = export_file(Path(export)), Path(out).resolve()  # "." too has a parent for the work folder
     header = read_header(export)
@@ -49,6 +53,8 @@ def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = Non
         census = _collect(export, header, cfg, work / "spool.jsonl", progress)
         stats = _write(census, header, cfg, work)
         (work / "spool.jsonl").unlink()
+        if cfg.memory:
+            stats = _memory(work, out, stats, memory_progress)
         stats.write(work)
         config.dump(cfg, work / CONFIG_FILE)
         (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
@@ -57,6 +63,26 @@ def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = Non
         shutil.rmtree(work, ignore_errors=True)
         raise
     return stats
+
+
+def _memory(work: Path, out: Path, stats: DatasetStats, progress: Callable[[int, int], None] | None
+            ) -> DatasetStats:
+    """The memory index of the sessions just written; vectors of texts the dataset in `out` already had are reused."""
+    from dataclasses import asdict, replace
+
+    from doppel.memory import index
+
+    dataset = Dataset(work, stats)
+    sessions = ((s, split) for split in ("train", "eval") for s in dataset.sessions(split))
+    built = index.build(sessions, work / MEMORY_DIR, out / MEMORY_DIR if (out / MEMORY_DIR).is_dir() else None,
+                        progress)
+    return replace(stats, memory=asdict(built))
+
+
+def _memory_files() -> set[str]:
+    from doppel.memory import index
+
+    return {index.MANIFEST, index.ENTRIES, index.VECTORS, *(f"{index.KEYWORDS}/{n}" for n in index.KEYWORD_FILES)}
 
 
 def _check_target(out: Path) -> None:
@@ -70,7 +96,13 @@ def _check_target(out: Path) -> None:
     if not out.is_dir():
         return
     entries = sorted(out.iterdir())
-    stray = next((p.name for p in entries if p.name not in DATASET_FILES or not p.is_file()), None)
+    memory = out / MEMORY_DIR
+    stray = next((p.name for p in entries if (p.name not in DATASET_FILES or not p.is_file()) and p != memory), None)
+    if stray is None and memory.exists():
+        known = _memory_files()
+        stray = next((f"{MEMORY_DIR}/{p.relative_to(memory)}" for p in sorted(memory.rglob("*"))
+                      if (str(p.relative_to(memory)) not in known or not p.is_file()) and p != memory / "keywords"),
+                     None)
     if stray is not None:
         raise ExportError(f"{out} is not a doppel dataset ({stray} is not one of its files); "
                           "refusing to replace it")
@@ -87,9 +119,11 @@ def _swap(work: Path, out: Path) -> None:
     work.rename(out)
     if old is not None:
         # by name: a file that appeared since the check stays, in the renamed directory
-        for name in DATASET_FILES:
+        for name in DATASET_FILES | {f"{MEMORY_DIR}/{n}" for n in _memory_files()}:
             (old / name).unlink(missing_ok=True)
-        old.rmdir()
+        for folder in (old / MEMORY_DIR / "keywords", old / MEMORY_DIR, old):
+            if folder.is_dir():
+                folder.rmdir()
 
 
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,

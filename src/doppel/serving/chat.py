@@ -2,7 +2,8 @@
 
 The prompt is the history rendered exactly as in training, then `<|im_start|>{persona}\\n`: the caller
 always writes the header, so the model only ever speaks as the persona, and generation stops at
-`<|im_end|>`. A reply body is one or more `>>> ` messages.
+`<|im_end|>`. A reply body is one or more `>>> ` messages. With a memory (memory/recall.py), the prompt
+opens with the memory block recalled for this reply, rendered as in training.
 """
 
 from __future__ import annotations
@@ -11,12 +12,57 @@ import difflib
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from doppel.config import Sampling
 from doppel.errors import ChatError, ContextTooLong, GenerationFailed
-from doppel.records import Turn
-from doppel.render import IM_END, IM_START, PREFIX, header, header_name, segment_ids, turn_ids, turn_segments
+from doppel.records import MemoryEntry, Turn
+from doppel.render import (
+    IM_END,
+    IM_START,
+    PREFIX,
+    header,
+    header_name,
+    memory_segments,
+    segment_ids,
+    turn_ids,
+    turn_segments,
+)
+
+if TYPE_CHECKING:
+    from doppel.memory.recall import Recall
+    from doppel.run import Run
+
+
+def open_memory(run: Run | None, setting: str = "auto", remember: bool = False) -> Recall | None:
+    """The memory a chat with `run` recalls from: its dataset's memory index, with the run's memory budget.
+
+    `setting` "auto" uses it when the run trained with memory, "on" always, "off" never. `remember` keeps the
+    conversations in RUN/memory/remembered.jsonl. `MemoryIndexError` when the index is needed and missing or damaged.
+    """
+    from doppel.errors import MemoryIndexError
+    from doppel.memory.index import REMEMBERED, Memory
+    from doppel.memory.recall import Recall
+    from doppel.run import MEMORY_DIR
+
+    if setting == "off":
+        if remember:
+            raise ChatError("remember needs the memory; leave out --memory off")
+        return None
+    if run is None:
+        if setting == "on" or remember:
+            raise ChatError("memory needs a trained run, whose dataset has the memory index")
+        return None
+    info = run.info
+    if setting == "auto" and info.memory_tokens is None and not remember:
+        return None  # trained without memory: chats as it was trained
+    folder = Path(info.dataset) / MEMORY_DIR
+    if not folder.is_dir():
+        raise MemoryIndexError(f"{folder}: no memory index (the run's dataset was moved, or prepared without memory); "
+                               "prepare it again, or chat with --memory off")
+    memory = Memory.open(folder, run.path / MEMORY_DIR / REMEMBERED)
+    return Recall(memory, info.memory_tokens or run.config.memory_budget, remember)
 
 
 def pick_people(known: list[str], owner: str | None, persona: str | None = None,
@@ -55,11 +101,13 @@ class Conversation:
     """One chat: who the model plays, who writes, the turns so far.
 
     `max_context` is the model's window (prompt and reply); `max_prompt` caps the prompt alone. Older turns
-    are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be.
+    are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be. `memory`
+    recalls earlier conversations before each reply (within its budget and the room the newest turn leaves);
+    `recalled` is what the last prompt held.
     """
 
     def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling | None = None,
-                 max_context: int | None = None, max_prompt: int | None = None) -> None:
+                 max_context: int | None = None, max_prompt: int | None = None, memory: Recall | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.persona, self.user, self.sampling = persona, user, sampling or Sampling()
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -67,6 +115,8 @@ class Conversation:
         self.max_prompt = max_prompt
         self.history: list[Turn] = []
         self.last: Reply | None = None  # the newest reply
+        self.memory = memory
+        self.recalled: list[MemoryEntry] = []
         ends = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
         self.stops = ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
 
@@ -84,10 +134,24 @@ class Conversation:
         if turn_size > budget:
             raise ContextTooLong(self._too_long(turn_size, budget))
 
+    def reset(self) -> None:
+        """Start a new conversation (a remembered one stays remembered)."""
+        self.history.clear()
+        self.recalled = []
+        if self.memory is not None:
+            self.memory.reset()
+
     def _fit(self) -> tuple[list[int], str]:
-        """(prompt ids, prompt text): the newest turns that fit, then the persona's header."""
+        """(prompt ids, prompt text): the memory block, the newest turns that fit, then the persona's header."""
         head = self._head()
         budget = self._budget(head)
+        block: list[int] = []
+        self.recalled = []
+        if self.memory is not None and self.history:
+            newest = len(turn_ids(self.tokenizer, self.history[-1])[0])
+            block, self.recalled = self.memory.block(self.tokenizer, self.history, {self.persona, self.user},
+                                                     min(self.memory.budget, budget - newest))
+            budget -= len(block)
         ids: list[int] = []
         texts: list[str] = []
         for n, turn in enumerate(reversed(self.history)):
@@ -99,7 +163,8 @@ class Conversation:
             ids[:0] = size_ids
             texts.insert(0, "".join(piece for piece, _ in turn_segments(turn)))
             budget -= len(size_ids)
-        return ids + head, "".join(texts) + header(self.persona)
+        memory = "".join(piece for piece, _ in memory_segments(self.recalled))
+        return block + ids + head, memory + "".join(texts) + header(self.persona)
 
     def _too_long(self, size: int, budget: int) -> str:
         room = f"{self.max_context} tokens of context, {self.sampling.max_new_tokens} kept for the reply"
@@ -151,6 +216,8 @@ class Conversation:
     def _turn(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         yield from self._stream(reply, ids, cancel)
         self.history.append(Turn(self.persona, "", tuple(reply.messages), False))
+        if self.memory is not None:
+            self.memory.keep(self.history)
 
     def _stream(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""

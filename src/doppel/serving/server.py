@@ -2,7 +2,9 @@
 
 `model` in a request names the persona; each `user` message's `name` says who writes (default: the
 server's `--as`); `assistant` messages are the persona's earlier replies. A reply's content is the
-persona's messages joined by newlines. One model is in memory and requests take turns on it.
+persona's messages joined by newlines. One model is in memory and requests take turns on it. With a memory, each
+reply opens with what it recalls, and the response says what in an extension field, `doppel.memory` (in a stream,
+on the first chunk); clients that do not know it ignore it.
 
 No request can hold the model for good: a failed generation becomes an error in OpenAI's shape and frees
 the model, a client that leaves stops its generation (waiting or running), and the body size, the number of
@@ -30,7 +32,8 @@ from starlette.exceptions import HTTPException
 
 from doppel.config import LOOPBACK, Sampling, ServeConfig
 from doppel.errors import ChatError, ContextTooLong, DoppelError
-from doppel.records import Turn
+from doppel.memory.recall import Recall
+from doppel.records import MemoryEntry, Turn
 from doppel.render import header_name
 from doppel.serving.chat import Conversation, Reply
 
@@ -122,7 +125,8 @@ def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list
 
 
 def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: str,
-               cfg: ServeConfig | None = None, default_persona: str | None = None) -> FastAPI:
+               cfg: ServeConfig | None = None, default_persona: str | None = None,
+               memory: Recall | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     app = FastAPI(title="doppel", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one generation at a time on the one model; the others wait their turn
@@ -173,8 +177,13 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             (p for p in personas if p != request.model), "Friend")
         earlier, last = history(request, request.model, writer)
         try:
+            recall = None
+            if memory is not None:  # a conversation that goes on opens with the same turn: the same remembered id
+                opening = earlier[0] if earlier else last
+                recall = Recall(memory.memory, memory.budget, memory.remember, Recall.new_conversation(
+                    json.dumps([request.model, opening.speaker, opening.messages], ensure_ascii=False)))
             chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
-                                max_prompt=cfg.max_prompt_tokens)
+                                max_prompt=cfg.max_prompt_tokens, memory=recall)
             chat.history = earlier
             chat.add(list(last.messages))
         except ContextTooLong as exc:
@@ -210,11 +219,14 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         stops = body.stops()
         cancel = threading.Event()
         # tokenizing a long history is work too: not on the event loop
-        reply = await asyncio.to_thread(lambda: conversation(body).answer(cancel))
+        chat = await asyncio.to_thread(conversation, body)
+        reply = await asyncio.to_thread(chat.answer, cancel)
+        extension = {"doppel": {"memory": [_entry(e) for e in chat.recalled]}} if memory is not None else {}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return StreamingResponse(_events(replies(reply, stops, cancel), cancel, lambda: reply.finish_reason or
-                                             "length", ident, created, body.model), media_type="text/event-stream")
+                                             "length", ident, created, body.model, extension),
+                                     media_type="text/event-stream")
         work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(reply, stops, cancel))))
         try:
             while not work.done():
@@ -230,9 +242,15 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                 "choices": [{"index": 0, "finish_reason": reply.finish_reason or "length", "logprobs": None,
                              "message": {"role": "assistant", "content": "\n".join(said)}}],
                 "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
+                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}, **extension}
 
     return app
+
+
+def _entry(entry: MemoryEntry) -> dict[str, Any]:
+    """A recalled entry as the `doppel.memory` extension field shows it."""
+    return {"id": entry.id, "chat": entry.chat_name, "speakers": list(entry.speakers), "start": entry.start,
+            "end": entry.end, "lines": [{"speaker": s, "text": t} for s, t in entry.lines]}
 
 
 def _host_allowed(host: str, cfg: ServeConfig) -> bool:
@@ -291,12 +309,12 @@ class Guard:
 
 
 async def _events(messages: Iterator[str], cancel: threading.Event, finish: Callable[[], str], ident: str,
-                  created: int, model: str) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, one chunk per message (newline-separated), a finish chunk, [DONE];
-    an error event instead of the finish chunk when generation fails."""
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
+                  created: int, model: str, extension: dict[str, Any]) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk (with the `extension` fields), one chunk per message (newline-separated), a
+    finish chunk, [DONE]; an error event instead of the finish chunk when generation fails."""
+    def chunk(delta: dict[str, Any], reason: str | None = None, **more: Any) -> str:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **more}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
@@ -312,7 +330,7 @@ async def _events(messages: Iterator[str], cancel: threading.Event, finish: Call
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"role": "assistant", "content": ""}, **extension)
         threading.Thread(target=produce, daemon=True).start()
         first = True
         while (message := await queue.get()) is not None:

@@ -11,23 +11,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.dataset import Dataset as DoppelDataset
 from doppel.dataset import Split
 from doppel.render import IGNORE
 
+if TYPE_CHECKING:
+    from doppel.memory.index import Memory
 
-def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: int) -> Any:
-    """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session."""
+
+def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: int, memory: Memory | None = None,
+              memory_tokens: int = 0) -> Any:
+    """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session; with a `memory`, each opens
+    with the session's memory block (memory/recall.py): for training sessions, recalled from the training sessions
+    that ended before it; for held-out ones, from any session that did."""
     from datasets import Dataset
 
+    from doppel.memory.recall import for_sessions
     from doppel.render import encode
 
     ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for session in dataset.sessions(split):
-        for sample_ids, sample_labels in encode(session, tokenizer, max_length):
+    sessions = list(dataset.sessions(split))
+    blocks = for_sessions(memory, sessions, tokenizer, memory_tokens, {"train"} if split == "train" else None) \
+        if memory is not None else [([], [])] * len(sessions)
+    for session, (block, _) in zip(sessions, blocks, strict=True):
+        for sample_ids, sample_labels in encode(session, tokenizer, max_length, block):
             ids.append(sample_ids)
             labels.append(sample_labels)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})

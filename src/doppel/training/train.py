@@ -71,13 +71,15 @@ def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: 
 
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
+    memory = _memory(cfg, dataset)
     args = _arguments(cfg, how, run.path)
     with args.main_process_first(desc="tokenizing"):
         run.path.mkdir(parents=True, exist_ok=True)
         config.dump(cfg, run.path / CONFIG_FILE)
         shutil.copyfile(dataset.path / STATS_FILE, run.path / RUN_STATS_FILE)
         data = {split: packing.rows(packing.cached(
-            run.path / TOKENS / split, lambda s=split: packing.tokenized(dataset, s, tokenizer, cfg.max_length)),
+            run.path / TOKENS / split, lambda s=split: packing.tokenized(dataset, s, tokenizer, cfg.max_length, memory,
+                                                   cfg.memory_budget)),
             cfg.max_length, cfg.packing) for split in ("train", "eval")}
     if args.process_index == 0:  # one process rewrites the log
         if checkpoint is not None:
@@ -120,7 +122,7 @@ def _train(dataset: Dataset, run: Run, cfg: TrainConfig, how: Plan, checkpoint: 
                    next((r["eval_loss"] for r in reversed(logged) if "eval_loss" in r), None),
                    str(dataset.path.resolve()), stats.owner_id, stats.owner_name, how.attention, how.precision,
                    args.world_size, str(trainer.accelerator.distributed_type).split(".")[-1].lower(),
-                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), how.to_json())
+                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), how.to_json(), cfg.memory_budget if memory else None)
     if save:
         _save(trainer, tokenizer, run, info)
     return info
@@ -131,6 +133,18 @@ def _dataset(path: Path) -> Dataset:
     if not dataset.stats.train_sessions:
         raise TrainError(f"{path} has no training sessions; check doppel inspect {path}")
     return dataset
+
+
+def _memory(cfg: TrainConfig, dataset: Dataset) -> Any:
+    """The dataset's memory index when the run trains with memory, else None."""
+    from doppel.memory.index import Memory
+
+    if cfg.memory == "off" or (cfg.memory == "auto" and dataset.memory_path is None):
+        return None
+    if dataset.memory_path is None:
+        raise TrainError(f"{dataset.path} has no memory index (it was prepared with --no-memory or by an older "
+                         "doppel); prepare it again, or train with --memory off")
+    return Memory.open(dataset.memory_path)
 
 
 def _start(run: Run, cfg: TrainConfig) -> tuple[Path | None, bool]:
