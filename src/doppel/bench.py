@@ -246,3 +246,100 @@ def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
             "prompt_tokens": int(ids.shape[1]), "new_tokens": tokens,
             "time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
             "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1), "repeats": repeats}
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+def bench_memory_recall() -> dict[str, Any]:
+    """Recall@1 and @5 of dense, BM25 and hybrid retrieval on the labelled fixture (memory/labelled.py)."""
+    import numpy as np
+
+    from doppel.memory import index, labelled
+    from doppel.memory.text import Encoder
+
+    out: dict[str, Any] = {}
+    encoder = Encoder()
+    for name, pairs in (("across_languages", labelled.ACROSS), ("same_language", labelled.SAME)):
+        snippets = list(dict.fromkeys([answer for _, answer in pairs] + labelled.DISTRACTORS))
+        with tempfile.TemporaryDirectory() as tmp:
+            from doppel.records import ChatRef, Session, Turn
+
+            sessions = [(Session(str(i), ChatRef(1, "c", None), i, i, (Turn("A", "A", (text,), True),)), "train")
+                        for i, text in enumerate(snippets)]
+            index.build(sessions, Path(tmp), encoder=encoder)
+            memory = index.Memory.open(Path(tmp))
+        queries = encoder([q for q, _ in pairs])
+        mask = np.ones(len(snippets), dtype=bool)
+        hits = {method: [0, 0] for method in ("dense", "bm25", "hybrid")}
+        for (query, answer), vector in zip(pairs, queries, strict=True):
+            gold = snippets.index(answer)
+            dense = memory.vectors @ vector
+            keyword = index._keyword_scores(memory._keywords, len(snippets), query, len(snippets))
+            positive = np.flatnonzero(keyword > 0)
+            ranked = {"dense": [int(i) for i in np.argsort(-dense, kind="stable")],
+                      "bm25": [int(i) for i in positive[np.argsort(-keyword[positive], kind="stable")]],
+                      "hybrid": index._fuse(dense, keyword, mask, memory._people, frozenset(), memory._ends)}
+            for method, order in ranked.items():
+                hits[method][0] += order[:1] == [gold]
+                hits[method][1] += gold in order[:5]
+        out[name] = {"queries": len(pairs), "entries": len(snippets),
+                     **{f"{m}_recall_at_{k}": f"{h[j]}/{len(pairs)}" for m, h in hits.items()
+                        for j, k in ((0, 1), (1, 5))}}
+    return out
+
+
+def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
+    """The fixture's recall; the memory of a `messages`-message synthetic export (build, re-run, search); and a reply
+    of the embedded model with memory against without."""
+    import time
+
+    from doppel.config import PrepareConfig, Sampling
+    from doppel.memory.index import Memory
+    from doppel.memory.recall import Recall
+    from doppel.preparing.pipeline import prepare
+    from doppel.readers.synthetic import write_large_export
+    from doppel.records import Turn
+    from doppel.run import open_model
+    from doppel.serving.chat import Conversation
+
+    result: dict[str, Any] = {"recall": bench_memory_recall()}
+    with tempfile.TemporaryDirectory() as tmp:
+        export = (keep or Path(tmp)) / "result.json"
+        if not export.exists():
+            with export.open("wb") as handle:
+                write_large_export(handle, messages)
+        data = Path(tmp) / "data"
+        began = time.perf_counter()
+        stats = prepare(export, data, PrepareConfig())
+        total = time.perf_counter() - began
+        again = prepare(export, data, PrepareConfig())
+        memory = Memory.open(data / "memory")
+        queries = ["see you at the station tomorrow?", "пойдём гулять", "what are you doing tonight", "да нет"]
+        began = time.perf_counter()
+        for query in queries * 5:
+            memory.search(query)
+        search_ms = (time.perf_counter() - began) / (len(queries) * 5) * 1000
+        result["index"] = {"messages": messages, "entries": stats.memory["entries"],
+                           "prepare_s": round(total, 1), "memory_build_s": stats.memory["seconds"],
+                           "rerun_embedded": again.memory["embedded"], "rerun_memory_build_s": again.memory["seconds"],
+                           "search_ms": round(search_ms, 1)}
+        loaded = open_model(None)
+        times = {}
+        for label, recall in (("without", None), ("with", Recall(memory, 256))):
+            chat = Conversation(loaded.model, loaded.tokenizer, "Me Owner", "Friend 1",
+                                Sampling(temperature=0, max_new_tokens=tokens), memory=recall)
+            runs = []
+            for k in range(repeats + 1):
+                chat.history = [Turn("Friend 1", "", ("hey", "what are you doing tonight?"), False)]
+                began = time.perf_counter()
+                reply = chat.answer()
+                reply.wait()
+                if k:
+                    runs.append(time.perf_counter() - began)
+            times[label] = (sorted(runs)[len(runs) // 2], reply.prompt_tokens, reply.completion_tokens)
+        result["reply"] = {"tokens_max": tokens, "without_s": round(times["without"][0], 3),
+                           "with_s": round(times["with"][0], 3),
+                           "prompt_tokens_without": times["without"][1], "prompt_tokens_with": times["with"][1],
+                           "ratio": round(times["with"][0] / times["without"][0], 2)}
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    return result
