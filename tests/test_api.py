@@ -20,12 +20,14 @@ def test_the_readme_example_runs_as_written(tiny, tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace("MODEL = None", f"MODEL = {str(tiny)!r}"), "README.md", "exec"), {})
     out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("step ")]  # train's log
-    assert out[0] == "102 sessions from 4 chats, 8.01 messages per session on average (96 train, 6 eval)"
+    assert out[0] == "102 sessions from 4 chats, 7.95 messages per session on average (96 train, 6 eval)"
     assert out[1].split()[0] == "4"
-    said = [line for line in out[2:-3] if line.startswith("Lena Volkova: ")]
-    assert said == out[2:-3]  # the owner plays; what a random tiny model says is noise
-    usage, finish = out[-3].rsplit(" ", 1)
-    assert finish in ("stop", "length") and usage.startswith("(22, ")
+    said = [line for line in out[2:-4] if line.startswith("Lena Volkova: ")]
+    assert said == out[2:-4]  # the owner plays; what a random tiny model says is noise
+    usage, finish = out[-4].rsplit(" ", 1)
+    # the prompt: the two messages (22 tokens) after a memory block of 58, within the run's budget of 256 / 4
+    assert finish in ("stop", "length") and usage.startswith("(80, ")
+    assert out[-3] == "earlier conversations recalled: 1"
     assert out[-1] == "runs/api/nowhere: no such run directory"
     assert (tmp_path / "runs" / "api" / "run" / "eval" / "report.json").is_file()
 

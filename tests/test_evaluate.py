@@ -80,8 +80,13 @@ def test_report_of_a_converged_model_beats_its_base(memorised, tmp_path):
     assert [s["name"] for s in report["speakers"]] == ["Me Owner", "Max Orlov"]
     for speaker in report["speakers"]:
         assert set(speaker["tuned"]) == {"loss", "perplexity", *style.MEASURES, "vocabulary_overlap",
-                                         "style_distance", "samples"}
+                                         "style_distance", "samples", "memory"}
         assert speaker["tuned"]["loss"] < 0.5 < 5 < speaker["base"]["loss"]
+        # trained with memory: its loss is the one with memory; no word of the held-out session is rare
+        memory = speaker["tuned"]["memory"]
+        assert memory["loss_with"] == speaker["tuned"]["loss"] and memory["loss_without"] < 0.5
+        assert (memory["recall_turns"], memory["recall_loss_with"], memory["recall_loss_without"]) == (0, None, None)
+        assert speaker["base"]["memory"]["loss_without"] == speaker["base"]["loss"]
     me = report["speakers"][0]
     assert me["real"]["bracket_smiley_rate"] == 0.5 and me["tuned"]["samples"][0] == ["го))", "в 7 🙂"]
     assert report["overall"]["tuned"]["style_distance"] < report["overall"]["base"]["style_distance"]

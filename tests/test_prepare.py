@@ -55,7 +55,8 @@ def test_prepare_writes_the_documented_schema(write, tmp_path):
         "messages_per_session": 3.0, "messages": 60,
         "speakers": [{"id": f"user{MAX}", "name": "Max Orlov", "messages": 40, "turns": 20},
                      {"id": f"user{ME}", "name": "Me Owner", "messages": 20, "turns": 20}],
-        "dropped": {}, "excluded_chats": {}, "warnings": []}
+        "dropped": {}, "excluded_chats": {}, "warnings": [],
+        "memory": {"entries": 20, "embedded": 20, "reused": 0}}
     assert "session_gap: 10.0" in (tmp_path / "data" / "config.yaml").read_text()
 
 
@@ -133,16 +134,29 @@ def test_existing_dataset_survives_a_failed_run_and_is_replaced_by_a_good_one(wr
     good = write(full_export([personal(MAX, sessions_for(3))]))
     out = tmp_path / "data"
     assert run("prepare", good, "-o", out).exit_code == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert "memory/vectors.npy" in before and len(before) == 13  # 4 dataset files, the marker, 8 of the memory
     broken = tmp_path / "broken.json"
     broken.write_bytes(good.read_bytes()[:-100])
     assert run("prepare", broken, "-o", out).exit_code == 2
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     bigger = write(full_export([personal(MAX, sessions_for(5))]), "bigger.json")
     assert run("prepare", bigger, "-o", out).exit_code == 0
     assert len(read_jsonl(out / "sessions.train.jsonl")) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger.json", "broken.json", "data",
                                                           "result.json"]
+
+
+def test_a_file_of_someone_else_in_the_memory_folder_is_never_deleted(write, tmp_path):
+    export = write(full_export([personal(MAX, sessions_for(3))]))
+    out = tmp_path / "data"
+    pipeline.prepare(export, out, PrepareConfig())
+    (out / "memory" / "notes.txt").write_text("precious")
+    with pytest.raises(ExportError) as err:
+        pipeline.prepare(export, out, PrepareConfig())
+    assert str(err.value) == f"{out} is not a doppel dataset (memory/notes.txt is not one of its files); refusing " \
+                             "to replace it"
+    assert (out / "memory" / "notes.txt").read_text() == "precious" and (out / "memory" / "vectors.npy").is_file()
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_dataset(write, tmp_path):
@@ -177,8 +191,8 @@ def test_refuses_a_directory_with_anything_but_dataset_files(write, tmp_path, en
 def test_replaces_a_dataset_of_this_version_and_of_the_previous_one(write, tmp_path):
     out = tmp_path / "data"
     pipeline.prepare(write(full_export([personal(MAX, sessions_for(3))])), out, PrepareConfig())
-    assert sorted(p.name for p in out.iterdir()) == [".doppel-dataset", "config.yaml", "sessions.eval.jsonl",
-                                                     "sessions.train.jsonl", "stats.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".doppel-dataset", "config.yaml", "memory",
+                                                     "sessions.eval.jsonl", "sessions.train.jsonl", "stats.json"]
     assert (out / ".doppel-dataset").read_text() == "doppel-dataset/1\n"
     bigger = write(full_export([personal(MAX, sessions_for(5))]), "bigger.json")
     assert pipeline.prepare(bigger, out, PrepareConfig()).to_json()["sessions"] == {"train": 5, "eval": 0}
@@ -279,7 +293,7 @@ def test_sample_export_and_inspect(sample, tmp_path):
     result = run("prepare", sample, "-o", tmp_path / "d")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[:2] == [
-        "102 sessions from 4 chats, 8.01 messages per session on average (96 train, 6 eval)",
+        "102 sessions from 4 chats, 7.95 messages per session on average (96 train, 6 eval)",
         "you: Lena Volkova (user700100200)"]
     stats = json.loads((tmp_path / "d" / "stats.json").read_text())
     assert stats["dropped"] == {"excluded chat": 9, "forwarded": 1, "media": 1, "service": 1,
@@ -355,4 +369,4 @@ def test_prepare_into_the_current_directory(write, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "here")
     stats = pipeline.prepare(export, ".", PrepareConfig(eval_fraction=0))
     assert stats.train_sessions == 1 and sorted(p.name for p in (tmp_path / "here").iterdir()) == [
-        ".doppel-dataset", "config.yaml", "sessions.eval.jsonl", "sessions.train.jsonl", "stats.json"]
+        ".doppel-dataset", "config.yaml", "memory", "sessions.eval.jsonl", "sessions.train.jsonl", "stats.json"]

@@ -1,6 +1,7 @@
 """`doppel serve`: the OpenAI-compatible API in-process and as a real process, and the web page in Chromium."""
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -174,6 +175,13 @@ def test_web_page_in_headless_chromium(page):
     replies = page.locator(".turn:not(.me) .msg").all_inner_texts()
     assert len(replies) >= 1 and all(text.strip() for text in replies)
     assert page.inner_text("#error") == ""
+    # the run trained with memory: what the reply recalled is there, folded, and opens on a click
+    summary = page.locator(".turn:not(.me) details.memory summary")
+    assert re.fullmatch(r"recalled [1-4] earlier conversations?", summary.inner_text())
+    assert not page.locator("details.memory pre").first.is_visible()
+    summary.click()
+    assert page.locator("details.memory pre").first.inner_text().splitlines()[1:3] == ["Max Orlov: yo",
+                                                                                       "Max Orlov: gym later?"]
 
 
 @pytest.mark.browser

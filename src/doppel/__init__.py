@@ -26,13 +26,14 @@ if TYPE_CHECKING:
     from doppel.preparing.pipeline import prepare
     from doppel.records import Session, Turn
     from doppel.run import Run, RunInfo, open_model
-    from doppel.serving.chat import Conversation, Reply
+    from doppel.serving.chat import Conversation, Reply, open_memory
     from doppel.serving.server import create_app
     from doppel.training.train import train
 
 _HOMES = {
     "prepare": "doppel.preparing.pipeline", "train": "doppel.training.train", "evaluate": "doppel.evaluation.evaluate",
     "create_app": "doppel.serving.server", "Conversation": "doppel.serving.chat", "Reply": "doppel.serving.chat",
+    "open_memory": "doppel.serving.chat",
     "Run": "doppel.run", "RunInfo": "doppel.run", "open_model": "doppel.run", "Dataset": "doppel.dataset",
     "DatasetStats": "doppel.dataset", "Session": "doppel.records", "Turn": "doppel.records",
     "DoppelError": "doppel.errors", **{name: "doppel.config" for name in (
@@ -40,7 +41,7 @@ _HOMES = {
 }
 __all__ = ["Conversation", "Dataset", "DatasetStats", "DoppelError", "EvalConfig", "PrepareConfig", "Reply", "Run",
            "RunInfo", "Sampling", "ServeConfig", "Session", "TrainConfig", "Turn", "create_app", "evaluate",
-           "open_model", "prepare", "train"]
+           "open_memory", "open_model", "prepare", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -503,7 +503,7 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
 @bench.command("memory")
 @click.option("--messages", type=int, default=1_000_000, show_default=True, help="messages in the synthetic export")
 @click.option("--keep", type=click.Path(path_type=Path), help="directory to keep (and reuse) the export in")
-@click.option("--tokens", type=int, default=32, show_default=True, help="new tokens per timed reply")
+@click.option("--tokens", type=int, default=64, show_default=True, help="new tokens per timed reply (at most)")
 @click.option("--repeats", type=int, default=3, show_default=True, help="timed replies each way (after one warm-up)")
 def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) -> None:
     """Memory: recall@1/@5 of dense, BM25 and hybrid retrieval on a labelled Russian/English fixture; the time to

@@ -52,7 +52,7 @@ class DatasetStats:
     dropped: dict[str, int] = field(default_factory=dict)  # messages left out, by reason
     excluded_chats: dict[str, int] = field(default_factory=dict)  # chats left out, by reason
     warnings: tuple[str, ...] = ()
-    memory: dict[str, Any] = field(default_factory=dict)  # the memory index: entries, embedded, reused, seconds
+    memory: dict[str, Any] = field(default_factory=dict)  # the memory index: entries, embedded, reused
 
     @property
     def speaker_names(self) -> list[str]:
@@ -103,7 +103,7 @@ class DatasetStats:
         lines.extend(f"warning: {w}" for w in self.warnings)
         if self.memory:
             lines.append(f"memory: {self.memory['entries']:,} entries of past sessions ({self.memory['embedded']:,} "
-                         f"embedded, {self.memory['reused']:,} reused) in {self.memory['seconds']:.1f} s")
+                         f"embedded, {self.memory['reused']:,} reused)")
         if self.excluded_chats:
             lines.append("chats not used: " + ", ".join(f"{k} {v:,}" for k, v in self.excluded_chats.items()))
         return lines

@@ -257,8 +257,11 @@ class Memory:
         import numpy as np
 
         self._ends = np.array([e.end for e in self.entries], dtype=np.int64)
-        self._splits = np.array([e.split for e in self.entries])
-        self._sessions = np.array([e.session for e in self.entries])
+        self._splits = {split: np.array([e.split == split for e in self.entries])
+                        for split in {e.split for e in self.entries}}
+        self._sessions: dict[str, list[int]] = {}
+        for i, entry in enumerate(self.entries):
+            self._sessions.setdefault(entry.session, []).append(i)
         self._people = [frozenset(e.speakers) for e in self.entries]
 
     # --- search -------------------------------------------------------------------------------------
@@ -281,9 +284,11 @@ class Memory:
             entry_splits, sessions, entry_people = self._splits, self._sessions, self._people
         allowed = np.ones(len(entries), dtype=bool)
         if splits is not None:
-            allowed &= np.isin(entry_splits, list(splits))
-        if exclude:
-            allowed &= ~np.isin(sessions, list(exclude))
+            allowed = np.zeros(len(entries), dtype=bool)
+            for split in splits:
+                allowed |= entry_splits.get(split, False)
+        for session in exclude:
+            allowed[sessions.get(session, [])] = False
         out: list[list[MemoryEntry]] = []
         block = 256
         for start in range(0, len(queries), block):
@@ -304,10 +309,12 @@ def _best(scores: Any, mask: Any) -> Any:
     """Indexes of the `CANDIDATES` best scores among the allowed ones."""
     import numpy as np
 
-    candidates = np.flatnonzero(mask)
-    if len(candidates) > CANDIDATES:
-        candidates = candidates[np.argpartition(-scores[candidates], CANDIDATES - 1)[:CANDIDATES]]
-    return candidates
+    masked = np.where(mask, scores, -np.inf)
+    if len(masked) > CANDIDATES:
+        masked_top = np.argpartition(-masked, CANDIDATES - 1)[:CANDIDATES]
+    else:
+        masked_top = np.arange(len(masked))
+    return masked_top[np.isfinite(masked[masked_top])]
 
 
 def _keyword_scores(index: Any, covered: int, query: str, size: int) -> Any:
@@ -323,23 +330,23 @@ def _keyword_scores(index: Any, covered: int, query: str, size: int) -> Any:
 
 def _fuse(dense: Any, keyword: Any, mask: Any, entry_people: list[frozenset[str]], people: frozenset[str],
           ends: Any) -> list[int]:
-    """The allowed entries best first: cosine similarity, plus `KEYWORD_WEIGHT` times the BM25 score as a share of
-    the best one, plus `PEOPLE_BONUS` for the conversation's people; among equals the newer."""
+    """The best allowed entries, best first: cosine similarity, plus `KEYWORD_WEIGHT` times the BM25 score as a share
+    of the best allowed one, plus `PEOPLE_BONUS` for the conversation's people; among equals the newer. The
+    candidates are the `CANDIDATES` best of each ranking."""
     import numpy as np
 
-    hits = np.flatnonzero(mask & (keyword > 0))
-    candidates = np.union1d(_best(dense, mask), hits[np.argsort(-keyword[hits], kind="stable")[:CANDIDATES]])
-    score = {int(i): float(dense[i]) for i in candidates}
-    if len(hits):
-        best = float(keyword[hits].max())
-        for hit in hits.tolist():
-            if hit in score:
-                score[hit] += KEYWORD_WEIGHT * float(keyword[hit]) / best
+    keyword = np.where(mask, keyword, 0.0)
+    best = float(keyword.max()) if len(keyword) else 0.0
+    candidates = _best(dense, mask)
+    if best > 0:
+        candidates = np.union1d(candidates, _best(keyword, keyword > 0))
+        score = dense[candidates] + KEYWORD_WEIGHT * keyword[candidates] / best
+    else:
+        score = dense[candidates].astype(np.float64)
     if people:
-        for i in score:
-            if people <= entry_people[i]:
-                score[i] += PEOPLE_BONUS
-    return sorted(score, key=lambda i: (-score[i], -int(ends[i]), i))
+        score = score + PEOPLE_BONUS * np.array([people <= entry_people[i] for i in candidates.tolist()])
+    order = np.lexsort((candidates, -ends[candidates], -score))
+    return [int(i) for i in candidates[order]]
 
 
 def _reason(exc: BaseException) -> str:

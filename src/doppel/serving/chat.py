@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from doppel.run import Run
 
 
-def open_memory(run: Run | None, setting: str = "auto", remember: bool = False) -> Recall | None:
-    """The memory a chat with `run` recalls from: its dataset's memory index, with the run's memory budget.
+def open_memory(run: Run | str | Path | None, setting: str = "auto", remember: bool = False) -> Recall | None:
+    """The memory a chat with `run` (a finished run or its path) recalls from: its dataset's memory index, with the
+    run's memory budget.
 
     `setting` "auto" uses it when the run trained with memory, "on" always, "off" never. `remember` keeps the
     conversations in RUN/memory/remembered.jsonl. `MemoryIndexError` when the index is needed and missing or damaged.
@@ -44,8 +45,10 @@ def open_memory(run: Run | None, setting: str = "auto", remember: bool = False) 
     from doppel.errors import MemoryIndexError
     from doppel.memory.index import REMEMBERED, Memory
     from doppel.memory.recall import Recall
-    from doppel.run import MEMORY_DIR
+    from doppel.run import MEMORY_DIR, Run
 
+    if isinstance(run, str | Path):
+        run = Run.open(run)
     if setting == "off":
         if remember:
             raise ChatError("remember needs the memory; leave out --memory off")
