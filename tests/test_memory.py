@@ -178,6 +178,12 @@ def test_a_missing_or_damaged_index_is_one_line(sample_data, tmp_path, tiny):
     out = subprocess.run(doppel, input="how's persik?\n\n/memory\n", capture_output=True, text=True)
     shown = out.stdout.split("\n\n", 1)[1]  # after the reply: what /memory printed
     assert out.returncode == 0 and shown.startswith("20") and " · " in shown.splitlines()[0]
+    # --remember: the conversation is kept in the run and recalled by a later chat, another process
+    told = subprocess.run([*doppel, "--remember"], input="my new bike is a red Bianchi\n", capture_output=True,
+                          text=True)
+    assert told.returncode == 0 and (tmp_path / "run" / "memory" / "remembered.jsonl").is_file()
+    asked = subprocess.run(doppel, input="what bike did you get?\n\n/memory\n", capture_output=True, text=True)
+    assert "Max Orlov: my new bike is a red Bianchi" in asked.stdout.split("\n\n", 1)[1]
     (data / "memory" / "vectors.npy").write_bytes(b"\x93NUMPY broken")
     out = subprocess.run(doppel, input="hey\n", capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
@@ -212,3 +218,18 @@ def test_the_server_reports_what_it_recalled(sample_data, tiny, smollm2_tokenize
         stream = client.post("/v1/chat/completions", json={**body, "stream": True}).text
         first = json.loads(stream.split("\n\n")[0].removeprefix("data: "))
         assert first["doppel"]["memory"] == recalled
+
+
+def test_a_run_trained_without_memory_chats_as_before(sample_data, tmp_path, tiny):
+    from doppel.config import TrainConfig
+    from doppel.serving.chat import open_memory
+    from doppel.training.train import train
+
+    info = train(sample_data, tmp_path / "run", TrainConfig(model=str(tiny), max_steps=1, max_length=128,
+                                                          save_steps=1000, memory="off"))
+    assert info.memory_tokens is None and json.loads((tmp_path / "run" / "run.json").read_text())["memory"] is None
+    assert open_memory(tmp_path / "run") is None  # auto: as it was trained
+    assert open_memory(tmp_path / "run", "on") is not None  # asked for: the dataset's index, a quarter of 128
+    out = subprocess.run([sys.executable, "-m", "doppel", "chat", str(tmp_path / "run"), "--max-new-tokens", "2"],
+                         input="hey\n\n/memory\n", capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.endswith("\n(memory is off)\n")

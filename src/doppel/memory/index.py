@@ -152,6 +152,7 @@ class Memory:
         self._keywords = keyword_index  # covers entries[:self._covered]
         self._covered = len(entries)
         self.encoder = encoder or Encoder(threads=1)  # one query at a time: one thread answers fastest
+        self._batch_encoder: Encoder | None = None  # many (training's): every core
         self.remembered = remembered
         self._lock = threading.Lock()
         self._rebuild: threading.Thread | None = None
@@ -291,9 +292,12 @@ class Memory:
             allowed[sessions.get(session, [])] = False
         out: list[list[MemoryEntry]] = []
         block = 256
+        encoder = self.encoder
+        if len(queries) > 1:
+            encoder = self._batch_encoder = self._batch_encoder or Encoder()
         for start in range(0, len(queries), block):
             chunk = list(queries[start:start + block])
-            dense = vectors @ self.encoder(chunk).T if len(entries) else np.zeros((0, len(chunk)), np.float32)
+            dense = vectors @ encoder(chunk).T if len(entries) else np.zeros((0, len(chunk)), np.float32)
             for j, query in enumerate(chunk):
                 limit = before[start + j]
                 mask = allowed if limit is None else allowed & (ends < limit)
