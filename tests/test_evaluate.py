@@ -74,14 +74,21 @@ def test_report_of_a_converged_model_beats_its_base(memorised, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Me Owner (you), held-out loss: base ") and lines[-1] == f"wrote {memorised / 'eval'}"
     folder = memorised / "eval"
-    assert sorted(p.name for p in folder.iterdir()) == ["loss.png", "probes.md", "report.json", "report.md",
-                                                        "style.png", "training.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["judge.png", "loss.png", "probes.md", "report.json",
+                                                        "report.md", "style.png", "training.png"]
     report = json.loads((folder / "report.json").read_text())
     assert [s["name"] for s in report["speakers"]] == ["Me Owner", "Max Orlov"]
+    assert (report["judge"], report["confusion"]) == (None, {})
+    assert report["noise"]["owner_loss"][0] < 0  # tuned below base on every draw: not within noise
+    assert "within noise" not in lines[0]
     for speaker in report["speakers"]:
         assert set(speaker["tuned"]) == {"loss", "perplexity", *style.MEASURES, "vocabulary_overlap",
-                                         "style_distance", "samples", "memory"}
+                                         "style_distance", "samples", "memory", "loss_ci", "style_distance_ci",
+                                         "judge"}
         assert speaker["tuned"]["loss"] < 0.5 < 5 < speaker["base"]["loss"]
+        # one held-out session: every draw of the bootstrap is that session, the interval a point
+        assert speaker["tuned"]["loss_ci"] == [speaker["tuned"]["loss"]] * 2
+        assert speaker["tuned"]["judge"] is None and speaker["judge_ceiling"] is None  # too few turns for a judge
         # trained with memory: its loss is the one with memory; no word of the held-out session is rare
         memory = speaker["tuned"]["memory"]
         assert memory["loss_with"] == speaker["tuned"]["loss"] and memory["loss_without"] < 0.5

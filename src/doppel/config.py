@@ -130,7 +130,8 @@ class TrainConfig:
 class EvalConfig:
     dataset: Path | None = knob(None, "dataset whose eval split is used (default: the one the run trained on)")
     compare: str = knob("base", "'base' or another run directory to compare with")
-    max_sessions: int = knob(20, "held-out sessions used (each chat's newest come first in the split)")
+    max_sessions: int = knob(40, "held-out sessions used, taken from every chat in turn so that each person has "
+                             "some (more: narrower intervals, longer evaluation)")
     max_turns: int = knob(3, "generated turns per session")
     max_new_tokens: int = knob(48, "tokens per generated turn")
     probe_turns: int = knob(3, "generated turns per probe conversation")

@@ -19,6 +19,7 @@ from doppel.config import EvalConfig, Sampling
 from doppel.dataset import Dataset
 from doppel.errors import ContextTooLong, EvalError
 from doppel.evaluation import style
+from doppel.evaluation.judge import Judge
 from doppel.records import Session, Turn
 from doppel.run import EVAL_DIR, Run, RunInfo
 
@@ -31,11 +32,11 @@ OPENERS = {"en": ("hey", "what's up?"), "ru": ("привет", "как дела?
 
 
 def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_length: int,
-                   blocks: list[list[int]] | None = None, recall: dict[str, set[int]] | None = None
-                   ) -> dict[str, tuple[float, int]]:
+                   blocks: list[list[int]] | None = None, recall: dict[str, set[int]] | None = None,
+                   per_session: list[dict[str, tuple[float, int]]] | None = None) -> dict[str, tuple[float, int]]:
     """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, masked as in training; each session
     opened by its memory block from `blocks`, if given. With `recall` ({session id: turn indexes}), also
-    {"speaker/recall": …} over those turns only."""
+    {"speaker/recall": …} over those turns only. `per_session` receives each session's own totals, in order."""
     import torch
     import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_leng
 
     totals: dict[str, tuple[float, int]] = {}
     for k, session in enumerate(sessions):
+        own: dict[str, tuple[float, int]] = {}
         # the windows depend on token counts only, so the speakers' label sets share one forward pass
         windows: dict[tuple[int, ...], list[tuple[str, list[int]]]] = {}
         chosen = (recall or {}).get(session.id, set())
@@ -62,18 +64,26 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_leng
             for speaker, labels in by_speaker:
                 target = torch.tensor(labels[1:], device=logits.device)
                 nll = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum").item()
-                before = totals.get(speaker, (0.0, 0))
-                totals[speaker] = (before[0] + nll, before[1] + int((target != IGNORE).sum()))
+                before = own.get(speaker, (0.0, 0))
+                own[speaker] = (before[0] + nll, before[1] + int((target != IGNORE).sum()))
+        for speaker, (nll, count) in own.items():
+            before = totals.get(speaker, (0.0, 0))
+            totals[speaker] = (before[0] + nll, before[1] + count)
+        if per_session is not None:
+            per_session.append(own)
     return totals
 
 
 def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: EvalConfig,
-                   progress: Callable[[], None], memory: Recall | None = None) -> dict[str, list[tuple[str, ...]]]:
+                   progress: Callable[[], None], memory: Recall | None = None,
+                   sources: dict[str, list[int]] | None = None) -> dict[str, list[tuple[str, ...]]]:
     """{speaker: generated turns}, each from the real turns before a trained turn of the speaker (and, with a
-    `memory`, what it recalls from the sessions that ended before)."""
+    `memory`, what it recalls from the sessions that ended before). `sources` receives, per speaker, the position
+    in `sessions` of each generated turn's session."""
     from doppel.serving.chat import Conversation
 
     out: dict[str, list[tuple[str, ...]]] = {}
+    position = {id(s): k for k, s in enumerate(sessions)}
     for i, (session, index) in enumerate(_targets(sessions, cfg.max_turns)):
         turn = session.turns[index]
         chat = Conversation(model, tokenizer, turn.speaker, session.turns[index - 1].speaker,
@@ -86,8 +96,24 @@ def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: Eva
             said = None
         if said is not None:
             out.setdefault(turn.speaker, []).append(said)
+            if sources is not None:
+                sources.setdefault(turn.speaker, []).append(position[id(session)])
         progress()
     return out
+
+
+def pick_sessions(sessions: list[Session], count: int) -> list[Session]:
+    """At most `count` sessions, one chat's after another's in turn (in each chat, the order of the split), so that a
+    chat with many held-out sessions cannot crowd the others out; in the split's order."""
+    by_chat: dict[int, list[Session]] = {}
+    for session in sessions:
+        by_chat.setdefault(session.chat.id, []).append(session)
+    chosen: set[int] = set()
+    for rank in range(max((len(v) for v in by_chat.values()), default=0)):
+        for chat in by_chat.values():
+            if rank < len(chat) and len(chosen) < count:
+                chosen.add(id(chat[rank]))
+    return [s for s in sessions if id(s) in chosen]
 
 
 def _targets(sessions: list[Session], max_turns: int) -> Iterator[tuple[Session, int]]:
@@ -178,7 +204,7 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
         raise EvalError(f"{run.path} is not a finished doppel run (no run.json)")
     info = run.info
     dataset = Dataset.open(cfg.dataset or Path(info.dataset))
-    sessions = [s for s in dataset.sessions("eval")][:cfg.max_sessions]
+    sessions = pick_sessions(list(dataset.sessions("eval")), cfg.max_sessions)
     if not sessions:
         raise EvalError(f"{dataset.path} has no held-out sessions; prepare it with eval_fraction above 0")
     max_length = run.config.max_length
@@ -209,9 +235,14 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
         with use_base() if name == "base" else nullcontext():
             # the tuned model as it chats: with memory when it trained with it
             recalls = memory if name == "tuned" and info.memory_tokens else None
-            losses = speaker_losses(model, tokenizer, sessions, max_length, blocks if recalls else None, recall)
+            per_session: list[dict[str, tuple[float, int]]] = []
+            sources: dict[str, list[int]] = {}
+            losses = speaker_losses(model, tokenizer, sessions, max_length, blocks if recalls else None, recall,
+                                    per_session)
             results[name] = {"losses": {k: v for k, v in losses.items() if "/recall" not in k},
-                             "generated": generate_turns(model, tokenizer, sessions, cfg, step, recalls)}
+                             "session_losses": per_session,
+                             "generated": generate_turns(model, tokenizer, sessions, cfg, step, recalls, sources),
+                             "sources": sources}
             results[name]["probes"] = probes(model, tokenizer, owner, contacts, language, cfg)
             if memory is not None:
                 other_losses = speaker_losses(model, tokenizer, sessions, max_length, None if recalls else blocks,
@@ -222,8 +253,18 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
                     results[name]["recall_probes"] = recall_probes(model, tokenizer, sessions, recall or {}, memory,
                                                                    cfg)
     real: dict[str, list[tuple[str, ...]]] = {}
+    real_sources: dict[str, list[int]] = {}
+    position = {id(s): k for k, s in enumerate(sessions)}
     for session, index in targets:
         real.setdefault(session.turns[index].speaker, []).append(session.turns[index].messages)
+        real_sources.setdefault(session.turns[index].speaker, []).append(position[id(session)])
+    results["real_sources"] = real_sources
+    judge = Judge.train(dataset.sessions("train"), seed=cfg.seed)
+    if judge is not None:
+        results["judge"] = {"speakers": judge.speakers,
+                            **{name: {speaker: judge.attribute(turns) for speaker, turns in by_speaker.items()}
+                               for name, by_speaker in (("real", real), ("base", results["base"]["generated"]),
+                                                        ("tuned", results["tuned"]["generated"]))}}
     if recall is not None:
         by_id = {s.id: s for s in sessions}
         results["recall_turns"] = Counter(by_id[sid].turns[i].speaker for sid, found in recall.items() for i in found)
