@@ -104,8 +104,14 @@ def test_owner_detection_rules(write):
     # single personal chat: the sender who is not the peer
     census, _ = spooled(write(personal(MAX, dialogue())))
     assert resolve_owner(Header("single", None), census, cfg) == "user100"
-    # --me wins, with or without the "user" prefix
-    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="555")) == "user555"
+    # --me wins, with or without the "user" prefix, or by name; someone not in the export is refused
+    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="201")) == "user201"
+    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="user201")) == "user201"
+    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="max orlov")) == "user201"
+    with pytest.raises(ConfigError) as err:
+        resolve_owner(Header("full", "user100"), census, PrepareConfig(me="user999"))
+    assert str(err.value) == ("me 'user999' is not a speaker in this export; one of: user201 Max Orlov (2 messages); "
+                              "user100 Me Owner (1 messages)")
 
 
 def test_single_group_export_asks_for_me_with_candidates(write):
@@ -114,7 +120,7 @@ def test_single_group_export_asks_for_me_with_candidates(write):
     census, _ = spooled(write(group), include_groups=True)
     with pytest.raises(ConfigError) as err:
         resolve_owner(Header("single", None), census, PrepareConfig())
-    assert str(err.value) == ("cannot tell which member is you in a group export; set me to your id, one "
+    assert str(err.value) == ("cannot tell which member is you in a group export; set me to your id or name, one "
                               "of: user201 Max Orlov (2 messages); user202 Ann Lee (1 messages)")
 
 

@@ -57,6 +57,7 @@ def bench_prepare(messages: int, chats: int, keep: Path | None) -> dict[str, flo
     with tempfile.TemporaryDirectory() as tmp:
         export = (keep or Path(tmp)) / "result.json"
         if not export.exists():
+            export.parent.mkdir(parents=True, exist_ok=True)
             with export.open("wb") as handle:
                 write_large_export(handle, messages, chats)
         load_s, load_mb = _run(_JSON_LOAD, str(export))
@@ -310,6 +311,7 @@ def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         export = (keep or Path(tmp)) / "result.json"
         if not export.exists():
+            export.parent.mkdir(parents=True, exist_ok=True)
             with export.open("wb") as handle:
                 write_large_export(handle, messages)
         data = Path(tmp) / "data"

@@ -46,7 +46,8 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.session_gap <= 60 * 24 * 365:
-            raise ConfigError(f"session_gap must be a positive number of minutes, got {self.session_gap}")
+            raise ConfigError(f"session_gap must be a positive number of minutes, at most a year (525600), got "
+                              f"{self.session_gap:g}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.train_on:

@@ -135,7 +135,7 @@ def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
             try:
                 items = iter_export(export, general=general,
                                     on_read=(lambda n: progress(n, size)) if progress else None)
-                return sessions.collect(items, cfg, handle)
+                return sessions.collect(items, cfg, handle, header.shifted)
             except UnusualLayout:
                 continue  # the general reader starts over from the first byte
     raise AssertionError("unreachable: the general reader does not raise UnusualLayout")
@@ -145,12 +145,14 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     unmatched = [v for v in cfg.chat if v not in census.matched]
     if unmatched:
         raise ConfigError(f"chat {unmatched[0]!r} matched no chat in the export")
+    if header.layout == "single":
+        _check_single_chat(census)
     owner = sessions.resolve_owner(header, census, cfg)
     if owner == header.owner_id and owner in census.names and census.names[owner] is None:
         census.names[owner] = header.owner_name  # their messages have "from": null
     activity = sum(census.senders, Counter())
     labels = sessions.unique_labels(census.names, activity)
-    trained = sessions.trained_ids(cfg, owner, labels)
+    trained = sessions.trained_ids(cfg, owner, labels, header.shifted)
     rename: Callable[[str], str] = lambda text: text  # noqa: E731
     if cfg.pseudonymize:
         alias = privacy.aliases(sid for sid, _ in activity.most_common())
@@ -190,6 +192,30 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     total = counts["train"] + counts["eval"]
     owner_name = labels.get(owner) if owner else None
     return _stats(census, owner, owner_name, labels, speakers, counts, len(per_chat), n_turns / total, n_messages)
+
+
+_NEVER_BY_DEFAULT = {"bot": "a bot chat", "channel": "a channel", "saved messages": "Saved Messages",
+                     "replies": "the replies chat", "verification codes": "the verification codes chat",
+                     "Telegram service": "Telegram's service chat", "other": "a chat of an unknown type"}
+
+
+def _check_single_chat(census: Census) -> None:
+    """A single-chat export whose chat is not used, or has nothing in it, says so (and what to do)."""
+    if not census.chats:
+        raise ExportError("the export holds no chat")
+    chat = census.chats[0]
+    name = chat.name or str(chat.id)
+    reason = next(iter(census.excluded_chats), None)
+    if reason == "group":
+        raise ExportError(f"this export is the group {name!r}; groups are used only with --include-groups")
+    if reason == "excluded by --exclude-chat":
+        raise ExportError(f"this export's only chat, {name!r}, is excluded by --exclude-chat")
+    if reason in _NEVER_BY_DEFAULT:
+        raise ExportError(f"this export is {_NEVER_BY_DEFAULT[reason]} ({name!r}), which is not used by default; "
+                          f"--chat {name!r} uses it")
+    if not any(census.senders):
+        raise ExportError(f"the chat {name!r} has no messages to learn from (none, or only ones prepare leaves out: "
+                          "service messages, media without a caption, forwards)")
 
 
 def _warnings(census: Census, owner: str | None) -> list[str]:

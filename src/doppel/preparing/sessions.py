@@ -20,7 +20,7 @@ from typing import IO, Any
 from doppel.config import PrepareConfig
 from doppel.errors import ConfigError
 from doppel.preparing import privacy
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.telegram import Chat, Header, Message, chat_id, peer_id
 from doppel.records import ChatRef, Session, Turn
 
 SERVICE_CHAT = 777000  # "Telegram" notifications: login codes
@@ -75,23 +75,25 @@ class SeenIds:
         return True
 
 
-def _matches(chat: Chat, wanted: Iterable[str]) -> str | None:
+def _matches(chat: Chat, wanted: Iterable[str], shifted: bool = False) -> str | None:
     for value in wanted:
-        if value.lstrip("-").isdigit() and int(value) == chat.id:
+        # an id as the file shows it: in a v1.4.8-v2.7.1 export, shifted by 2^32 or 2^33
+        if value.lstrip("-").isdigit() and (int(value) == chat.id or (shifted and chat_id(int(value)) == chat.id)):
             return value
-        if chat.name is not None and value.casefold() == chat.name.casefold():
+        name = chat.name or ("Saved Messages" if chat.type == "saved_messages" else None)
+        if name is not None and value.casefold() == name.casefold():
             return value
     return None
 
 
-def exclusion(chat: Chat, cfg: PrepareConfig, census: Census) -> str | None:
+def exclusion(chat: Chat, cfg: PrepareConfig, census: Census, shifted: bool = False) -> str | None:
     """Why a chat is not used (None when it is)."""
     if cfg.chat:
-        hit = _matches(chat, cfg.chat)
+        hit = _matches(chat, cfg.chat, shifted)
         if hit is None:
             return "not chosen"
         census.matched.add(hit)
-    if _matches(chat, cfg.exclude_chat) is not None:
+    if _matches(chat, cfg.exclude_chat, shifted) is not None:
         return "excluded by --exclude-chat"
     if cfg.chat:
         return None
@@ -124,8 +126,9 @@ def _drop_reason(m: Message) -> str:
     return m.kind if m.kind in ("service", "media", "unsupported") else "empty"
 
 
-def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str]) -> Census:
-    """First pass: stream the export, spool each session with at least two turns as JSON."""
+def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str], shifted: bool = False) -> Census:
+    """First pass: stream the export, spool each session with at least two turns as JSON. `shifted`: the export
+    writes v1.4.8-v2.7.1 shifted ids, which `--chat` may name as the file shows them."""
     census = Census()
     seen = SeenIds()
     gap = cfg.session_gap * 60
@@ -138,8 +141,8 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str])
             census.spooled[census.chats[-1].id] += 1
             spool.write(json.dumps([len(census.chats) - 1, first_id, start, last, turns],
                                    ensure_ascii=False) + "\n")
-        elif turns:
-            census.dropped["single-speaker session"] += 1
+        elif turns:  # counted in messages, as every reason is
+            census.dropped["single-speaker session"] += sum(len(texts) for _, texts in turns)
         turns.clear()
 
     for item in items:
@@ -147,7 +150,7 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str])
             flush()
             census.chats.append(item)
             census.senders.append(Counter())
-            reason = exclusion(item, cfg, census)
+            reason = exclusion(item, cfg, census, shifted)
             skipping = reason is not None
             if skipping:
                 census.excluded_chats[reason or ""] += 1
@@ -179,10 +182,33 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str])
     return census
 
 
+def _candidates(census: Census) -> str:
+    counts = sum(census.senders, Counter())
+    return "; ".join(f"{sid} {census.names.get(sid) or 'Deleted Account'} ({n} messages)"
+                     for sid, n in counts.most_common(10)) or "no senders found"
+
+
+def sender_id(value: str, census: Census, shifted: bool) -> str | None:
+    """The id of the sender that `value` names: an id ("user123", or 123, or an old export's shifted number) or a
+    name; None when nobody in the export is that."""
+    forms = [value]
+    if value.isdigit():
+        forms += [f"user{value}"] + ([peer_id(int(value))] if shifted else [])
+    found = next((f for f in forms if f in census.names), None)
+    if found is None:
+        named = [sid for sid, name in census.names.items() if name and name.casefold() == value.casefold()]
+        found = named[0] if len(named) == 1 else None
+    return found
+
+
 def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | None:
-    """The owner's id by the rules of the export format; `--me` overrides."""
+    """The owner's id by the rules of the export format; `--me` overrides (and must name someone in the export)."""
     if cfg.me:
-        me = cfg.me if not cfg.me.isdigit() else f"user{cfg.me}"
+        me = sender_id(cfg.me, census, header.shifted)
+        if me is None and header.owner_id and cfg.me in (header.owner_id, header.owner_id.removeprefix("user")):
+            return header.owner_id  # the account owner, whose messages may all have been left out
+        if me is None:
+            raise ConfigError(f"me {cfg.me!r} is not a speaker in this export; one of: {_candidates(census)}")
         return me
     if header.owner_id:
         return header.owner_id
@@ -193,19 +219,29 @@ def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | N
                 if c.type in ("personal_chat", "bot_chat") and s]
     if header.layout == "single" and personal:
         chat, senders = personal[0]
-        others = [sid for sid in senders if sid != f"user{chat.id}"]
+        peer = f"user{chat.id}"
+        if peer not in senders:  # the chat's name is the peer's (first) name
+            named = [sid for sid in senders if _is_named(census.names.get(sid), chat.name)]
+            peer = named[0] if len(named) == 1 else ""
+        others = [sid for sid in senders if sid != peer]
+        if len(senders) >= 2 and (not peer or len(others) != 1):
+            raise ConfigError(f"cannot tell which of the people of this personal chat is you; set me to your id or "
+                              f"name, one of: {_candidates(census)}")
         return others[0] if others else None
     if header.layout == "full" and personal:
         common = set.intersection(*(set(s) for _, s in personal))
         if len(common) == 1:
             return common.pop()
     if header.layout == "single":
-        counts = sum(census.senders, Counter())
-        listing = "; ".join(f"{sid} {census.names.get(sid) or 'Deleted Account'} ({n} messages)"
-                            for sid, n in counts.most_common(10))
-        raise ConfigError(f"cannot tell which member is you in a group export; set me to your id, one of: "
-                          f"{listing or 'no senders found'}")
+        raise ConfigError(f"cannot tell which member is you in a group export; set me to your id or name, one of: "
+                          f"{_candidates(census)}")
     return None
+
+
+def _is_named(name: str | None, chat_name: str | None) -> bool:
+    if not name or not chat_name:
+        return False
+    return name.casefold() == chat_name.casefold() or name.split()[0].casefold() == chat_name.casefold()
 
 
 def unique_labels(names: dict[str, str | None], activity: Counter[str]) -> dict[str, str]:
@@ -227,7 +263,8 @@ def unique_labels(names: dict[str, str | None], activity: Counter[str]) -> dict[
     return labels
 
 
-def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str]) -> set[str] | None:
+def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str], shifted: bool = False
+                ) -> set[str] | None:
     """Ids whose turns are targets (None: everyone). Unknown names are an error with suggestions."""
     if "all" in cfg.train_on:
         return None
@@ -240,6 +277,8 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str]) -
             chosen.add(owner)
         elif value in labels or (value.isdigit() and f"user{value}" in labels):
             chosen.add(value if value in labels else f"user{value}")
+        elif shifted and value.isdigit() and peer_id(int(value)) in labels:  # as an old export's file shows it
+            chosen.add(peer_id(int(value)))
         elif value.casefold() in by_label:
             chosen.add(by_label[value.casefold()])
         else:
@@ -260,6 +299,8 @@ def sessions(spool: Iterable[str], census: Census, labels: dict[str, str],
             continue  # a reply needs context: some trained turn must follow another turn
         chat = census.chats[chat_index]
         name = chat.name if chat.type != "personal_chat" else labels.get(f"user{chat.id}", chat.name)
+        if chat.type == "saved_messages":
+            name = name or "Saved Messages"
         yield Session(f"{chat.id}:{first_id}", ChatRef(chat.id, rename(name or ""), chat.type), start, end, turns)
 
 

@@ -109,6 +109,20 @@ def _text(raw: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
     return "".join(parts), tuple(sensitive)
 
 
+def _sender(m: dict[str, Any], id_key: str, name_key: str) -> str:
+    """The sender's id; without one (some hand-made or converted exports), their name stands for it."""
+    raw = m.get(id_key)
+    if raw is None and isinstance(m.get(name_key), str) and m[name_key]:
+        return f"name:{m[name_key]}"
+    return peer_id(raw)
+
+
+def _poll(m: dict[str, Any]) -> str:
+    poll = m.get("poll")
+    question = poll.get("question") if isinstance(poll, dict) else None
+    return question if isinstance(question, str) else ""
+
+
 def to_message(m: dict[str, Any]) -> Message:
     """Normalise one raw message object."""
     kind = m.get("type")
@@ -117,16 +131,18 @@ def to_message(m: dict[str, Any]) -> Message:
     ts = int(m["date_unixtime"]) if "date_unixtime" in m else _timestamp(m)
     mid = int(m.get("id", 0))
     if kind == "service":
-        sender = m.get("actor_id", m.get("from_id"))
         action = m.get("action") or "custom_action"
-        return Message(mid, ts, peer_id(sender), m.get("actor"), "", "service", action)
+        sender = _sender(m, "actor_id", "actor") if "actor_id" in m or "actor" in m else _sender(m, "from_id", "from")
+        return Message(mid, ts, sender, m.get("actor"), "", "service", action)
     raw = m.get("text")
     text, sensitive = (raw, ()) if raw.__class__ is str else _text(raw)
     forwarded = "forwarded_from" in m
     if text:  # the common case; a caption is kept whatever the media
-        return Message(mid, ts, peer_id(m.get("from_id")), m.get("from"), text, "text", None,
+        return Message(mid, ts, _sender(m, "from_id", "from"), m.get("from"), text, "text", None,
                        forwarded, sensitive)
-    sender_id = peer_id(m.get("from_id"))
+    sender_id = _sender(m, "from_id", "from")
+    if "poll" in m and _poll(m):  # the question is what was said
+        return Message(mid, ts, sender_id, m.get("from"), _poll(m), "text", "poll", forwarded)
     media = m.get("media_type") or next((k for k in _MEDIA_KEYS if k in m), None)
     if media == "sticker" and m.get("sticker_emoji"):
         return Message(mid, ts, sender_id, m.get("from"), m["sticker_emoji"], "sticker", media,
@@ -435,8 +451,12 @@ def iter_export(path: Path, general: bool = False,
             raise ExportError(f"{path} has a malformed chat ({_short(exc)})") from None
 
 
+_BROADCAST = frozenset({"private_channel", "public_channel", "private_supergroup", "public_supergroup"})
+
+
 def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iterator[Chat | Message]:
-    """Bare chat ids and `Message` records; a message that cannot be read is an `ExportError`."""
+    """Bare chat ids and `Message` records; a message that cannot be read is an `ExportError`. In a shifted
+    (v1.4.8-v2.7.1) export a channel's own posts come as `chat<id>`: they are `channel<id>`, as newer exports say."""
     chat: Chat | None = None
     for item in items:
         if isinstance(item, Chat):
@@ -449,4 +469,6 @@ def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iter
             mid = item.get("id", "?") if isinstance(item, dict) else "?"
             raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
                               f"message {mid}: {_short(exc)})") from None
+        if header.shifted and chat is not None and chat.type in _BROADCAST and message.sender_id == f"chat{chat.id}":
+            message = replace(message, sender_id=f"channel{chat.id}")
         yield message
