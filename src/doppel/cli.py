@@ -115,11 +115,13 @@ class _Warnings(logging.Handler):
 @click.option("--show", type=int, default=0, help="print this many rendered sessions afterwards")
 @config.click_options(PrepareConfig)
 def prepare(export: Path, out: Path, config_file: Path | None, show: int, **flags: Any) -> None:
-    """Read a Telegram Desktop JSON export and write a sessions dataset.
+    """Read a chat export and write a sessions dataset: Telegram Desktop's JSON (result.json or its folder),
+    WhatsApp's "Export chat" (.txt, or the .zip with media), or plain JSONL (see the README).
 
     \b
-    Example:
+    Examples:
         doppel prepare ~/Downloads/Telegram\\ Desktop/DataExport_2026-01-01/result.json -o data
+        doppel prepare "WhatsApp Chat with Max Orlov.zip" -o data
     """
     from doppel.preparing.pipeline import prepare as build
 

@@ -1,5 +1,8 @@
 """`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
 
+Readers: Telegram Desktop's JSON (readers/telegram.py), WhatsApp's chat export (readers/whatsapp.py) and plain
+JSONL (readers/jsonl.py) all give the same `Chat` and `Message` records; everything after them is one path.
+
 The dataset is built in a temporary sibling directory and swapped into place only when complete,
 so a failed run never leaves a half-written dataset and never damages an existing one. An existing
 directory is replaced only when it holds nothing but a dataset's files (see `_check_target`).
@@ -33,7 +36,8 @@ from doppel.dataset import (
 from doppel.errors import ConfigError, ExportError
 from doppel.preparing import privacy, sessions
 from doppel.preparing.sessions import Census
-from doppel.readers.telegram import Header, UnusualLayout, export_file, iter_export, read_header
+from doppel.readers import jsonl, whatsapp
+from doppel.readers.telegram import Chat, Header, Message, UnusualLayout, export_file, iter_export, read_header
 from doppel.records import Session
 
 
@@ -44,13 +48,21 @@ def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = Non
     `progress` is called with the bytes read and the export's size, `memory_progress` with the memory entries
     embedded and the number to embed. Raises `ExportError` on bad input."""
     cfg = cfg or PrepareConfig()
-    export, out = export_file(Path(export)), Path(out).resolve()  # "." too has a parent for the work folder
-    header = read_header(export)
+    out = Path(out).resolve()  # "." too has a parent for the work folder
+    kind = detect(Path(export), cfg.format)
+    items: Iterator[Chat | Message] | None = None
+    if kind == "telegram":
+        export = export_file(Path(export))
+        header = read_header(export)
+    else:
+        export = Path(export)
+        size = export.stat().st_size if export.exists() else 0
+        header, items = READERS[kind](export, (lambda n: progress(n, size)) if progress else None)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        census = _collect(export, header, cfg, work / "spool.jsonl", progress)
+        census = _collect(export, header, cfg, work / "spool.jsonl", progress, items)
         stats = _write(census, header, cfg, work)
         (work / "spool.jsonl").unlink()
         if cfg.memory:
@@ -127,8 +139,23 @@ def _swap(work: Path, out: Path) -> None:
                 folder.rmdir()
 
 
+def detect(export: Path, chosen: str = "auto") -> str:
+    """The export's format: the one chosen, or told by the file's name."""
+    if chosen != "auto":
+        return chosen
+    suffix = export.suffix.lower()
+    return "jsonl" if suffix == ".jsonl" else "whatsapp" if suffix in (".txt", ".zip") else "telegram"
+
+
+READERS: dict[str, Callable[..., tuple[Header, Iterator[Chat | Message]]]] = {
+    "whatsapp": whatsapp.read, "jsonl": jsonl.read}
+
+
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
-             progress: Callable[[int, int], None] | None) -> Census:
+             progress: Callable[[int, int], None] | None, items: Iterator[Chat | Message] | None = None) -> Census:
+    if items is not None:  # a reader of one pass
+        with spool.open("w", encoding="utf-8") as handle:
+            return sessions.collect(items, cfg, handle)
     size = export.stat().st_size
     for general in (False, True):
         with spool.open("w", encoding="utf-8") as handle:

@@ -1,0 +1,186 @@
+"""WhatsApp's "Export chat" (without or with media): one chat, as a `.txt`, or the `.zip` that holds it.
+
+Each message starts a line with its date and time in the phone's locale, then the sender:
+
+    12/31/23, 11:59 PM - Max Orlov: text               Android (12-hour clock; U+202F before PM on newer phones)
+    31.12.2023, 23:59 - Max Orlov: text                 Android (24-hour clock, day first)
+    [31.12.23, 23:59:59] Max Orlov: text                iOS
+    [12/31/23, 11:59:59 PM] Max Orlov: text             iOS (12-hour clock)
+
+Lines without a date continue the message before. Whether the day or the month comes first is decided from the
+file's own dates (a first number above 12 is a day; a second one above 12 is a day too); when no date tells,
+a 12-hour clock means month first (the US), a 24-hour clock day first. Times are the phone's local time, read
+as UTC: gaps between messages are right except across a DST change.
+
+System lines (the encryption notice, "X added Y", a changed subject) have no sender on Android; on iOS they are
+the chat's and start with U+200E. Media placeholders (`<Media omitted>`, `image omitted`, `<attached: …>`) are
+media without a caption; deleted messages are dropped. There are no user ids: a person is their name, and the
+owner is told by the chat's name (from the file name: "WhatsApp Chat with Max Orlov.txt") or given with `--me`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import stat
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from doppel.errors import ExportError
+from doppel.readers.telegram import Chat, Header, Message
+
+_INVISIBLE = str.maketrans({"\u200e": None, "\u200f": None, "\u202a": None, "\u202c": None, "\ufeff": None,
+                            "\u202f": " ", "\u00a0": " "})
+_LINE = re.compile(
+    r"^\[?(?P<a>\d{1,4})[./-](?P<b>\d{1,2})[./-](?P<c>\d{2,4}),? (?P<time>\d{1,2}[:.]\d{2}(?:[:.]\d{2})?)"
+    r"(?: ?(?P<ampm>[AaPp]\.? ?[Mm]\.?|ДП|ПП|дп|пп))?\]?(?: -|:)? (?P<rest>.*)$")
+_SENDER = re.compile(r"^(?P<name>[^:]{1,80}?): (?P<text>.*)$", re.S)
+_MEDIA = re.compile(r"^(<[^<>]{1,40}>|(image|video|audio|sticker|GIF|document) omitted|<attached: [^>]+>|"
+                    r".+ \(file attached\))$", re.I)
+_DELETED = re.compile(r"^(this message was deleted|you deleted this message|это сообщение удалено|"
+                      r"вы удалили это сообщение)\.?$", re.I)
+_NAME = re.compile(r"^WhatsApp Chat (?:with|-|с) (?P<name>.+?)(?: \(\d+\))?$", re.I)
+
+
+def is_whatsapp(path: Path) -> bool:
+    return path.suffix.lower() in (".txt", ".zip")
+
+
+def chat_name(path: Path) -> str | None:
+    match = _NAME.match(path.stem)
+    return match.group("name") if match else None
+
+
+def _text_file(path: Path) -> tuple[str, str | None]:
+    """(the chat's text, its name from a file name) of a `.txt`, or of the `.txt` inside a `.zip`."""
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ExportError(f"{path} is not a regular file; point doppel at the chat's .txt or .zip")
+    name = chat_name(path)
+    if path.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                texts = [n for n in archive.namelist() if n.lower().endswith(".txt")]
+                if not texts:
+                    raise ExportError(f"{path} holds no chat text (.txt); is it a WhatsApp export?")
+                inner = min(texts, key=lambda n: (n != "_chat.txt", len(n)))
+                raw = archive.read(inner)
+                name = name or chat_name(Path(inner))
+        except zipfile.BadZipFile as exc:
+            raise ExportError(f"{path} is not a readable zip ({exc})") from None
+    else:
+        raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig"), name
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"{path} is not UTF-8 text (byte {exc.start}); is it a WhatsApp export?") from None
+
+
+def _lines(text: str) -> Iterator[tuple[re.Match[str] | None, str, bool]]:
+    """(the line's date match, the line without invisible marks, whether its text after "Name: " began with U+200E,
+    which iOS puts before system lines and placeholders)."""
+    for line in io.StringIO(text):
+        raw = line.rstrip("\r\n")
+        clean = raw.translate(_INVISIBLE)
+        yield _LINE.match(clean), clean, ": \u200e" in raw
+
+
+def _day_first(matches: list[re.Match[str]]) -> bool:
+    """Whether dates are day/month: told by the file's own dates, else by the clock."""
+    if any(len(m.group("a")) == 4 for m in matches):
+        return False  # 2023-12-31: year, month, day
+    if any(int(m.group("a")) > 12 for m in matches):
+        return True
+    if any(int(m.group("b")) > 12 for m in matches):
+        return False
+    return not any(m.group("ampm") for m in matches)
+
+
+def _timestamp(m: re.Match[str], day_first: bool) -> int:
+    a, b, c = int(m.group("a")), int(m.group("b")), int(m.group("c"))
+    if len(m.group("a")) == 4:
+        year, month, day = a, b, c
+    else:
+        day, month = (a, b) if day_first else (b, a)
+        year = c + 2000 if c < 100 else c
+    parts = [int(p) for p in re.split(r"[:.]", m.group("time"))]
+    hour, minute, second = parts[0], parts[1], parts[2] if len(parts) > 2 else 0
+    ampm = (m.group("ampm") or "").replace(".", "").replace(" ", "").lower()
+    if ampm in ("pm", "пп") and hour < 12:
+        hour += 12
+    elif ampm in ("am", "дп") and hour == 12:
+        hour = 0
+    return int(datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp())
+
+
+def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+    """The export's header (one chat, no owner id) and its chat and messages, in order."""
+    text, name = _text_file(path)
+    matches = [m for m, _, _ in _lines(text) if m]
+    if not matches:
+        raise ExportError(f"{path} has no WhatsApp message lines (like '31/12/2023, 23:59 - Name: text'); is it "
+                          "a WhatsApp chat export?")
+    day_first = _day_first(matches)
+    senders = Counter(s.group("name") for m in matches if (s := _SENDER.match(m.group("rest"))))
+    kind = "personal_chat" if len(senders) <= 2 else "private_group"
+    chat = Chat(_chat_id(name or path.stem), kind, name or path.stem)
+    return Header("single", None), _messages(text, chat, day_first, len(text.encode()), on_read)
+
+
+def _chat_id(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _messages(text: str, chat: Chat, day_first: bool, size: int, on_read: Callable[[int], None] | None
+              ) -> Iterator[Chat | Message]:
+    yield chat
+    pending: list[str] = []
+    head: tuple[str | None, int, bool] | None = None  # sender (None: a system line), time, marked by U+200E
+    number = done = 0
+
+    def message() -> Message | None:
+        if head is None:
+            return None
+        sender, ts, marked = head
+        body = "\n".join(pending).strip()
+        if sender is None:
+            return Message(number, ts, "system", None, "", "service", "whatsapp_system")
+        if _DELETED.match(body):
+            return Message(number, ts, f"name:{sender}", sender, "", "empty")
+        if _MEDIA.match(body):
+            return Message(number, ts, f"name:{sender}", sender, "", "media", "media")
+        if marked:  # iOS: the encryption notice, "X added Y", … under the chat's or a person's name
+            return Message(number, ts, "system", None, "", "service", "whatsapp_system")
+        return Message(number, ts, f"name:{sender}", sender, body, "text")
+
+    for match, line, marked in _lines(text):
+        done += len(line.encode()) + 1
+        ts = None
+        if match is not None:
+            try:
+                ts = _timestamp(match, day_first)
+            except ValueError:  # not a date after all: a continuation line that starts with numbers
+                ts = None
+        if match is None or ts is None:
+            pending.append(line)
+            continue
+        found = message()
+        if found is not None:
+            yield found
+        number += 1
+        said = _SENDER.match(match.group("rest"))
+        head = (said.group("name"), ts, marked) if said else (None, ts, False)
+        pending = [said.group("text") if said else match.group("rest")]
+        if on_read is not None and number % 2000 == 0:
+            on_read(min(done, size))
+    found = message()
+    if found is not None:
+        yield found
+    if on_read is not None:
+        on_read(size)

@@ -1,0 +1,166 @@
+"""WhatsApp and JSONL exports, read into the same dataset as Telegram's, in several of WhatsApp's locales."""
+
+import json
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from doppel.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+NNBSP, LRM = "\u202f", "\u200e"
+
+ANDROID_US = f"""12/30/23, 9:58{NNBSP}PM - Messages and calls are end-to-end encrypted. No one outside of this chat can read them.
+12/30/23, 9:59{NNBSP}PM - Max Orlov: yo
+12/30/23, 9:59{NNBSP}PM - Max Orlov: gym later?
+the one near the station
+12/30/23, 10:01{NNBSP}PM - Lena Volkova: го))
+12/30/23, 10:02{NNBSP}PM - Lena Volkova: <Media omitted>
+12/30/23, 10:03{NNBSP}PM - Max Orlov: This message was deleted
+12/31/23, 11:59{NNBSP}AM - Max Orlov: happy new year lol
+12/31/23, 12:01{NNBSP}PM - Lena Volkova: и тебя))
+"""
+
+ANDROID_EU = """30.12.2023, 21:59 - Max Orlov: yo
+30.12.2023, 21:59 - Max Orlov: gym later?
+the one near the station
+30.12.2023, 22:01 - Lena Volkova: го))
+30.12.2023, 22:02 - Lena Volkova: <Медиа отсутствуют>
+31.12.2023, 11:59 - Max Orlov: happy new year lol
+31.12.2023, 12:01 - Lena Volkova: и тебя))
+"""
+
+IOS = f"""[30.12.23, 21:58:10] Max Orlov: {LRM}Messages and calls are end-to-end encrypted. No one outside of this chat can read them.
+[30.12.23, 21:59:01] Max Orlov: yo
+[30.12.23, 21:59:30] Max Orlov: gym later?
+the one near the station
+[30.12.23, 22:01:00] Lena Volkova: го))
+[30.12.23, 22:02:00] Lena Volkova: {LRM}image omitted
+[31.12.23, 11:59:00] Max Orlov: happy new year lol
+[31.12.23, 12:01:00] Lena Volkova: и тебя))
+"""
+
+IOS_US = f"""[12/30/23, 9:59:01{NNBSP}PM] Max Orlov: yo
+[12/30/23, 9:59:30{NNBSP}PM] Max Orlov: gym later?
+the one near the station
+[12/30/23, 10:01:00{NNBSP}PM] Lena Volkova: го))
+[12/31/23, 11:59:00{NNBSP}AM] Max Orlov: happy new year lol
+[12/31/23, 12:01:00{NNBSP}PM] Lena Volkova: и тебя))
+"""
+
+EXPECTED = [
+    {"start": 1703973541, "turns": [("Max Orlov", ["yo", "gym later?\nthe one near the station"]),
+                                     ("Lena Volkova", ["го))"])]},
+    {"start": 1704023940, "turns": [("Max Orlov", ["happy new year lol"]), ("Lena Volkova", ["и тебя))"])]},
+]
+
+
+def _sessions(folder):
+    rows = read_jsonl(folder / "sessions.train.jsonl") + read_jsonl(folder / "sessions.eval.jsonl")
+    return [{"start": r["start"], "turns": [(t["speaker"], t["messages"]) for t in r["turns"]]} for r in rows]
+
+
+@pytest.mark.parametrize(("text", "dropped"), [
+    (ANDROID_US, {"service": 1, "media": 1, "empty": 1}),  # the encryption notice, a photo, a deleted message
+    (ANDROID_EU, {"media": 1}), (IOS, {"service": 1, "media": 1}), (IOS_US, {}),
+], ids=["android-us", "android-eu", "ios", "ios-us"])
+def test_whatsapp_locales_give_the_same_sessions(tmp_path, text, dropped):
+    path = tmp_path / "WhatsApp Chat with Max Orlov.txt"
+    path.write_text(text, encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    got = _sessions(tmp_path / "data")
+    seconds = 0 if text in (ANDROID_US, ANDROID_EU) else None
+    if seconds is None:  # iOS writes seconds; Android does not
+        assert [[turn for turn in s["turns"]] for s in got] == [s["turns"] for s in EXPECTED]
+    else:
+        assert got[0]["turns"] == EXPECTED[0]["turns"] and got[1]["turns"] == EXPECTED[1]["turns"]
+        assert [s["start"] // 60 for s in got] == [s["start"] // 60 for s in EXPECTED]
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["owner"] == {"id": "name:Lena Volkova", "name": "Lena Volkova"}  # Max is the chat: Lena is you
+    assert stats["dropped"] == dropped
+
+
+def test_a_whatsapp_zip_with_media_is_read_from_its_chat_text(tmp_path):
+    path = tmp_path / "WhatsApp Chat - Max Orlov.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("_chat.txt", "\ufeff" + IOS)
+        archive.writestr("00000012-PHOTO-2023-12-30-22-02-00.jpg", b"\xff\xd8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    assert [s["turns"] for s in _sessions(tmp_path / "data")] == [s["turns"] for s in EXPECTED]
+
+
+def test_a_whatsapp_chat_without_a_name_asks_who_you_are(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text(ANDROID_EU, encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 2 and result.output == (
+        "doppel: error: cannot tell which of the people of this personal chat is you; set me to your id or name, "
+        "one of: name:Max Orlov Max Orlov (3 messages); name:Lena Volkova Lena Volkova (2 messages)\n")
+    assert run("prepare", path, "-o", tmp_path / "data", "--me", "Lena Volkova").exit_code == 0
+
+
+def test_a_whatsapp_group_needs_include_groups(tmp_path):
+    path = tmp_path / "WhatsApp Chat with Crew.txt"
+    path.write_text(ANDROID_EU + "31.12.2023, 12:05 - Ann Lee: me too\n", encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.output == "doppel: error: this export is the group 'Crew'; groups are used only with " \
+                            "--include-groups\n"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("hello there\n", "has no WhatsApp message lines"),
+    (b"\xff\xfe\x00bad", "is not UTF-8 text (byte 0)"),
+])
+def test_bad_whatsapp_input_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "WhatsApp Chat with Max.txt"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 2 and expected in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_jsonl_in_any_order_with_the_owner_marked(tmp_path):
+    rows = [
+        {"chat": "Max Orlov", "sender": "Lena Volkova", "time": "2023-12-30T22:01:00", "text": "го))", "me": True},
+        {"chat": "Max Orlov", "sender": "Max Orlov", "time": 1703973541, "text": "yo"},
+        {"chat": "Max Orlov", "sender": "Max Orlov", "time": "2023-12-30T21:59:30Z", "text": "gym later?"},
+    ]
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert _sessions(tmp_path / "data") == [{"start": 1703973541, "turns": [("Max Orlov", ["yo", "gym later?"]),
+                                                                             ("Lena Volkova", ["го))"])]}]
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["owner"]["id"] == "name:Lena Volkova"
+
+
+def test_a_bad_jsonl_line_says_where(tmp_path):
+    path = tmp_path / "messages.jsonl"
+    path.write_text('{"chat": "a", "sender": "b", "time": 1, "text": "x"}\n{"chat": "a", "time": 2, "text": "y"}\n',
+                    encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 2 and result.output == (
+        f"doppel: error: {path}, line 2: not a message (no 'sender'); each line is "
+        '{"chat": …, "sender": …, "time": …, "text": …}\n')
+
+
+def test_a_whatsapp_dataset_trains_and_chats(tmp_path, tiny):
+    path = tmp_path / "WhatsApp Chat with Max Orlov.txt"
+    path.write_text(ANDROID_US, encoding="utf-8")
+    assert run("prepare", path, "-o", tmp_path / "data", "--eval-fraction", "0").exit_code == 0
+    result = run("train", tmp_path / "data", "-o", tmp_path / "run", "--model", tiny, "--max-steps", 1,
+                 "--max-length", 128)
+    assert result.exit_code == 0, result.output
+    chat = CliRunner().invoke(main, ["chat", str(tmp_path / "run"), "--max-new-tokens", "2"], input="hey\n")
+    assert chat.exit_code == 0 and chat.output.startswith("Lena Volkova: ")
