@@ -164,3 +164,94 @@ def test_a_whatsapp_dataset_trains_and_chats(tmp_path, tiny):
     assert result.exit_code == 0, result.output
     chat = CliRunner().invoke(main, ["chat", str(tmp_path / "run"), "--max-new-tokens", "2"], input="hey\n")
     assert chat.exit_code == 0 and chat.output.startswith("Lena Volkova: ")
+
+
+def _discord(channel_type: str = "DirectTextChat", name: str = "max") -> dict:
+    def message(mid: int, second: int, who: tuple[str, str, str | None], content: str, kind: str = "Default",
+                bot: bool = False, **extra) -> dict:
+        ident, login, nickname = who
+        return {"id": str(mid), "type": kind, "timestamp": f"2023-12-30T21:59:{second:02d}.123+00:00",
+                "timestampEdited": None, "isPinned": False, "content": content,
+                "author": {"id": ident, "name": login, "discriminator": "0000", "nickname": nickname, "isBot": bot,
+                           "roles": []},
+                "attachments": [], "embeds": [], "stickers": [], "reactions": [], "mentions": [], **extra}
+
+    maxo, lena, bot = ("101", "max", "Max Orlov"), ("102", "lena", "Lena Volkova"), ("900", "dyno", None)
+    return {"guild": {"id": "0", "name": "Direct Messages", "iconUrl": ""},
+            "channel": {"id": "555", "type": channel_type, "categoryId": None, "category": None, "name": name,
+                        "topic": None},
+            "dateRange": {"after": None, "before": None}, "exportedAt": "2024-01-01T00:00:00+00:00",
+            "messages": [
+                message(1, 1, maxo, "yo"), message(2, 2, maxo, "gym later?"),
+                message(3, 3, bot, "beep", bot=True),
+                message(4, 4, lena, "", attachments=[{"id": "1", "url": "x.png", "fileName": "x.png",
+                                                      "fileSizeBytes": 1}]),
+                message(5, 5, lena, "го))", "Reply", reference={"messageId": "2", "channelId": "555"}),
+                message(6, 6, maxo, "", "ChannelPinnedMessage")],
+            "messageCount": 6}
+
+
+def test_discord_direct_messages_with_bots_media_and_service_messages(tmp_path):
+    path = tmp_path / "Direct Messages - max [555].json"
+    path.write_text(json.dumps(_discord(name="Max Orlov"), indent=2), encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert _sessions(tmp_path / "data") == [{"start": 1703973541, "turns": [("Max Orlov", ["yo", "gym later?"]),
+                                                                             ("Lena Volkova", ["го))"])]}]
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["owner"] == {"id": "discord102", "name": "Lena Volkova"}
+    assert stats["dropped"] == {"bot": 1, "media": 1, "service": 1}
+
+
+def test_a_discord_server_channel_is_a_group(tmp_path):
+    path = tmp_path / "guild.json"
+    path.write_text(json.dumps(_discord("GuildTextChat", "general")), encoding="utf-8")
+    assert run("prepare", path, "-o", tmp_path / "data").output == (
+        "doppel: error: this export is the group 'general'; groups are used only with --include-groups\n")
+    result = run("prepare", path, "-o", tmp_path / "data", "--include-groups", "--me", "lena vOLKOVA",
+                 "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_truncated_discord_export_is_one_line(tmp_path):
+    path = tmp_path / "dm.json"
+    path.write_text(json.dumps(_discord(), indent=2)[:-300], encoding="utf-8")
+    result = run("prepare", path, "-o", tmp_path / "data")
+    assert result.exit_code == 2 and result.output == f"doppel: error: {path} ends early; the export looks truncated\n"
+
+
+def _mojibake(text: str) -> str:
+    """As Meta writes text: each UTF-8 byte a character of its own."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def test_messenger_threads_newest_first_across_files_with_mojibake_repaired(tmp_path):
+    from doppel.readers.meta import repair
+
+    inbox = tmp_path / "messages" / "inbox"
+    thread = inbox / "maxorlov_123"
+    thread.mkdir(parents=True)
+    people = [{"name": "Max Orlov"}, {"name": "Lena Volkova"}]
+    base = 1703973541000
+
+    def message(second: int, who: str, content: str | None = None, **extra) -> dict:
+        out = {"sender_name": who, "timestamp_ms": base + second * 1000, **extra}
+        if content is not None:
+            out["content"] = _mojibake(content)
+        return out
+
+    newest = [message(60, "Lena Volkova", "го))", reactions=[{"reaction": _mojibake("❤"), "actor": "Max Orlov"}]),
+              message(40, "Lena Volkova", photos=[{"uri": "p.jpg"}]), message(30, "Max Orlov", "gym later? café")]
+    oldest = [message(0, "Max Orlov", "yo")]
+    (thread / "message_1.json").write_text(json.dumps({"participants": people, "messages": newest,
+                                                       "title": "Max Orlov", "thread_path": "inbox/maxorlov_123"}))
+    (thread / "message_2.json").write_text(json.dumps({"participants": people, "messages": oldest,
+                                                       "title": "Max Orlov"}))
+    result = run("prepare", inbox, "-o", tmp_path / "data", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    assert _sessions(tmp_path / "data") == [{"start": 1703973541, "turns": [
+        ("Max Orlov", ["yo", "gym later? café"]), ("Lena Volkova", ["го))"])]}]
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["owner"]["id"] == "name:Lena Volkova"
+    # text that is already right is left alone
+    assert repair("café") == "café" and repair("привет") == "привет" and repair(_mojibake("привет")) == "привет"
+    assert run("prepare", thread / "message_2.json", "-o", tmp_path / "one", "--eval-fraction", "0").exit_code == 0

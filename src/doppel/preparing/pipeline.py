@@ -1,7 +1,8 @@
 """`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
 
-Readers: Telegram Desktop's JSON (readers/telegram.py), WhatsApp's chat export (readers/whatsapp.py) and plain
-JSONL (readers/jsonl.py) all give the same `Chat` and `Message` records; everything after them is one path.
+Readers: Telegram Desktop's JSON (readers/telegram.py), WhatsApp's chat export (whatsapp.py), DiscordChatExporter's
+JSON (discord.py), Messenger and Instagram from Meta's download (meta.py) and plain JSONL (jsonl.py) all give the
+same `Chat` and `Message` records; everything after them is one path.
 
 The dataset is built in a temporary sibling directory and swapped into place only when complete,
 so a failed run never leaves a half-written dataset and never damages an existing one. An existing
@@ -36,7 +37,7 @@ from doppel.dataset import (
 from doppel.errors import ConfigError, ExportError
 from doppel.preparing import privacy, sessions
 from doppel.preparing.sessions import Census
-from doppel.readers import jsonl, whatsapp
+from doppel.readers import discord, jsonl, meta, whatsapp
 from doppel.readers.telegram import Chat, Header, Message, UnusualLayout, export_file, iter_export, read_header
 from doppel.records import Session
 
@@ -140,15 +141,26 @@ def _swap(work: Path, out: Path) -> None:
 
 
 def detect(export: Path, chosen: str = "auto") -> str:
-    """The export's format: the one chosen, or told by the file's name."""
+    """The export's format: the one chosen, or told by the file's name (and a JSON file's first key)."""
     if chosen != "auto":
         return chosen
     suffix = export.suffix.lower()
-    return "jsonl" if suffix == ".jsonl" else "whatsapp" if suffix in (".txt", ".zip") else "telegram"
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix in (".txt", ".zip"):
+        return "whatsapp"
+    if export.is_dir() and not (export / "result.json").exists() and meta.is_meta(export):
+        return "meta"
+    if export.is_file() and suffix == ".json":
+        if meta.is_meta(export):
+            return "meta"
+        if discord.first_key(export) == "guild":
+            return "discord"
+    return "telegram"
 
 
 READERS: dict[str, Callable[..., tuple[Header, Iterator[Chat | Message]]]] = {
-    "whatsapp": whatsapp.read, "jsonl": jsonl.read}
+    "whatsapp": whatsapp.read, "discord": discord.read, "meta": meta.read, "jsonl": jsonl.read}
 
 
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,

@@ -112,7 +112,7 @@ def message_text(m: Message, cfg: PrepareConfig) -> str | None:
         return None
     if m.kind == "media":
         return f"[{m.media}]" if cfg.keep_media else None
-    if m.kind in ("empty", "unsupported"):
+    if m.kind in ("empty", "unsupported", "bot"):  # bots are never speakers (Discord)
         return None
     text = m.text.strip()
     if text and cfg.redact:
@@ -123,7 +123,7 @@ def message_text(m: Message, cfg: PrepareConfig) -> str | None:
 def _drop_reason(m: Message) -> str:
     if m.forwarded and m.kind != "service":
         return "forwarded"
-    return m.kind if m.kind in ("service", "media", "unsupported") else "empty"
+    return m.kind if m.kind in ("service", "media", "unsupported", "bot") else "empty"
 
 
 def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str], shifted: bool = False) -> Census:

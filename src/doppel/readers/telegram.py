@@ -46,7 +46,7 @@ class Message:
     sender_id: str  # "user123", "channel123", "chat123"
     sender_name: str | None  # display name at export time; None for deleted accounts
     text: str  # plain text: caption for media, the emoji for a sticker
-    kind: Literal["text", "sticker", "media", "service", "empty", "unsupported"]
+    kind: Literal["text", "sticker", "media", "service", "empty", "unsupported", "bot"]
     media: str | None = None  # service action, or media type of a message without text
     forwarded: bool = False
     sensitive: tuple[tuple[str, str], ...] = ()  # (type, text) of phone/e-mail/bank-card entities

@@ -1,0 +1,112 @@
+"""Facebook Messenger and Instagram, from Meta's "Download your information" (JSON).
+
+Each conversation is a folder (`messages/inbox/maxorlov_123/`) of `message_1.json`, `message_2.json`, … —
+message_1 the newest, and each file newest first:
+
+    {"participants": [{"name": "Max Orlov"}, {"name": "Lena Volkova"}], "title": "Max Orlov",
+     "messages": [{"sender_name": "Max Orlov", "timestamp_ms": 1700000000000, "content": "yo",
+                   "reactions": [...], "share": {...}, "photos": [...]}, ...]}
+
+Meta writes text as mojibake: each byte of the UTF-8 text escaped as a character of its own ("Ð¿Ñ\\u0080Ð¸" for
+"при"). It is repaired where the string is exactly that (its characters all below 256 and, read as bytes, valid
+UTF-8); any other string is already right and stays as it is. Give doppel a conversation's folder or one of its
+files, or a folder that holds many conversations (the `inbox`, or the whole export): all are read. A person is
+their name. One conversation: the other participant is its title, which tells who you are; many: you are the
+one in every personal conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from doppel.errors import ExportError
+from doppel.readers.telegram import Chat, Header, Message
+
+_FILE = re.compile(r"^message_(\d+)\.json$")
+_MEDIA = ("photos", "videos", "audio_files", "gifs", "files", "sticker")
+
+
+def is_meta(path: Path) -> bool:
+    """A `message_N.json`, or a folder that holds some (at any depth)."""
+    if path.is_file():
+        return bool(_FILE.match(path.name))
+    return path.is_dir() and next(path.rglob("message_1.json"), None) is not None
+
+
+def repair(text: str) -> str:
+    """Meta's mojibake undone; text that is not mojibake comes back unchanged."""
+    if not text or text.isascii():
+        return text
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
+
+
+def _threads(path: Path) -> list[list[Path]]:
+    """The conversations: each a list of its message files, oldest (highest number) first."""
+    folders = [path.parent] if path.is_file() else sorted({p.parent for p in path.rglob("message_*.json")
+                                                           if _FILE.match(p.name)})
+    threads = []
+    for folder in folders:
+        files = [p for p in folder.iterdir() if _FILE.match(p.name)]
+        threads.append(sorted(files, key=lambda p: -int(_FILE.match(p.name).group(1))))  # type: ignore[union-attr]
+    return [t for t in threads if t]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path} is not readable JSON ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ExportError(f"{path} is not a Messenger or Instagram conversation (no messages list)")
+    return data
+
+
+def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    threads = _threads(path)
+    if not threads:
+        raise ExportError(f"{path} holds no message_N.json; point doppel at a conversation's folder or the inbox")
+    return Header("single" if len(threads) == 1 else "full", None), _items(threads, on_read)
+
+
+def _items(threads: list[list[Path]], on_read: Callable[[int], None] | None) -> Iterator[Chat | Message]:
+    done = 0
+    for files in threads:
+        first = _load(files[-1])  # message_1: the newest, with the conversation's title and participants
+        people = [repair(str(p.get("name", ""))) for p in first.get("participants", []) if isinstance(p, dict)]
+        title = repair(str(first.get("title") or ", ".join(people) or files[0].parent.name))
+        kind = "personal_chat" if len(people) <= 2 else "private_group"
+        yield Chat(zlib.crc32(str(first.get("thread_path") or files[0].parent).encode("utf-8")), kind, title)
+        number = 0
+        for file in files:
+            data = first if file == files[-1] else _load(file)
+            for item in reversed(data["messages"]):  # each file is newest first
+                number += 1
+                yield _message(item, number, file)
+            done += file.stat().st_size
+            if on_read is not None:
+                on_read(done)
+
+
+def _message(item: Any, number: int, file: Path) -> Message:
+    if not isinstance(item, dict) or "timestamp_ms" not in item:
+        raise ExportError(f"{file} has a malformed message (number {number} from the oldest: no timestamp_ms)")
+    name = repair(str(item.get("sender_name") or "")) or None
+    sender = f"name:{name}" if name else "unknown"
+    ts = int(item["timestamp_ms"]) // 1000
+    if item.get("is_unsent"):
+        return Message(number, ts, sender, name, "", "empty")
+    text = repair(str(item.get("content") or ""))
+    if text.strip():
+        return Message(number, ts, sender, name, text, "text")
+    media = next((k for k in _MEDIA if item.get(k)), "share" if item.get("share") else None)
+    return Message(number, ts, sender, name, "", "media" if media else "empty", media)
