@@ -255,3 +255,29 @@ def test_messenger_threads_newest_first_across_files_with_mojibake_repaired(tmp_
     # text that is already right is left alone
     assert repair("café") == "café" and repair("привет") == "привет" and repair(_mojibake("привет")) == "привет"
     assert run("prepare", thread / "message_2.json", "-o", tmp_path / "one", "--eval-fraction", "0").exit_code == 0
+
+
+def test_several_exports_make_one_dataset_with_people_matched_by_name(tmp_path, write):
+    from conftest import MAX, ME, dialogue, full_export, personal
+
+    telegram = write(full_export([personal(MAX, dialogue())]))
+    whatsapp = tmp_path / "WhatsApp Chat with Max O..txt"
+    whatsapp.write_text(ANDROID_EU.replace("Max Orlov", "Max O.").replace("Lena Volkova", "Me Owner"),
+                        encoding="utf-8")
+    out = tmp_path / "data"
+    refused = run("prepare", telegram, whatsapp, "-o", out, "--same-person", "Max Orlov=Maks")
+    assert refused.exit_code == 2 and refused.output.startswith(
+        "doppel: error: same_person 'Maks' is not a speaker in any export; one of: ")
+    result = run("prepare", telegram, whatsapp, "-o", out, "--same-person", "Max Orlov=Max O.",
+                 "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["chats"] == 2 and stats["owner"] == {"id": f"user{ME}", "name": "Me Owner"}
+    assert [(s["id"], s["name"], s["messages"]) for s in stats["speakers"]] == [
+        (f"user{MAX}", "Max Orlov", 5), (f"user{ME}", "Me Owner", 3)]  # 2 + 3 of Max's, 1 + 2 of yours
+    assert {t["speaker_id"] for s in read_jsonl(out / "sessions.train.jsonl") for t in s["turns"]} == {
+        f"user{MAX}", f"user{ME}"}
+    # the same chat exported twice: its sessions once
+    twice = run("prepare", telegram, telegram, "-o", tmp_path / "twice", "--eval-fraction", "0")
+    assert twice.exit_code == 0, twice.output
+    assert len(read_jsonl(tmp_path / "twice" / "sessions.train.jsonl")) == 1

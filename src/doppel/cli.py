@@ -107,28 +107,31 @@ class _Warnings(logging.Handler):
 
 
 @main.command()
-@click.argument("export", type=click.Path(path_type=Path))
+@click.argument("exports", metavar="EXPORT...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="dataset directory to write (replaced only when the new one is complete)")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="YAML file with any of the options below")
 @click.option("--show", type=int, default=0, help="print this many rendered sessions afterwards")
 @config.click_options(PrepareConfig)
-def prepare(export: Path, out: Path, config_file: Path | None, show: int, **flags: Any) -> None:
+def prepare(exports: tuple[Path, ...], out: Path, config_file: Path | None, show: int, **flags: Any) -> None:
     """Read a chat export and write a sessions dataset: Telegram Desktop's JSON (result.json or its folder),
-    WhatsApp's "Export chat" (.txt, or the .zip with media), or plain JSONL (see the README).
+    WhatsApp's "Export chat" (.txt, or the .zip with media), DiscordChatExporter's JSON, Messenger or Instagram
+    (Meta's JSON download), or plain JSONL (see the README). Several exports make one dataset; people are
+    matched across them by name, or by --same-person.
 
     \b
     Examples:
         doppel prepare ~/Downloads/Telegram\\ Desktop/DataExport_2026-01-01/result.json -o data
         doppel prepare "WhatsApp Chat with Max Orlov.zip" -o data
+        doppel prepare result.json "WhatsApp Chat with Max O.zip" --same-person "Max Orlov=Max O." -o data
     """
     from doppel.preparing.pipeline import prepare as build
 
     with failures():
         cfg = config.load(PrepareConfig, config_file, config.given(PrepareConfig, flags))
         with progress_bars("reading export bytes", "embedding memory") as (bar, memory_bar):
-            stats = build(export, out, cfg, progress=bar, memory_progress=memory_bar)
+            stats = build(list(exports), out, cfg, progress=bar, memory_progress=memory_bar)
     for line in stats.summary():
         click.echo(line)
     click.echo(f"wrote {out}")

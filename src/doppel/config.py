@@ -46,6 +46,8 @@ class PrepareConfig:
     redact: bool = knob(False, "replace phone numbers, e-mails and card numbers by placeholders")
     pseudonymize: bool = knob(False, "replace people's names by consistent aliases")
     memory: bool = knob(True, "build the memory index of past sessions (DIR/memory/) that chat and training recall")
+    same_person: tuple[str, ...] = knob((), "one person under two names in different exports, 'NAME=OTHER NAME' "
+                                        "(repeatable; the same exact name is matched without it)")
 
     def __post_init__(self) -> None:
         if not 0 < self.session_gap <= 60 * 24 * 365:
@@ -55,6 +57,9 @@ class PrepareConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.train_on:
             raise ConfigError("train_on needs at least one value: all, me, or a name/id")
+        for pair in self.same_person:
+            if pair.count("=") != 1 or not all(part.strip() for part in pair.split("=")):
+                raise ConfigError(f"same_person must be 'NAME=OTHER NAME', got {pair!r}")
 
 
 @dataclass(frozen=True)

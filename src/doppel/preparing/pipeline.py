@@ -11,11 +11,13 @@ directory is replaced only when it holds nothing but a dataset's files (see `_ch
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from doppel import config
@@ -42,28 +44,27 @@ from doppel.readers.telegram import Chat, Header, Message, UnusualLayout, export
 from doppel.records import Session
 
 
-def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = None,
+def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: PrepareConfig | None = None,
             progress: Callable[[int, int], None] | None = None,
             memory_progress: Callable[[int, int], None] | None = None) -> DatasetStats:
-    """Build the dataset in `out` from an export (a file, or the folder that holds it) and return its stats.
-    `progress` is called with the bytes read and the export's size, `memory_progress` with the memory entries
-    embedded and the number to embed. Raises `ExportError` on bad input."""
+    """Build the dataset in `out` from one export or several (each a file, or the folder that holds it; of any
+    format) and return its stats. `progress` is called with the bytes read and the export's size, `memory_progress`
+    with the memory entries embedded and the number to embed. Raises `ExportError` on bad input."""
     cfg = cfg or PrepareConfig()
     out = Path(out).resolve()  # "." too has a parent for the work folder
-    kind = detect(Path(export), cfg.format)
-    items: Iterator[Chat | Message] | None = None
-    if kind == "telegram":
-        export = export_file(Path(export))
-        header = read_header(export)
-    else:
-        export = Path(export)
-        size = export.stat().st_size if export.exists() else 0
-        header, items = READERS[kind](export, (lambda n: progress(n, size)) if progress else None)
+    paths = [Path(export)] if isinstance(export, str | Path) else [Path(e) for e in export]
+    if not paths:
+        raise ExportError("no export given")
+    sources = [_open(path, cfg, progress) for path in paths]
+    header = sources[0].header if len(sources) == 1 else Header(
+        "full", next((s.header.owner_id for s in sources if s.header.owner_id), None),
+        any(s.header.shifted for s in sources),
+        next((s.header.owner_name for s in sources if s.header.owner_id), None))
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        census = _collect(export, header, cfg, work / "spool.jsonl", progress, items)
+        census = _collect_all(sources, cfg, work / "spool.jsonl", progress)
         stats = _write(census, header, cfg, work)
         (work / "spool.jsonl").unlink()
         if cfg.memory:
@@ -76,6 +77,61 @@ def prepare(export: str | Path, out: str | Path, cfg: PrepareConfig | None = Non
         shutil.rmtree(work, ignore_errors=True)
         raise
     return stats
+
+
+@dataclass
+class _Source:
+    path: Path
+    kind: str
+    header: Header
+    items: Iterator[Chat | Message] | None  # None: Telegram's, read (and maybe read again) by `_collect`
+
+
+def _open(path: Path, cfg: PrepareConfig, progress: Callable[[int, int], None] | None) -> _Source:
+    kind = detect(path, cfg.format)
+    if kind == "telegram":
+        path = export_file(path)
+        return _Source(path, kind, read_header(path), None)
+    size = path.stat().st_size if path.is_file() else 0
+    header, items = READERS[kind](path, (lambda n: progress(n, size)) if progress else None)
+    return _Source(path, kind, header, items)
+
+
+def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path,
+                 progress: Callable[[int, int], None] | None) -> Census:
+    """Every export's census, one after the other; their spools joined into `spool`. A session that two exports
+    both hold (the same chat and first message: a chat exported twice) is kept once."""
+    if len(sources) == 1:
+        return _collect(sources[0].path, sources[0].header, cfg, spool, progress, sources[0].items)
+    merged = Census()
+    seen: set[tuple[int, int]] = set()
+    with spool.open("w", encoding="utf-8") as joined:
+        for k, source in enumerate(sources):
+            own = spool.with_name(f"spool.{k}.jsonl")
+            census = _collect(source.path, source.header, cfg, own, progress, source.items)
+            offset = len(merged.chats)
+            with own.open(encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line)
+                    chat = census.chats[row[0]].id
+                    if (chat, row[1]) in seen:
+                        merged.dropped["duplicate"] += sum(len(texts) for _, texts in row[4])
+                        census.spooled[chat] -= 1
+                        continue
+                    seen.add((chat, row[1]))
+                    row[0] += offset
+                    joined.write(json.dumps(row, ensure_ascii=False) + "\n")
+            own.unlink()
+            merged.chats += census.chats
+            merged.senders += census.senders
+            for sid, name in census.names.items():
+                if name is not None or sid not in merged.names:
+                    merged.names[sid] = name
+            merged.dropped.update(census.dropped)
+            merged.excluded_chats.update(census.excluded_chats)
+            merged.matched |= census.matched
+            merged.spooled.update(census.spooled)
+    return merged
 
 
 def _memory(work: Path, out: Path, stats: DatasetStats, progress: Callable[[int, int], None] | None
@@ -186,6 +242,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
         raise ConfigError(f"chat {unmatched[0]!r} matched no chat in the export")
     if header.layout == "single":
         _check_single_chat(census)
+    same = sessions.same_people(census, cfg.same_person)
     owner = sessions.resolve_owner(header, census, cfg)
     if owner == header.owner_id and owner in census.names and census.names[owner] is None:
         census.names[owner] = header.owner_name  # their messages have "from": null
@@ -201,7 +258,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
 
     def kept() -> Iterator[Session]:
         with spool.open(encoding="utf-8") as handle:
-            yield from sessions.sessions(handle, census, labels, trained, rename)
+            yield from sessions.sessions(handle, census, labels, trained, rename, same)
 
     # with every turn trained, every spooled session (two turns or more) satisfies the context rule
     per_chat = census.spooled if trained is None else Counter(s.chat.id for s in kept())

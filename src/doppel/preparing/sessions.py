@@ -288,13 +288,51 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str], s
     return chosen
 
 
+def same_people(census: Census, pairs: Iterable[str]) -> dict[str, str]:
+    """{id: the id it is the same person as}, and `census` told so: a person whose only id is their name (WhatsApp,
+    Messenger, JSONL) is the one person of another export who has that exact name; `pairs` ("NAME=OTHER NAME", ids
+    or names) join people whose names differ. `ConfigError` for a name that is nobody."""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for sid, name in census.names.items():
+        if name:
+            by_name[name.casefold()].append(sid)
+    same: dict[str, str] = {}
+    for sid in list(census.names):
+        if sid.startswith("name:"):
+            others = [o for o in by_name[sid[5:].casefold()] if not o.startswith("name:")]
+            if len(others) == 1:
+                same[sid] = others[0]
+    for pair in pairs:
+        first, _, second = pair.partition("=")
+        ids = []
+        for value in (first.strip(), second.strip()):
+            found = sender_id(value, census, False)
+            found = same.get(found, found) if found is not None else sender_id(f"name:{value}", census, False)
+            if found is None:
+                raise ConfigError(f"same_person {value!r} is not a speaker in any export; one of: "
+                                  f"{_candidates(census)}")
+            ids.append(found)
+        keep, join = ids
+        if keep != join:
+            same[join] = keep
+    for join, keep in same.items():
+        census.names.setdefault(keep, census.names.get(join))
+        census.names.pop(join, None)
+        for senders in census.senders:
+            if join in senders:
+                senders[keep] += senders.pop(join)
+    return same
+
+
 def sessions(spool: Iterable[str], census: Census, labels: dict[str, str],
-             trained: set[str] | None, rename: Callable[[str], str]) -> Iterator[Session]:
-    """Sessions from the spool that satisfy the minimum-context rule, in file order."""
+             trained: set[str] | None, rename: Callable[[str], str],
+             same: dict[str, str] | None = None) -> Iterator[Session]:
+    """Sessions from the spool that satisfy the minimum-context rule, in file order; ids of `same` people joined."""
+    same = same or {}
     for line in spool:
         chat_index, first_id, start, end, raw_turns = json.loads(line)
-        turns = tuple(Turn(labels[sid], sid, tuple(rename(t) for t in texts),
-                           trained is None or sid in trained) for sid, texts in raw_turns)
+        turns = tuple(Turn(labels[same.get(sid, sid)], same.get(sid, sid), tuple(rename(t) for t in texts),
+                           trained is None or same.get(sid, sid) in trained) for sid, texts in raw_turns)
         if not any(t.train for t in turns[1:]):
             continue  # a reply needs context: some trained turn must follow another turn
         chat = census.chats[chat_index]
