@@ -20,6 +20,7 @@ owner is told by the chat's name (from the file name: "WhatsApp Chat with Max Or
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import stat
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from doppel.errors import ExportError
 from doppel.readers.telegram import Chat, Header, Message
@@ -45,59 +47,67 @@ _DELETED = re.compile(r"^(this message was deleted|you deleted this message|эт
 _NAME = re.compile(r"^WhatsApp Chat (?:with|-|с) (?P<name>.+?)(?: \(\d+\))?$", re.I)
 
 
-def is_whatsapp(path: Path) -> bool:
-    return path.suffix.lower() in (".txt", ".zip")
-
-
 def chat_name(path: Path) -> str | None:
     match = _NAME.match(path.stem)
     return match.group("name") if match else None
 
 
-def _text_file(path: Path) -> tuple[str, str | None]:
-    """(the chat's text, its name from a file name) of a `.txt`, or of the `.txt` inside a `.zip`."""
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ExportError(f"{path} is not a regular file; point doppel at the chat's .txt or .zip")
-    name = chat_name(path)
-    if path.suffix.lower() == ".zip":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                texts = [n for n in archive.namelist() if n.lower().endswith(".txt")]
-                if not texts:
-                    raise ExportError(f"{path} holds no chat text (.txt); is it a WhatsApp export?")
-                inner = min(texts, key=lambda n: (n != "_chat.txt", len(n)))
-                raw = archive.read(inner)
-                name = name or chat_name(Path(inner))
-        except zipfile.BadZipFile as exc:
-            raise ExportError(f"{path} is not a readable zip ({exc})") from None
-    else:
-        raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig"), name
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"{path} is not UTF-8 text (byte {exc.start}); is it a WhatsApp export?") from None
+class _Text:
+    """The chat's text, a `.txt` or the `.txt` inside a `.zip`, read as lines as often as needed (never whole)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise ExportError(f"{path}: no such file or directory")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ExportError(f"{path} is not a regular file; point doppel at the chat's .txt or .zip")
+        self.path, self.inner, self.name = path, None, chat_name(path)
+        if path.suffix.lower() == ".zip":
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    texts = [n for n in archive.namelist() if n.lower().endswith(".txt")]
+            except zipfile.BadZipFile as exc:
+                raise ExportError(f"{path} is not a readable zip ({exc})") from None
+            if not texts:
+                raise ExportError(f"{path} holds no chat text (.txt); is it a WhatsApp export?")
+            self.inner = min(texts, key=lambda n: (n != "_chat.txt", len(n)))
+            self.name = self.name or chat_name(Path(self.inner))
+
+    def lines(self) -> Iterator[tuple[re.Match[str] | None, str, bool]]:
+        """(the line's date match, the line without invisible marks, whether its text after "Name: " began with
+        U+200E, which iOS puts before system lines and placeholders)."""
+        with contextlib.ExitStack() as stack:
+            if self.inner is None:
+                raw: IO[bytes] = stack.enter_context(self.path.open("rb"))
+            else:
+                raw = stack.enter_context(stack.enter_context(zipfile.ZipFile(self.path)).open(self.inner))
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
+            try:
+                for line in text:
+                    line = line.rstrip("\r\n")
+                    clean = line.translate(_INVISIBLE)
+                    yield _LINE.match(clean), clean, ": \u200e" in line
+            except UnicodeDecodeError as exc:
+                raise ExportError(f"{self.path} is not UTF-8 text (byte {exc.start} of a block); is it a WhatsApp "
+                                  "export?") from None
 
 
-def _lines(text: str) -> Iterator[tuple[re.Match[str] | None, str, bool]]:
-    """(the line's date match, the line without invisible marks, whether its text after "Name: " began with U+200E,
-    which iOS puts before system lines and placeholders)."""
-    for line in io.StringIO(text):
-        raw = line.rstrip("\r\n")
-        clean = raw.translate(_INVISIBLE)
-        yield _LINE.match(clean), clean, ": \u200e" in raw
-
-
-def _day_first(matches: list[re.Match[str]]) -> bool:
-    """Whether dates are day/month: told by the file's own dates, else by the clock."""
-    if any(len(m.group("a")) == 4 for m in matches):
-        return False  # 2023-12-31: year, month, day
-    if any(int(m.group("a")) > 12 for m in matches):
-        return True
-    if any(int(m.group("b")) > 12 for m in matches):
-        return False
-    return not any(m.group("ampm") for m in matches)
+def _survey(text: _Text) -> tuple[bool, Counter[str]]:
+    """(whether dates are day/month, messages per sender): the dates tell (a first number above 12 is a day, a
+    second one above 12 too; a four-digit first number is a year), else the clock does (12-hour: month first)."""
+    first_day = second_day = year_first = twelve_hour = False
+    senders: Counter[str] = Counter()
+    for match, _, _ in text.lines():
+        if match is None:
+            continue
+        year_first |= len(match.group("a")) == 4
+        first_day |= int(match.group("a")) > 12
+        second_day |= int(match.group("b")) > 12
+        twelve_hour |= bool(match.group("ampm"))
+        said = _SENDER.match(match.group("rest"))
+        if said:
+            senders[said.group("name")] += 1
+    day_first = False if year_first else True if first_day else False if second_day else not twelve_hour
+    return day_first, senders
 
 
 def _timestamp(m: re.Match[str], day_first: bool) -> int:
@@ -118,17 +128,17 @@ def _timestamp(m: re.Match[str], day_first: bool) -> int:
 
 
 def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
-    """The export's header (one chat, no owner id) and its chat and messages, in order."""
-    text, name = _text_file(path)
-    matches = [m for m, _, _ in _lines(text) if m]
-    if not matches:
+    """The export's header (one chat, no owner id) and its chat and messages, in order. The text is read twice, a
+    line at a time: first for the order of dates and the people, then for the messages."""
+    text = _Text(path)
+    day_first, senders = _survey(text)
+    if not senders:
         raise ExportError(f"{path} has no WhatsApp message lines (like '31/12/2023, 23:59 - Name: text'); is it "
                           "a WhatsApp chat export?")
-    day_first = _day_first(matches)
-    senders = Counter(s.group("name") for m in matches if (s := _SENDER.match(m.group("rest"))))
     kind = "personal_chat" if len(senders) <= 2 else "private_group"
-    chat = Chat(_chat_id(name or path.stem), kind, name or path.stem)
-    return Header("single", None), _messages(text, chat, day_first, len(text.encode()), on_read)
+    name = text.name or path.stem
+    return Header("single", None), _messages(text, Chat(_chat_id(name), kind, name), day_first,
+                                             path.stat().st_size, on_read)
 
 
 def _chat_id(name: str) -> int:
@@ -137,7 +147,7 @@ def _chat_id(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def _messages(text: str, chat: Chat, day_first: bool, size: int, on_read: Callable[[int], None] | None
+def _messages(text: _Text, chat: Chat, day_first: bool, size: int, on_read: Callable[[int], None] | None
               ) -> Iterator[Chat | Message]:
     yield chat
     pending: list[str] = []
@@ -159,7 +169,7 @@ def _messages(text: str, chat: Chat, day_first: bool, size: int, on_read: Callab
             return Message(number, ts, "system", None, "", "service", "whatsapp_system")
         return Message(number, ts, f"name:{sender}", sender, body, "text")
 
-    for match, line, marked in _lines(text):
+    for match, line, marked in text.lines():
         done += len(line.encode()) + 1
         ts = None
         if match is not None:
