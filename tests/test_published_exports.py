@@ -145,8 +145,12 @@ def test_a_session_gap_beyond_a_year_says_the_limit(write, tmp_path):
         "doppel: error: session_gap must be a positive number of minutes, at most a year (525600), got 1e+06\n")
 
 
-def test_bench_prepare_keep_creates_its_folder(tmp_path):
+def test_bench_prepare_keep_creates_its_folder_and_measures_every_format(tmp_path):
     from doppel.bench import bench_prepare
 
-    result = bench_prepare(2000, 4, tmp_path / "new" / "folder")
-    assert (tmp_path / "new" / "folder" / "result.json").is_file() and result["messages"] == 2000
+    result = bench_prepare(2000, 4, tmp_path / "new" / "folder", ("telegram", "whatsapp", "discord"))
+    assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == [
+        "Direct Messages - Friend 1.json", "WhatsApp Chat with Friend 1.txt", "result.json"]
+    assert set(result) == {"telegram", "whatsapp", "discord"}
+    assert "read_lines_s" in result["whatsapp"] and "json_load_s" in result["discord"]
+    assert result["whatsapp"]["sessions"] > 100 and result["discord"]["sessions"] > 100

@@ -40,7 +40,15 @@ from pathlib import Path
 from doppel.config import PrepareConfig
 from doppel.preparing.pipeline import prepare
 t = time.perf_counter()
-stats = prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig())
+stats = prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig(memory=False))  # bench memory times that
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+_READ_LINES = """
+import resource, sys, time
+t = time.perf_counter()
+with open(sys.argv[1], encoding="utf-8") as f:
+    lines = f.readlines()
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -51,24 +59,43 @@ def _run(script: str, *args: str) -> tuple[float, float]:
     return float(out[0]), int(out[1]) / 1024  # seconds, MiB (ru_maxrss is KiB on Linux)
 
 
-def bench_prepare(messages: int, chats: int, keep: Path | None) -> dict[str, float | int | str]:
-    from doppel.readers.synthetic import write_large_export
+PREPARE_FORMATS = ("telegram", "whatsapp", "discord")
 
+
+def bench_prepare(messages: int, chats: int, keep: Path | None,
+                  formats: tuple[str, ...] = ("telegram",)) -> dict[str, Any]:
+    """Per format: a synthetic export of `messages` messages, then, each in a fresh process, the baseline (Python's
+    `json.load` of the file; for WhatsApp's text, reading it into lines) and `doppel prepare` of it (without the
+    memory, which `bench memory` times), with peak memory. One format: its figures; several: {format: figures}."""
+    from doppel.readers import synthetic
+
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export = (keep or Path(tmp)) / "result.json"
-        if not export.exists():
-            export.parent.mkdir(parents=True, exist_ok=True)
-            with export.open("wb") as handle:
-                write_large_export(handle, messages, chats)
-        load_s, load_mb = _run(_JSON_LOAD, str(export))
-        prep_s, prep_mb = _run(_PREPARE, str(export), str(Path(tmp) / "data"))
-        stats = json.loads((Path(tmp) / "data" / "stats.json").read_text())
-        return {"messages": messages, "file_mb": round(export.stat().st_size / 2**20, 1),
-                "json_load_s": round(load_s, 2), "json_load_peak_mb": round(load_mb),
-                "prepare_s": round(prep_s, 2), "prepare_peak_mb": round(prep_mb),
-                "prepare_messages_per_s": round(messages / prep_s),
-                "sessions": stats["sessions"]["train"] + stats["sessions"]["eval"],
-                "machine": f"{platform.machine()}, {platform.python_version()}"}
+        for kind in formats:
+            name = {"telegram": "result.json", "whatsapp": "WhatsApp Chat with Friend 1.txt",
+                    "discord": "Direct Messages - Friend 1.json"}[kind]
+            export = (keep or Path(tmp)) / name
+            if not export.exists():
+                export.parent.mkdir(parents=True, exist_ok=True)
+                with export.open("wb") as handle:
+                    if kind == "telegram":
+                        synthetic.write_large_export(handle, messages, chats)
+                    elif kind == "whatsapp":
+                        synthetic.write_large_whatsapp(handle, messages)
+                    else:
+                        synthetic.write_large_discord(handle, messages)
+            baseline = "read_lines" if kind == "whatsapp" else "json_load"
+            base_s, base_mb = _run(_READ_LINES if kind == "whatsapp" else _JSON_LOAD, str(export))
+            data = Path(tmp) / f"data-{kind}"
+            prep_s, prep_mb = _run(_PREPARE, str(export), str(data))
+            stats = json.loads((data / "stats.json").read_text())
+            out[kind] = {"messages": messages, "file_mb": round(export.stat().st_size / 2**20, 1),
+                         f"{baseline}_s": round(base_s, 2), f"{baseline}_peak_mb": round(base_mb),
+                         "prepare_s": round(prep_s, 2), "prepare_peak_mb": round(prep_mb),
+                         "prepare_messages_per_s": round(messages / prep_s),
+                         "sessions": stats["sessions"]["train"] + stats["sessions"]["eval"],
+                         "machine": f"{platform.machine()}, {platform.python_version()}"}
+    return out[formats[0]] if len(formats) == 1 else out
 
 
 # --- training throughput ----------------------------------------------------------------------

@@ -446,19 +446,26 @@ def bench() -> None:
 @click.option("--messages", type=int, default=1_000_000, show_default=True, help="messages in the synthetic export")
 @click.option("--chats", type=int, default=500, show_default=True)
 @click.option("--keep", type=click.Path(path_type=Path), help="directory to keep (and reuse) the export in")
-def bench_prepare(messages: int, chats: int, keep: Path | None) -> None:
-    """`doppel prepare` against `json.load` on a synthetic export: time and peak memory.
+@click.option("--format", "formats", type=click.Choice(["telegram", "whatsapp", "discord"]), multiple=True,
+              help="export formats to measure (repeatable; default: all three)")
+def bench_prepare(messages: int, chats: int, keep: Path | None, formats: tuple[str, ...]) -> None:
+    """`doppel prepare` against `json.load` (WhatsApp: reading the text into lines) on synthetic exports of
+    Telegram, WhatsApp and Discord: time and peak memory.
 
     \b
     Example:
         doppel bench prepare --messages 1000000
     """
+    from doppel.bench import PREPARE_FORMATS
     from doppel.bench import bench_prepare as run
 
+    chosen = formats or PREPARE_FORMATS
     with failures():
-        figures = run(messages, chats, keep)
-    for key, value in figures.items():
-        click.echo(f"{key:>24}: {value}")
+        figures = run(messages, chats, keep, chosen)
+    for kind, values in ({chosen[0]: figures} if len(chosen) == 1 else figures).items():
+        click.echo(kind)
+        for key, value in values.items():
+            click.echo(f"{key:>24}: {value}")
 
 
 @bench.command("train")

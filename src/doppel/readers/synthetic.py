@@ -87,3 +87,42 @@ def write_large_export(handle: BinaryIO, messages: int, chats: int = 500, seed: 
             ts = last
         handle.write(b"\n    ]\n   }")
     handle.write(b"\n  ]\n }\n}\n")
+
+
+def write_large_whatsapp(handle: BinaryIO, messages: int, seed: int = 0) -> None:
+    """A WhatsApp chat export (Android, 24-hour clock, day first) of `messages` messages between two people."""
+    from datetime import UTC, datetime
+
+    rng = random.Random(seed)
+    ts = 1600000000
+    for _ in range(messages):
+        ts += rng.choice((5, 20, 40, 90, 300, 900, 4000, 40000))
+        who = "Me Owner" if rng.random() < 0.5 else "Friend 1"
+        stamp = datetime.fromtimestamp(ts, UTC).strftime("%d.%m.%Y, %H:%M")
+        handle.write(f"{stamp} - {who}: {' '.join(rng.choices(_WORDS, k=rng.randint(1, 9)))}\n".encode())
+
+
+def write_large_discord(handle: BinaryIO, messages: int, seed: int = 0) -> None:
+    """A DiscordChatExporter JSON export of a direct-message channel with `messages` messages."""
+    from datetime import UTC, datetime
+
+    rng = random.Random(seed)
+    people = ({"id": "5000000001", "name": "me", "discriminator": "0000", "nickname": "Me Owner", "isBot": False},
+              {"id": "6000000001", "name": "friend", "discriminator": "0000", "nickname": "Friend 1",
+               "isBot": False})
+    head = {"guild": {"id": "0", "name": "Direct Messages", "iconUrl": ""},
+            "channel": {"id": "7000000001", "type": "DirectTextChat", "categoryId": None, "category": None,
+                        "name": "Friend 1", "topic": None},
+            "dateRange": {"after": None, "before": None}, "exportedAt": "2024-01-01T00:00:00+00:00"}
+    handle.write(json.dumps(head, indent=2)[:-2].encode() + b',\n  "messages": [\n')
+    ts = 1600000000
+    for i in range(messages):
+        ts += rng.choice((5, 20, 40, 90, 300, 900, 4000, 40000))
+        item: dict[str, Any] = {"id": str(10**17 + i), "type": "Default",
+                "timestamp": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+                "timestampEdited": None, "callEndedTimestamp": None, "isPinned": False,
+                "content": " ".join(rng.choices(_WORDS, k=rng.randint(1, 9))),
+                "author": people[rng.random() < 0.5], "attachments": [], "embeds": [], "stickers": [],
+                "reactions": [], "mentions": []}
+        handle.write((b",\n" if i else b"") + b"    " + json.dumps(item, ensure_ascii=False).encode())
+    handle.write(f'\n  ],\n  "messageCount": {messages}\n}}\n'.encode())
