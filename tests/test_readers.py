@@ -155,15 +155,49 @@ def test_a_bad_jsonl_line_says_where(tmp_path):
         '{"chat": …, "sender": …, "time": …, "text": …}\n')
 
 
-def test_a_whatsapp_dataset_trains_and_chats(tmp_path, tiny):
-    path = tmp_path / "WhatsApp Chat with Max Orlov.txt"
-    path.write_text(ANDROID_US, encoding="utf-8")
-    assert run("prepare", path, "-o", tmp_path / "data", "--eval-fraction", "0").exit_code == 0
+def _export(kind: str, folder):
+    """An export of each format, the same conversation (Max writes first, Lena answers)."""
+    if kind == "whatsapp":
+        path = folder / "WhatsApp Chat with Max Orlov.txt"
+        path.write_text(ANDROID_US, encoding="utf-8")
+    elif kind == "discord":
+        path = folder / "dm.json"
+        path.write_text(json.dumps(_discord(name="Max Orlov")), encoding="utf-8")
+    elif kind == "meta":
+        path = folder / "inbox" / "maxorlov_1" / "message_1.json"
+        path.parent.mkdir(parents=True)
+        messages = [{"sender_name": "Lena Volkova", "timestamp_ms": 1703973600000, "content": _mojibake("го))")},
+                    {"sender_name": "Max Orlov", "timestamp_ms": 1703973541000, "content": "yo"}]
+        path.write_text(json.dumps({"participants": [{"name": "Max Orlov"}, {"name": "Lena Volkova"}],
+                                    "messages": messages, "title": "Max Orlov"}), encoding="utf-8")
+        path = path.parent
+    else:
+        path = folder / "messages.jsonl"
+        path.write_text(json.dumps({"chat": "Max Orlov", "sender": "Max Orlov", "time": 1703973541, "text": "yo"})
+                        + "\n" + json.dumps({"chat": "Max Orlov", "sender": "Lena Volkova", "time": 1703973600,
+                                             "text": "го))", "me": True}) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["whatsapp", "discord", "meta", "jsonl"])
+def test_every_format_trains_chats_and_evaluates(tmp_path, tiny, kind):
+    path = _export(kind, tmp_path)
+    result = run("prepare", path, "-o", tmp_path / "data", "--eval-fraction", "0")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["owner"]["name"] == "Lena Volkova" and [s["name"] for s in stats["speakers"]][:2] in (
+        ["Max Orlov", "Lena Volkova"], ["Lena Volkova", "Max Orlov"])
     result = run("train", tmp_path / "data", "-o", tmp_path / "run", "--model", tiny, "--max-steps", 1,
                  "--max-length", 128)
     assert result.exit_code == 0, result.output
     chat = CliRunner().invoke(main, ["chat", str(tmp_path / "run"), "--max-new-tokens", "2"], input="hey\n")
-    assert chat.exit_code == 0 and chat.output.startswith("Lena Volkova: ")
+    assert chat.exit_code == 0 and chat.stdout.startswith("Lena Volkova: ")
+    # eval on the same conversation, held out this time
+    assert run("prepare", path, "-o", tmp_path / "held", "--eval-fraction", "0.5").exit_code == 0
+    result = run("eval", tmp_path / "run", "--dataset", tmp_path / "held", "--max-new-tokens", "2",
+                 "--probe-turns", "1", "--top-contacts", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["speakers"]
 
 
 def _discord(channel_type: str = "DirectTextChat", name: str = "max") -> dict:
