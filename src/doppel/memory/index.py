@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +77,6 @@ class BuildStats:
     entries: int
     embedded: int  # vectors computed
     reused: int  # vectors taken from the previous index
-    seconds: float
-
-    def summary(self) -> str:
-        return (f"memory: {self.entries:,} entries ({self.embedded:,} embedded, {self.reused:,} reused) "
-                f"in {self.seconds:.1f} s")
 
 
 def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path | None = None,
@@ -92,7 +86,6 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
     import bm25s
     import numpy as np
 
-    began = time.perf_counter()
     entries = [e for session, split in sessions for e in entries_of(session, split)]
     hashes = [_hash(e) for e in entries]
     known = _previous_vectors(previous) if previous is not None else {}
@@ -122,7 +115,7 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
     index.save(str(folder / KEYWORDS), show_progress=False)
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "encoder": ENCODER, "dimensions": DIMENSIONS,
                                                "entries": len(entries)}, indent=1) + "\n", encoding="utf-8")
-    return BuildStats(len(entries), len(todo), len(entries) - len(todo), round(time.perf_counter() - began, 2))
+    return BuildStats(len(entries), len(todo), len(entries) - len(todo))
 
 
 def _previous_vectors(folder: Path) -> dict[str, Any]:
@@ -155,7 +148,6 @@ class Memory:
         self._batch_encoder: Encoder | None = None  # many (training's): every core
         self.remembered = remembered
         self._lock = threading.Lock()
-        self._rebuild: threading.Thread | None = None
         self._refresh()
 
     @classmethod
@@ -179,7 +171,7 @@ class Memory:
             index = bm25s.BM25.load(str(folder / KEYWORDS), show_progress=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MemoryIndexError(f"{folder}: the memory index is damaged ({_reason(exc)}); build it again with "
-                               "doppel prepare, or go on without it (--memory off)") from None
+                                   "doppel prepare, or go on without it (--memory off)") from None
         memory = cls(entries, vectors, index, remembered)
         if remembered is not None and remembered.is_file():
             memory._load_remembered(remembered)
@@ -202,8 +194,8 @@ class Memory:
                         raise ValueError(f"line {number}: a vector of {vector.shape[0]} numbers")
                     latest[data["id"]] = (MemoryEntry.from_json(data), vector)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise MemoryIndexError(f"{path}: the remembered conversations are damaged ({_reason(exc)}); move the file "
-                               "away to start a new memory of conversations") from None
+            raise MemoryIndexError(f"{path}: the remembered conversations are damaged ({_reason(exc)}); move the "
+                                   "file away to start a new memory of conversations") from None
         if latest:
             self.entries = self.entries + [e for e, _ in latest.values()]
             self.vectors = np.vstack([self.vectors, np.stack([v for _, v in latest.values()])])
@@ -235,13 +227,7 @@ class Memory:
                     vectors_ = np.vstack([vectors_, vector[None]])
             self.entries, self.vectors = entries_, vectors_
             self._refresh()
-        self._rebuild = threading.Thread(target=self._reindex, daemon=True)  # found by keywords once it is done
-        self._rebuild.start()
-
-    def settle(self) -> None:
-        """Wait until the keyword index covers every entry."""
-        if self._rebuild is not None:
-            self._rebuild.join()
+        threading.Thread(target=self._reindex, daemon=True).start()  # found by keywords once it is done
 
     def _reindex(self) -> None:
         import bm25s

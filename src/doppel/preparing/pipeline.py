@@ -145,8 +145,7 @@ def _memory(work: Path, out: Path, stats: DatasetStats, progress: Callable[[int,
     sessions = ((s, split) for split in ("train", "eval") for s in dataset.sessions(split))
     built = index.build(sessions, work / MEMORY_DIR, out / MEMORY_DIR if (out / MEMORY_DIR).is_dir() else None,
                         progress)
-    # no time in stats.json: the same export gives the same dataset
-    return replace(stats, memory={k: v for k, v in asdict(built).items() if k != "seconds"})
+    return replace(stats, memory=asdict(built))
 
 
 def _memory_files() -> set[str]:

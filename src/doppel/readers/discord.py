@@ -13,8 +13,6 @@ who you are; in a group DM or a server channel (used with `--include-groups`) gi
 
 from __future__ import annotations
 
-import stat
-import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import ijson
 
 from doppel.errors import ExportError
+from doppel.readers.files import name_id, regular_file
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
@@ -55,10 +54,7 @@ def _channel(path: Path) -> dict[str, Any]:
 
 
 def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ExportError(f"{path} is not a regular file")
+    regular_file(path)
     channel = _channel(path)
     kind = {"DirectTextChat": "personal_chat"}.get(str(channel.get("type")), "private_group")
     name = str(channel.get("name") or channel.get("id") or path.stem)
@@ -68,7 +64,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
 
 def _id(raw: Any, name: str) -> int:
     text = str(raw or "")
-    return int(text) if text.isdigit() else zlib.crc32(name.encode("utf-8"))
+    return int(text) if text.isdigit() else name_id(name)
 
 
 def _messages(path: Path, chat: Chat, on_read: Callable[[int], None] | None) -> Iterator[Chat | Message]:

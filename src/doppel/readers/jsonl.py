@@ -12,14 +12,13 @@ Lines may come in any order: each chat's messages are sorted by time (the file i
 from __future__ import annotations
 
 import json
-import stat
-import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
+from doppel.readers.files import name_id, regular_file
 from doppel.readers.telegram import Chat, Header, Message
 
 
@@ -34,10 +33,7 @@ def _time(value: Any) -> int:
 
 def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The file's header (the owner, when lines say `"me": true`) and its chats with their messages."""
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ExportError(f"{path} is not a regular file")
+    regular_file(path)
     chats: dict[str, list[tuple[int, int, str, str]]] = {}
     types: dict[str, str] = {}
     owner: str | None = None
@@ -70,7 +66,7 @@ def _items(chats: dict[str, list[tuple[int, int, str, str]]], types: dict[str, s
     for name, rows in chats.items():
         people = {sender for _, _, sender, _ in rows}
         kind = types.get(name) or ("personal_chat" if len(people) <= 2 else "private_group")
-        yield Chat(zlib.crc32(name.encode("utf-8")), kind, name)
+        yield Chat(name_id(name), kind, name)
         for ts, number, sender, text in sorted(rows):
             yield Message(number, ts, f"name:{sender}", sender, text, "text" if text.strip() else "empty")
     if on_read is not None:

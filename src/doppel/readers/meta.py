@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
+from doppel.readers.files import name_id
 from doppel.readers.telegram import Chat, Header, Message
 
 _FILE = re.compile(r"^message_(\d+)\.json$")
@@ -85,7 +85,7 @@ def _items(threads: list[list[Path]], on_read: Callable[[int], None] | None) -> 
         people = [repair(str(p.get("name", ""))) for p in first.get("participants", []) if isinstance(p, dict)]
         title = repair(str(first.get("title") or ", ".join(people) or files[0].parent.name))
         kind = "personal_chat" if len(people) <= 2 else "private_group"
-        yield Chat(zlib.crc32(str(first.get("thread_path") or files[0].parent).encode("utf-8")), kind, title)
+        yield Chat(name_id(str(first.get("thread_path") or files[0].parent)), kind, title)
         number = 0
         for file in files:
             data = first if file == files[-1] else _load(file)

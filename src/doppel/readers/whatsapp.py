@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import stat
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from doppel.errors import ExportError
+from doppel.readers.files import name_id, regular_file
 from doppel.readers.telegram import Chat, Header, Message
 
 _INVISIBLE = str.maketrans({"\u200e": None, "\u200f": None, "\u202a": None, "\u202c": None, "\ufeff": None,
@@ -56,10 +56,7 @@ class _Text:
     """The chat's text, a `.txt` or the `.txt` inside a `.zip`, read as lines as often as needed (never whole)."""
 
     def __init__(self, path: Path) -> None:
-        if not path.exists():
-            raise ExportError(f"{path}: no such file or directory")
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ExportError(f"{path} is not a regular file; point doppel at the chat's .txt or .zip")
+        regular_file(path, "point doppel at the chat's .txt or .zip")
         self.path, self.inner, self.name = path, None, chat_name(path)
         if path.suffix.lower() == ".zip":
             try:
@@ -137,14 +134,8 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
                           "a WhatsApp chat export?")
     kind = "personal_chat" if len(senders) <= 2 else "private_group"
     name = text.name or path.stem
-    return Header("single", None), _messages(text, Chat(_chat_id(name), kind, name), day_first,
+    return Header("single", None), _messages(text, Chat(name_id(name), kind, name), day_first,
                                              path.stat().st_size, on_read)
-
-
-def _chat_id(name: str) -> int:
-    import zlib
-
-    return zlib.crc32(name.encode("utf-8"))
 
 
 def _messages(text: _Text, chat: Chat, day_first: bool, size: int, on_read: Callable[[int], None] | None
