@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,43 +239,70 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
 # --- generation speed -------------------------------------------------------------------------
 
 
-def bench_chat(run: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
-    """Time to first token and tokens/s of one persona reply (greedy, `tokens` new tokens, no early stop)."""
+def bench_chat(run: Path | None, tokens: int, repeats: int, engines: Sequence[str] = ("transformers", "llama.cpp"),
+               files: Sequence[Path] = ()) -> dict[str, Any]:
+    """Time to first token and tokens/s of one persona reply (greedy, `tokens` new tokens, no early stop), on each
+    engine side by side: transformers, and llama.cpp on each GGUF file of the run's export (or `files`; for the
+    embedded model, its own file). llama.cpp is skipped, and said so, where llama-cpp-python is not installed."""
+    import gc
+
+    from doppel import models
+    from doppel.run import Run, open_model
+
+    targets: list[tuple[str, Path | None]] = [("transformers", None)] if "transformers" in engines else []
+    skipped = None
+    if "llama.cpp" in engines:
+        if importlib.util.find_spec("llama_cpp") is None:
+            skipped = "llama.cpp: llama-cpp-python is not installed"
+        elif files:
+            targets += [("llama.cpp", Path(f)) for f in files]
+        elif run is None:
+            targets.append(("llama.cpp", models.embedded_dir() / models.EMBEDDED_FILE))
+        else:
+            found = Run.open(run).gguf_files() if (Path(run) / "run.json").is_file() else {}
+            targets += [("llama.cpp", file) for file in found.values()]
+            skipped = None if found else f"llama.cpp: {run} has no GGUF export (doppel export)"
+    rows: list[dict[str, Any]] = []
+    prompt = 0
+    for engine, file in targets:
+        loaded = open_model(run, engine, file)
+        prompt, row = _time_replies(loaded, tokens, repeats)
+        rows.append({"engine": engine, "file": file.name if file else None, **row})
+        del loaded
+        gc.collect()
+    base = next((r["tokens_per_s"] for r in rows if r["engine"] == "transformers"), None)
+    for row in rows:
+        row["speedup"] = round(row["tokens_per_s"] / base, 2) if base else None
+    return {"device": _device(), "model": str(run) if run else models.base_name(None), "prompt_tokens": prompt,
+            "new_tokens": tokens, "repeats": repeats, "engines": rows, **({"skipped": skipped} if skipped else {})}
+
+
+def _time_replies(loaded: Any, tokens: int, repeats: int) -> tuple[int, dict[str, Any]]:
+    """(prompt tokens, the medians of the repeats after one warm-up), each reply from a cold prompt."""
     import threading
     import time
 
-    import torch
-    from transformers import TextIteratorStreamer
-
     from doppel.config import Sampling
     from doppel.records import Turn
-    from doppel.run import open_model
     from doppel.serving.chat import Conversation
 
-    loaded = open_model(run)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    conversation = Conversation(model, tokenizer, "Me", "Friend", Sampling(temperature=0, max_new_tokens=tokens))
+    conversation = Conversation(loaded.model, loaded.tokenizer, "Me", "Friend",
+                                Sampling(temperature=0, max_new_tokens=tokens))
     conversation.history.append(Turn("Friend", "", ("hey", "what's up?"), False))
-    ids = torch.tensor([conversation.prompt_ids()], device=model.device)
+    ids = conversation.prompt_ids()
+    engine = conversation.engine
     firsts, rates = [], []
     for _ in range(repeats + 1):  # the first round warms up
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-        kwargs = {"input_ids": ids, "streamer": streamer, "max_new_tokens": tokens, "min_new_tokens": tokens,
-                  "do_sample": False}
+        engine.forget()  # no prompt cache: every reply evaluates its prompt
         start = time.perf_counter()
-        worker = threading.Thread(target=model.generate, kwargs=kwargs)  # generate() runs without grad
-        worker.start()
         first = None
-        for _piece in streamer:
+        for _token in engine.tokens(ids, conversation.sampling, conversation.stops, threading.Event(), exact=True):
             first = first or time.perf_counter()
-        worker.join()
         end = time.perf_counter()
         firsts.append((first or end) - start)
         rates.append((tokens - 1) / (end - (first or start)))
-    return {"device": _device(), "model": loaded.name,
-            "prompt_tokens": int(ids.shape[1]), "new_tokens": tokens,
-            "time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
-            "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1), "repeats": repeats}
+    return len(ids), {"time_to_first_token_s": round(sorted(firsts[1:])[len(firsts[1:]) // 2], 3),
+                      "tokens_per_s": round(sorted(rates[1:])[len(rates[1:]) // 2], 1)}
 
 
 # --- memory -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from doppel import __version__, config
-from doppel.config import EvalConfig, PrepareConfig, Sampling, ServeConfig, TrainConfig
+from doppel.config import BotConfig, EvalConfig, PrepareConfig, Sampling, ServeConfig, TrainConfig
 from doppel.errors import DoppelError
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     doppel merge run -o model               # LoRA run → standalone model
     doppel chat run --persona Me --as Max   # talk with a persona
     doppel serve run                        # OpenAI-compatible API + web page
+    doppel bot run --allow @max_orlov       # the persona in Telegram (a bot, or Business)
     doppel eval run                         # held-out loss and style, tuned vs base
     """
     # the libraries' own tqdm bars (GGUF loading, dataset maps) would interleave with doppel's
@@ -225,6 +226,60 @@ def merge(run: Path, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--engine and --gguf: what generates (run.open_model)."""
+    command = click.option("--gguf", "gguf", type=click.Path(path_type=Path, dir_okay=False),
+                           help="the GGUF file llama.cpp runs (default: the run's latest doppel export)")(command)
+    return click.option("--engine", type=click.Choice(["auto", "transformers", "llama.cpp"]), default="auto",
+                        show_default=True, help="auto: llama.cpp when the run has a GGUF export and "
+                        "llama-cpp-python is installed")(command)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="directory for the GGUF files")
+@click.option("--gguf", "kinds", multiple=True, default=("q8_0",), show_default=True,
+              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]),
+              help="quantization, repeatable; k-quants need llama-cpp-python. The Modelfiles use the first")
+@click.option("--persona", "personas", multiple=True, metavar="NAME",
+              help="a persona to write a Modelfile for, repeatable, each with its --as (default: you)")
+@click.option("--as", "users", multiple=True, metavar="NAME",
+              help="who talks to the persona of the same position (default: your top three contacts)")
+@click.option("--name", help="the files' name (default: the run directory's)")
+@config.click_options(Sampling)
+def export(run: Path, out: Path, kinds: tuple[str, ...], personas: tuple[str, ...], users: tuple[str, ...],
+           name: str | None, **flags: Any) -> None:
+    """Export a run as GGUF files for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile per persona pair.
+
+    A LoRA run is merged into its base first; a full run or a merged model directory is converted as it is.
+    The sampling options go into the Modelfiles. DIR/README.md says how to run each.
+
+    \b
+    Examples:
+        doppel export runs/me -o export --gguf q8_0 --gguf f16
+        doppel export runs/me -o export --persona "Lena Volkova" --as "Max Orlov"
+    """
+    from doppel.exporting.gguf import export as write
+
+    with failures():
+        if len(personas) != len(users) and personas:
+            raise Failure("give each --persona its --as (or --as alone, for you as the persona)")
+        sampling = config.load(Sampling, None, config.given(Sampling, flags))
+        pairs = list(zip(personas, users, strict=True))
+        if users and not personas:
+            from doppel.run import Run
+
+            owner = Run.open(run).owner if (run / "run.json").is_file() else None
+            pairs = [(owner or "Me", user) for user in users]
+        done = write(run, out, kinds, pairs, sampling, name, progress=lambda step: click.echo(f"doppel: {step}",
+                                                                                                err=True))
+    for kind, file in done.files.items():
+        click.echo(f"{kind:7} {out / file}  ({(out / file).stat().st_size / 1e6:,.1f} MB)")
+    for modelfile in done.modelfiles:
+        click.echo(f"ollama  {out / modelfile}")
+    click.echo(f"wrote {out} (see {out / 'README.md'})")
+
+
 @main.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 @click.option("--persona", help="who the model plays (default: you, the export's owner)")
@@ -234,9 +289,10 @@ def merge(run: Path, out: Path) -> None:
 @click.option("--memory", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="recall earlier conversations from the run's memory index (auto: when the run trained with it)")
 @click.option("--remember", is_flag=True, help="remember this conversation, for later chats (RUN/memory/)")
+@engine_options
 @config.click_options(Sampling)
 def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, max_context: int | None, memory: str,
-         remember: bool, **flags: Any) -> None:
+         remember: bool, engine: str, gguf: Path | None, **flags: Any) -> None:
     """Chat with a persona of a trained run (or, with no RUN, the untuned embedded model).
 
     Type one message per line; an empty line sends your turn. The persona answers with one or more
@@ -253,7 +309,7 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
     from doppel.serving import chat as chatting
 
     with failures():
-        found = Run(run) if run is not None else None
+        found = Run(run) if run is not None and (run / "run.json").is_file() else None
         known = found.speakers if found else []
         if list_:
             click.echo("\n".join(known) if known else "this model has no speaker list: any name works")
@@ -264,7 +320,7 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
         if sys.stdin is None or sys.stdin.closed:
             raise Failure("standard input is closed: type in a terminal, or pipe the turns in")
         recall = chatting.open_memory(found if found is not None and found.finished else None, memory, remember)
-        loaded = open_model(run)
+        loaded = open_model(run, engine, gguf)
         conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context,
                                              memory=recall)
         interactive = sys.stdin.isatty()
@@ -370,8 +426,9 @@ def _show_memory(conversation: Any) -> None:
 @main.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 @click.option("--as", "as_", metavar="NAME", help="who writes when a user message has no name")
+@engine_options
 @config.click_options(ServeConfig)
-def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
+def serve(run: Path | None, as_: str | None, engine: str, gguf: Path | None, **flags: Any) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /.
 
     The request's `model` is the persona; a user message's `name` says who writes. It binds 127.0.0.1;
@@ -394,22 +451,77 @@ def serve(run: Path | None, as_: str | None, **flags: Any) -> None:
         cfg = config.load(ServeConfig, None, config.given(ServeConfig, flags))
         _check_exists(run)
         _check_port(cfg.host, cfg.port)  # before the model loads, so a taken port fails at once
-        found = Run(run) if run is not None else None
+        found = Run(run) if run is not None and (run / "run.json").is_file() else None
         personas = found.personas() if found else []
         me = found.owner if found else None
         _, user = chatting.pick_people(personas, me, None, as_)
         recall = chatting.open_memory(found if found is not None and found.finished else None, cfg.memory,
                                       cfg.remember)
-        loaded = open_model(run)
+        loaded = open_model(run, engine, gguf)
         app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall)
     if not cfg.loopback and cfg.api_key is None:
         click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
                     "this address can use the model", err=True, fg="red", bold=True)
     click.echo(f"doppel: serving {run or 'the embedded model'} on http://{cfg.host}:{cfg.port} "
-               f"(personas: {', '.join(personas) or 'any name'}; memory: "
+               f"(personas: {', '.join(personas) or 'any name'}; engine: {chatting.as_engine(loaded.model).name}; "
+               "memory: "
                f"{f'{len(recall.memory.entries):,} entries' if recall else 'off'})", err=True)
     # a request still generating when the server is asked to stop is cut after a few seconds
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--token", envvar="DOPPEL_BOT_TOKEN", required=True,
+              help="the bot's token from @BotFather (better: DOPPEL_BOT_TOKEN, which other users cannot read)")
+@config.click_options(BotConfig)
+@engine_options
+@config.click_options(Sampling)
+def bot(run: Path, token: str, engine: str, gguf: Path | None, **flags: Any) -> None:
+    """Put a persona in Telegram: the people you allow write to your bot, and your persona answers.
+
+    Only you may have another persona answer, and only in your own chat with the bot. With --business the bot
+    is your Telegram Business chatbot: for each message in your private chats it sends you a suggested reply with
+    Send / Edit / Skip, and nothing reaches the contact before you tap Send; --auto answers --allow'ed contacts
+    itself, every message opened with --marker. Commands in the chat: /reset, /as NAME, /persona NAME (you only).
+    Long polling; Ctrl-C stops, and a restart goes on where it stopped (RUN/bot/).
+
+    \b
+    Examples:
+        export DOPPEL_BOT_TOKEN=123456:ABC...    # from @BotFather
+        doppel bot runs/me --allow 201 --allow @max_orlov
+        doppel bot runs/me --business
+        doppel bot runs/me --business --auto --allow @max_orlov --marker "🤖 "
+    """
+    import asyncio
+
+    from doppel.run import Run
+
+    with failures():
+        try:
+            from doppel.bot.telegram import serve as serve_bot
+        except ModuleNotFoundError as exc:
+            if exc.name != "telegram":
+                raise
+            raise Failure("doppel bot needs python-telegram-bot: pip install 'doppel[bot]'") from None
+        cfg = config.load(BotConfig, None, config.given(BotConfig, flags))
+        sampling = config.load(Sampling, None, config.given(Sampling, flags))
+        found = Run.open(run)
+        found.info  # noqa: B018 (a finished run, or a RunError that says how to finish it)
+
+        async def until_stopped() -> None:
+            import signal
+
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # as Ctrl-C does
+            await serve_bot(found, token, cfg, sampling, ready=lambda line: click.echo(f"doppel: {line}", err=True),
+                            engine=engine, gguf=gguf)
+
+        try:
+            asyncio.run(until_stopped())
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            click.echo("doppel: stopped", err=True)
 
 
 @main.command("eval")
@@ -535,18 +647,24 @@ def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) ->
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 @click.option("--tokens", type=int, default=64, show_default=True, help="new tokens per reply")
 @click.option("--repeats", type=int, default=5, show_default=True, help="timed replies (after one warm-up)")
-def bench_chat(run: Path | None, tokens: int, repeats: int) -> None:
-    """Generation speed of `doppel chat`: time to first token and tokens/s (median of the repeats).
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["transformers", "llama.cpp"]),
+              default=("transformers", "llama.cpp"), show_default=True, help="engines to compare, repeatable")
+@click.option("--gguf", "files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="GGUF files for llama.cpp, repeatable (default: every file of the run's export)")
+def bench_chat(run: Path | None, tokens: int, repeats: int, engines: tuple[str, ...], files: tuple[Path, ...]) -> None:
+    """Generation speed of `doppel chat` on each engine side by side: time to first token and tokens/s (median of
+    the repeats, each from a cold prompt).
 
     \b
-    Example:
-        doppel bench chat            # the embedded model
+    Examples:
+        doppel bench chat                        # the embedded model: transformers and llama.cpp
+        doppel bench chat runs/me                # transformers, and llama.cpp on each file of its export
     """
     from doppel.bench import bench_chat as measure
 
     with failures():
         _check_exists(run)
-        click.echo(json.dumps(measure(run, tokens, repeats), indent=2))
+        click.echo(json.dumps(measure(run, tokens, repeats, engines, files), indent=2))
 
 
 def _show(dataset_dir: Path, count: int, split: str = "train") -> None:

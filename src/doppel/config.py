@@ -223,6 +223,51 @@ class ServeConfig:
         return self.host in LOOPBACK or self.host.startswith("127.")
 
 
+TELEGRAM_NAME = r"@?[A-Za-z][A-Za-z0-9_]{2,31}"  # a username, with or without its @
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    persona: str | None = knob(None, "who answers (default: you, the export's owner); another persona is played only "
+                               "in your own chat with the bot")
+    allow: tuple[str, ...] = knob((), "who may talk with the bot: a Telegram id or @username (repeatable; you always "
+                                  "may); with --business --auto: the contacts it answers on its own")
+    owner: str | None = knob(None, "your Telegram id or @username (default: the export owner's id, when the export "
+                             "is Telegram's)")
+    business: bool = knob(False, "answer your own private chats through Telegram Business: suggested replies that "
+                          "you send, edit or skip (see --auto)")
+    auto: bool = knob(False, "business mode: answer --allow'ed contacts without asking, each message opened with "
+                      "--marker, unless you wrote in that chat in the last --quiet-minutes")
+    marker: str = knob("🤖 ", "what opens every message --auto sends, so that the contact knows it is not you")
+    quiet_minutes: float = knob(30.0, "--auto keeps out of a chat for this long after you wrote in it")
+    pace: float = knob(0.05, "seconds of typing per character of each message, at most 8 a message (0: at once)")
+    gather: float = knob(2.0, "seconds to wait for more messages before answering: they make one turn")
+    max_context: int | None = knob(None, "tokens of history kept per chat (default: the model's context)")
+    memory: Literal["auto", "on", "off"] = knob("auto", "recall earlier conversations from the run's memory index "
+                                                "(auto: when the run trained with it)")
+    base_url: str = knob("https://api.telegram.org/bot", "the Bot API's address, the token appended (or put where "
+                         "{token} is): a local Bot API server")
+    poll_timeout: int = knob(30, "seconds one long poll for updates waits")
+
+    def __post_init__(self) -> None:
+        import re
+
+        for value in self.allow + ((self.owner,) if self.owner is not None else ()):
+            if not (value.isdigit() or re.fullmatch(TELEGRAM_NAME, value)):
+                raise ConfigError(f"{value!r} is neither a Telegram user id (digits) nor a @username")
+        if self.auto and not self.business:
+            raise ConfigError("auto answers business chats: give --business too")
+        if self.auto and not self.marker.strip():
+            raise ConfigError("marker is empty: --auto would pass the model's messages off as yours")
+        for name, most in (("pace", 10), ("gather", 60), ("quiet_minutes", 60 * 24 * 365), ("poll_timeout", 600)):
+            if not 0 <= getattr(self, name) <= most:  # also refuses nan
+                raise ConfigError(f"{name} must be between 0 and {most}, got {getattr(self, name)}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ConfigError(f"max_context must be at least 1, got {self.max_context}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must be an http:// or https:// address, got {self.base_url!r}")
+
+
 C = TypeVar("C")
 
 

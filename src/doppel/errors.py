@@ -53,3 +53,7 @@ class EvalError(DoppelError):
 
 class MemoryIndexError(DoppelError):
     """A memory index (or its remembered conversations) is missing or damaged."""
+
+
+class BotError(DoppelError):
+    """The Telegram bot cannot start or go on: a refused token, an unreachable Bot API, an unusable setting."""

@@ -77,6 +77,8 @@ def load_tokenizer(model: str | None = None) -> Any:
     try:
         if model is None:
             tokenizer = AutoTokenizer.from_pretrained(str(embedded_dir()), gguf_file=EMBEDDED_FILE)
+        elif is_gguf(model):
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(model).parent), gguf_file=Path(model).name)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:  # ValueError: a model folder whose tokenizer files are missing or broken
@@ -84,6 +86,11 @@ def load_tokenizer(model: str | None = None) -> Any:
                          f"{str(exc).splitlines()[0]}") from None
     ensure_chatml(tokenizer)
     return tokenizer
+
+
+def is_gguf(model: str) -> bool:
+    """Whether `model` names a GGUF file (which transformers dequantizes on load)."""
+    return model.endswith(".gguf") and Path(model).is_file()
 
 
 def base_name(model: str | None) -> str:
@@ -108,15 +115,18 @@ def load_model(model: str | None, *, dtype: Any = None, attention: str | None = 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
     model = _resolve(model)
-    if model is None:
-        kwargs["gguf_file"] = EMBEDDED_FILE
+    folder = str(embedded_dir()) if model is None else model
+    if model is None or is_gguf(model):
+        kwargs["gguf_file"] = EMBEDDED_FILE if model is None else Path(model).name
+        folder = str(embedded_dir() if model is None else Path(model).parent)
     with loading(f"{base_name(model)} offline"):
-        loaded = AutoModelForCausalLM.from_pretrained(str(embedded_dir()) if model is None else model, **kwargs)
-    if model is None:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if "gguf_file" in kwargs:
         # GGUF weights are dequantized on load: what remains is a plain model, trainable and saveable
         loaded.hf_quantizer = None  # type: ignore[assignment]
         loaded.is_quantized = False  # type: ignore[assignment]
-        del loaded.config.quantization_config
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
     return loaded
 
 

@@ -9,6 +9,7 @@
     RUN/checkpoints/  RUN/tokens/   resumable checkpoints; the tokenized sessions (cached)
     RUN/eval/                       `doppel eval`'s report
     RUN/memory/remembered.jsonl     conversations held with the model under `--remember` (memory/index.py)
+    RUN/gguf.json                   where `doppel export` last wrote its GGUF files (exporting/gguf.py)
 
 `training/` writes it; chat, serve, eval, merge and bench read it through `Run.open` (or `open_model`, which
 also takes a merged or Hugging Face model directory, or nothing for the embedded model).
@@ -29,6 +30,7 @@ from doppel.errors import ModelError, RunError
 
 RUN_FILE, CONFIG_FILE, METRICS_FILE, STATS_FILE = "run.json", "config.yaml", "metrics.jsonl", "dataset_stats.json"
 CHECKPOINTS, TOKENS, EVAL_DIR, MEMORY_DIR = "checkpoints", "tokens", "eval", "memory"
+GGUF_POINTER = "gguf.json"
 log = logging.getLogger(__name__)
 
 
@@ -182,6 +184,19 @@ class Run:
         with models.loading(f"the adapter of {self.path}"):
             return PeftModel.from_pretrained(model, str(self.path)).eval(), tokenizer
 
+    def gguf_files(self) -> dict[str, Path]:
+        """The GGUF files of the run's latest `doppel export` (RUN/gguf.json points at it) still there, by
+        quantization."""
+        pointer = self.path / GGUF_POINTER
+        if not pointer.is_file():
+            return {}
+        try:
+            folder = Path(json.loads(pointer.read_text(encoding="utf-8"))["dir"])
+            files = json.loads((folder / "export.json").read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}  # the export was moved or deleted: there is none
+        return {kind: folder / name for kind, name in files.items() if (folder / name).is_file()}
+
     def merge(self, out: Path) -> None:
         """Write the run (LoRA adapter + base, or full weights) as one standalone safetensors model in `out`."""
         from doppel import models
@@ -226,30 +241,74 @@ class Loaded:
         return self.run.owner if self.run else None
 
 
-def open_model(path: str | Path | None) -> Loaded:
-    """A finished run, a merged or Hugging Face model directory, or (None) the embedded model, loaded."""
+ENGINES = ("auto", "transformers", "llama.cpp")
+GGUF_PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "f16", "bf16", "f32")  # the default file of an export
+
+
+def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path | None = None) -> Loaded:
+    """A finished run, a merged or Hugging Face model directory, a GGUF file, or (None) the embedded model, loaded.
+
+    `engine` "transformers" loads the weights into PyTorch (a GGUF dequantized); "llama.cpp" runs `gguf`, else the
+    run's GGUF export (`doppel export`), a GGUF path, or the embedded model's file; "auto" is llama.cpp when there
+    is such a file besides the embedded one and llama-cpp-python is installed, transformers otherwise.
+    """
     from doppel import models
 
-    if path is None:
+    if engine not in ENGINES:
+        raise ModelError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    folder = Path(path) if path is not None else None
+    if folder is not None and not folder.exists():
+        raise RunError(f"{folder}: no such run or model directory")
+    run = Run(folder) if folder is not None and (folder / RUN_FILE).is_file() else None
+    if folder is not None and run is None and folder.is_dir():
+        if (folder / CHECKPOINTS).is_dir():
+            raise RunError(f"{folder} is an unfinished run; finish it with doppel train DATA -o {folder} --resume")
+        if not (folder / "config.json").is_file():
+            raise RunError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
+    file = Path(gguf) if gguf is not None else _gguf_of(folder, run)
+    if engine == "auto":
+        engine = "llama.cpp" if file is not None and _has_llama_cpp() else "transformers"
+    if engine == "llama.cpp":
+        from doppel.engines import LlamaCppEngine
+
+        if file is None and folder is None:
+            file = models.embedded_dir() / models.EMBEDDED_FILE
+        if file is None:
+            raise ModelError(f"{folder} has no GGUF export for llama.cpp; write one with: doppel export {folder} "
+                             f"-o DIR --gguf q8_0 (or give --gguf FILE)")
+        tokenizer = models.load_tokenizer(None if folder is None else str(folder))
+        name = str(file) if run is None else models.base_name(run.info.base)
+        return Loaded(LlamaCppEngine(file), tokenizer, name, run)
+    if gguf is not None:
+        raise ModelError("a GGUF file is run by llama.cpp: use --engine llama.cpp (or auto)")
+    if folder is None:
         tokenizer = models.load_tokenizer(None)
         model = models.load_model(None)
         models.fit_embeddings(model, tokenizer)
         return Loaded(model.eval(), tokenizer, models.base_name(None), None)
-    folder = Path(path)
-    if not folder.exists():
-        raise RunError(f"{folder}: no such run or model directory")
-    if (folder / RUN_FILE).is_file():
-        run = Run(folder)
+    if run is not None:
         model, tokenizer = run.load()
         return Loaded(model, tokenizer, models.base_name(run.info.base), run)
-    if (folder / CHECKPOINTS).is_dir():
-        raise RunError(f"{folder} is an unfinished run; finish it with doppel train DATA -o {folder} --resume")
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise RunError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
     tokenizer = models.load_tokenizer(str(folder))
     model = models.load_model(str(folder))
     models.fit_embeddings(model, tokenizer)
     return Loaded(model.eval(), tokenizer, str(folder), None)
+
+
+def _gguf_of(folder: Path | None, run: Run | None) -> Path | None:
+    """The GGUF file to run: `folder` itself when it is one, the preferred file of a run's export, or None."""
+    if folder is not None and folder.is_file() and folder.suffix == ".gguf":
+        return folder
+    if run is None:
+        return None
+    files = run.gguf_files()
+    return next((files[kind] for kind in GGUF_PREFERENCE if kind in files), None)
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 # --- is a checkpoint whole? ---------------------------------------------------------------------------------

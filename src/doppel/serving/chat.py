@@ -9,13 +9,13 @@ opens with the memory block recalled for this reply, rendered as in training.
 from __future__ import annotations
 
 import difflib
-import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doppel.config import Sampling
+from doppel.engines import as_engine
 from doppel.errors import ChatError, ContextTooLong, GenerationFailed
 from doppel.records import MemoryEntry, Turn
 from doppel.render import (
@@ -112,8 +112,9 @@ class Conversation:
     def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling | None = None,
                  max_context: int | None = None, max_prompt: int | None = None, memory: Recall | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.engine = as_engine(model)
         self.persona, self.user, self.sampling = persona, user, sampling or Sampling()
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        limit = self.engine.context
         self.max_context = min(max_context or limit, limit)
         self.max_prompt = max_prompt
         self.history: list[Turn] = []
@@ -224,51 +225,19 @@ class Conversation:
 
     def _stream(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""
-        import torch
-
-        stopped = threading.Event()  # this turn's reader is gone; `cancel` is the caller's and stays as it is
-        tokens = _Tokens()
-        s = self.sampling
-        kwargs: dict[str, Any] = dict(
-            input_ids=torch.tensor([ids], device=self.model.device), streamer=tokens, max_new_tokens=s.max_new_tokens,
-            eos_token_id=self.stops, pad_token_id=self.stops[0], repetition_penalty=s.repetition_penalty,
-            stopping_criteria=_stopping(cancel, stopped))
-        kwargs.update(do_sample=False) if s.greedy else kwargs.update(do_sample=True, temperature=s.temperature,
-                                                                       top_p=s.top_p)
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # reported to the caller below, never lost in this thread
-                failure.append(exc)
-            finally:
-                tokens.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
         text = _Text(self.tokenizer)
         done = 0
         finish = "length"
-        try:
-            for token in tokens:
-                reply.completion_tokens += 1
-                if token in self.stops:
-                    finish = "stop"
-                    break
-                text.add(token)
-                complete = text.value.rfind("\n" + PREFIX)
-                if complete > done:
-                    yield from split_messages(text.value[done:complete])
-                    done = complete + 1
-        finally:
-            stopped.set()  # the caller stopped early (a client that left): the model stops too
-            worker.join()
-        if failure:
-            raise GenerationFailed(f"generation failed: {_short(failure[0])}") from failure[0]
+        for token in self.engine.tokens(ids, self.sampling, self.stops, cancel):
+            reply.completion_tokens += 1
+            if token in self.stops:
+                finish = "stop"
+                break
+            text.add(token)
+            complete = text.value.rfind("\n" + PREFIX)
+            if complete > done:
+                yield from split_messages(text.value[done:complete])
+                done = complete + 1
         yield from split_messages(text.finish()[done:])
         reply.finish_reason = finish
 
@@ -311,45 +280,6 @@ class Reply:
     @property
     def text(self) -> str:
         return "\n".join(self.messages)
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _stopping(*events: threading.Event) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            import torch
-
-            done = any(event.is_set() for event in events)
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
-
-
-class _Tokens:
-    """A streamer for `generate`: the new token ids, one at a time, to iterate in another thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate hands over the prompt first
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(int(token))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-    def __iter__(self) -> Iterator[int]:
-        while (token := self.queue.get()) is not None:
-            yield token
 
 
 class _Text:
