@@ -245,3 +245,11 @@ def test_bench_chat_puts_the_engines_side_by_side(memorised, exported):
     assert result["engines"][0]["speedup"] == 1.0
     assert all(row["tokens_per_s"] > 0 and row["time_to_first_token_s"] > 0 for row in result["engines"])
     assert "skipped" not in result
+
+
+def test_llama_cpp_for_the_embedded_model_needs_an_export_of_it():
+    from doppel.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^llama.cpp runs the embedded model from a GGUF export of it: give --gguf "
+                                         r"FILE$"):
+        open_model(None, engine="llama.cpp")

@@ -242,8 +242,8 @@ def bench_train(dataset: Path, model: str | None, mode: str, target_tokens: int,
 def bench_chat(run: Path | None, tokens: int, repeats: int, engines: Sequence[str] = ("transformers", "llama.cpp"),
                files: Sequence[Path] = ()) -> dict[str, Any]:
     """Time to first token and tokens/s of one persona reply (greedy, `tokens` new tokens, no early stop), on each
-    engine side by side: transformers, and llama.cpp on each GGUF file of the run's export (or `files`; for the
-    embedded model, its own file). llama.cpp is skipped, and said so, where llama-cpp-python is not installed."""
+    engine side by side: transformers, and llama.cpp on each GGUF file of the run's export (or `files`). llama.cpp
+    is skipped, and said so, where llama-cpp-python is not installed or there is no file."""
     import gc
 
     from doppel import models
@@ -257,7 +257,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int, engines: Sequence[st
         elif files:
             targets += [("llama.cpp", Path(f)) for f in files]
         elif run is None:
-            targets.append(("llama.cpp", models.embedded_dir() / models.EMBEDDED_FILE))
+            skipped = "llama.cpp: give the embedded model's GGUF files with --gguf"
         else:
             found = Run.open(run).gguf_files() if (Path(run) / "run.json").is_file() else {}
             targets += [("llama.cpp", file) for file in found.values()]

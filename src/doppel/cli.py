@@ -657,7 +657,7 @@ def bench_chat(run: Path | None, tokens: int, repeats: int, engines: tuple[str, 
 
     \b
     Examples:
-        doppel bench chat                        # the embedded model: transformers and llama.cpp
+        doppel bench chat                        # the embedded model on transformers
         doppel bench chat runs/me                # transformers, and llama.cpp on each file of its export
     """
     from doppel.bench import bench_chat as measure

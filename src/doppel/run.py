@@ -249,8 +249,8 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
     """A finished run, a merged or Hugging Face model directory, a GGUF file, or (None) the embedded model, loaded.
 
     `engine` "transformers" loads the weights into PyTorch (a GGUF dequantized); "llama.cpp" runs `gguf`, else the
-    run's GGUF export (`doppel export`), a GGUF path, or the embedded model's file; "auto" is llama.cpp when there
-    is such a file besides the embedded one and llama-cpp-python is installed, transformers otherwise.
+    run's GGUF export (`doppel export`) or the GGUF file `path` names; "auto" is llama.cpp when there is such a file
+    and llama-cpp-python is installed, transformers otherwise.
     """
     from doppel import models
 
@@ -272,7 +272,8 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
         from doppel.engines import LlamaCppEngine
 
         if file is None and folder is None:
-            file = models.embedded_dir() / models.EMBEDDED_FILE
+            # the packaged Q4_1 file runs, but answered unlike the model it is (docs/benchmarks.md): not by default
+            raise ModelError("llama.cpp runs the embedded model from a GGUF export of it: give --gguf FILE")
         if file is None:
             raise ModelError(f"{folder} has no GGUF export for llama.cpp; write one with: doppel export {folder} "
                              f"-o DIR --gguf q8_0 (or give --gguf FILE)")
