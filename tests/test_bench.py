@@ -38,7 +38,7 @@ def test_both_setups_train_on_the_same_target_tokens(tiny, sample_data, tmp_path
 
 
 def test_generation_speed_of_a_reply(tiny):
-    import importlib.util
+    from doppel.engines import llama_cpp_installed
 
     result = bench.bench_chat(tiny, tokens=8, repeats=2)
     assert (result["prompt_tokens"], result["new_tokens"], result["repeats"]) == (17, 8, 2)
@@ -46,7 +46,7 @@ def test_generation_speed_of_a_reply(tiny):
     assert (row["engine"], row["file"], row["speedup"]) == ("transformers", None, 1.0)
     assert 0 < row["time_to_first_token_s"] < 5 and row["tokens_per_s"] > 0
     assert result["skipped"] == (f"llama.cpp: {tiny} has no GGUF export (doppel export)"
-                                 if importlib.util.find_spec("llama_cpp") else
+                                 if llama_cpp_installed() else
                                  "llama.cpp: llama-cpp-python is not installed")
 
 

