@@ -280,3 +280,22 @@ def test_a_llama_cpp_folder_of_the_converters_alone_is_not_llama_cpp(tmp_path, m
                                          r"over llama-cpp-python's; reinstall llama-cpp-python last: pip install "
                                          r"--force-reinstall --no-deps llama-cpp-python$"):
         engines.llama_cpp()
+
+
+@needs_llama
+def test_the_openai_api_answers_through_llama_cpp_plain_and_streamed(run, exported):
+    from fastapi.testclient import TestClient
+
+    from doppel.config import ServeConfig
+    from doppel.serving.server import create_app
+
+    loaded = open_model(run, engine="llama.cpp")
+    api = TestClient(create_app(loaded.model, loaded.tokenizer, ["Me Owner", "Max Orlov"], "Max Orlov",
+                                ServeConfig()), base_url="http://127.0.0.1:8000")
+    ask = {"model": "Me Owner", "temperature": 0,
+           "messages": [{"role": "user", "name": "Max Orlov", "content": "yo\ngym later?"}]}
+    body = api.post("/v1/chat/completions", json=ask).json()
+    assert (body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]) == ("го))\nв 7 🙂", "stop")
+    events = [json.loads(line[6:]) for line in api.post("/v1/chat/completions", json={**ask, "stream": True})
+              .text.splitlines() if line.startswith("data: {")]
+    assert [e["choices"][0]["delta"].get("content") for e in events] == ["", "го))", "\nв 7 🙂", None]
