@@ -25,7 +25,7 @@ from doppel.errors import GenerationFailed, ModelError
 
 INSTALL_LLAMA = "pip install 'doppel[llama]' (llama-cpp-python; it compiles llama.cpp, about 10 minutes on 2 cores)"
 TOP_K = 50  # transformers' default, which doppel never changes
-MAX_CONTEXT = 8192  # llama.cpp allocates its whole context up front: at most this many tokens unless asked
+MAX_CONTEXT = 8192  # llama.cpp allocates its whole key-value cache up front: a context of at most this many tokens
 
 
 class Engine(Protocol):
