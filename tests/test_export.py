@@ -142,10 +142,18 @@ def test_an_unfinished_run_is_one_line_and_nothing_is_written(run, tmp_path):
     unfinished = tmp_path / "run"
     unfinished.mkdir()
     shutil.copy(run / "config.yaml", unfinished / "config.yaml")
+    (unfinished / "checkpoints").mkdir()
     result = run_cli("export", unfinished, "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert result.output == (f"doppel: error: {unfinished} is an unfinished run; finish it with doppel train DATA -o "
                              f"{unfinished} --resume\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_given_where_a_run_belongs_is_one_line(sample_data, tmp_path):
+    result = run_cli("export", sample_data, "-o", tmp_path / "out")
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {sample_data} is neither a doppel run nor a model "
+                                                    "directory (no run.json, no config.json)\n")
     assert not (tmp_path / "out").exists()
 
 

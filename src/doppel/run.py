@@ -198,6 +198,10 @@ class Run:
             return {}  # the export was moved or deleted: there is none
         return {kind: folder / name for kind, name in files.items() if (folder / name).is_file()}
 
+    def note_gguf(self, folder: Path) -> None:
+        """Note `folder` as the run's latest GGUF export (what `gguf_files` reads)."""
+        (self.path / GGUF_POINTER).write_text(json.dumps({"dir": str(folder.resolve())}) + "\n", encoding="utf-8")
+
     def merge(self, out: Path) -> None:
         """Write the run (LoRA adapter + base, or full weights) as one standalone safetensors model in `out`."""
         from doppel import models
@@ -258,14 +262,7 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
     folder = Path(path) if path is not None else None
-    if folder is not None and not folder.exists():
-        raise RunError(f"{folder}: no such run or model directory")
-    run = Run(folder) if folder is not None and (folder / RUN_FILE).is_file() else None
-    if folder is not None and run is None and folder.is_dir():
-        if (folder / CHECKPOINTS).is_dir():
-            raise RunError(f"{folder} is an unfinished run; finish it with doppel train DATA -o {folder} --resume")
-        if not (folder / "config.json").is_file():
-            raise RunError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
+    run = find_run(folder) if folder is not None else None
     file = Path(gguf) if gguf is not None else _gguf_of(folder, run)
     if engine == "auto":
         engine = "llama.cpp" if file is not None and llama_cpp_installed() else "transformers"
@@ -297,9 +294,26 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
     return Loaded(model.eval(), tokenizer, str(folder), None)
 
 
+def find_run(folder: Path) -> Run | None:
+    """The finished run in `folder`; None for a model directory or a file; `RunError` for a missing path, an
+    unfinished run, or a folder that is neither a run nor a model (a dataset given where a run belongs)."""
+    if not folder.exists():
+        raise RunError(f"{folder}: no such run or model directory")
+    if (folder / RUN_FILE).is_file():
+        return Run(folder)
+    if folder.is_dir():
+        if (folder / CHECKPOINTS).is_dir():
+            raise RunError(f"{folder} is an unfinished run; finish it with doppel train DATA -o {folder} --resume")
+        if not (folder / "config.json").is_file():
+            raise RunError(f"{folder} is neither a doppel run nor a model directory (no {RUN_FILE}, no config.json)")
+    return None
+
+
 def _gguf_of(folder: Path | None, run: Run | None) -> Path | None:
     """The GGUF file to run: `folder` itself when it is one, the preferred file of a run's export, or None."""
-    if folder is not None and folder.is_file() and folder.suffix == ".gguf":
+    from doppel import models
+
+    if folder is not None and models.is_gguf(str(folder)):
         return folder
     if run is None:
         return None

@@ -114,7 +114,6 @@ def export(source: str | Path, out: str | Path, kinds: Sequence[str], pairs: Seq
     `pairs` are the (persona, user) Modelfiles to write (default: the owner, talked to by the top three contacts);
     `sampling` goes into them. Raises `ConfigError`, `RunError` or `ModelError`; nothing is left in `out` then.
     """
-    from doppel.run import GGUF_POINTER, RUN_FILE
     from doppel.serving.chat import check_name
 
     kinds = check_kinds(kinds)
@@ -165,25 +164,19 @@ def export(source: str | Path, out: str | Path, kinds: Sequence[str], pairs: Seq
             item.replace(out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if run is not None and (source / RUN_FILE).is_file():
-        (source / GGUF_POINTER).write_text(json.dumps({"dir": str(out.resolve())}) + "\n", encoding="utf-8")
+    if run is not None:
+        run.note_gguf(out)
     return result
 
 
 def _run_of(source: Path) -> Any:
     """The finished run in `source`, None for a model directory; `RunError` for anything else."""
-    from doppel.run import CHECKPOINTS, CONFIG_FILE, Run
+    from doppel.run import find_run
 
-    if not source.is_dir():
-        raise RunError(f"{source}: no such run or model directory")
-    run = Run(source)
-    if run.finished:
-        return run
-    if (source / CHECKPOINTS).is_dir() or (source / CONFIG_FILE).is_file():
-        raise RunError(f"{source} is an unfinished run; finish it with doppel train DATA -o {source} --resume")
-    if not (source / "config.json").is_file():
+    run = find_run(source)
+    if run is None and not source.is_dir():
         raise RunError(f"{source} is neither a doppel run nor a model directory (no run.json, no config.json)")
-    return None
+    return run
 
 
 def _check_out(out: Path, names: list[str]) -> None:
