@@ -23,7 +23,7 @@ for step in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
       $PY -c "import torch, transformers, trl, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/device.txt"
       # a synthetic export of 200k messages → dataset
-      $PY -c "from doppel.synthetic import write_large_export; write_large_export(open('/tmp/export.json', 'wb'), 200000, 400)"
+      $PY -c "from doppel.readers.synthetic import write_large_export; write_large_export(open('/tmp/export.json', 'wb'), 200000, 400)"
       $PY -m doppel prepare /tmp/export.json -o /tmp/data | tee -a "$OUT/device.txt" ;;
     tests)
       # the tests' tokenizer is the embedded one, saved in .tok/ (the embedded package is not on this machine)

@@ -11,7 +11,7 @@ from doppel.readers.telegram import Chat, Header, iter_export
 
 
 def spooled(path, **cfg):
-    spool = io.StringIO()
+    spool = io.BytesIO()
     census = collect(iter_export(path), PrepareConfig(**cfg), spool)
     return census, [json.loads(line) for line in spool.getvalue().splitlines()]
 

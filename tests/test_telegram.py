@@ -200,10 +200,11 @@ def test_a_malformed_message_is_an_export_error_naming_chat_and_message(write, g
 
 def test_a_message_that_is_not_an_object_is_an_export_error(write):
     path = write(full_export([personal(MAX, [msg(1, 0, MAX, "yo"), "oops"])]))
-    with pytest.raises(ExportError) as err:
+    with pytest.raises(UnusualLayout):  # the batch decoder is told objects only
         items(path)
-    assert str(err.value) == f"{path} has a malformed message (chat {MAX}, message ?: 'str' object has no " \
-                             "attribute 'get')"
+    with pytest.raises(ExportError) as err:
+        items(path, general=True)
+    assert str(err.value) == f"{path} has a malformed message (chat {MAX}, message ?: Expected `object`, got `str`)"
 
 
 def test_an_export_folder_is_read_as_its_result_json(write, tmp_path):

@@ -150,11 +150,11 @@ def subset(dataset: Path, out: Path, tokenizer: Any, target_tokens: int, max_len
     total, lines = 0, []
     for session in source.sessions("train"):
         total += sum(label != IGNORE for _, labels in encode(session, tokenizer, max_length) for label in labels)
-        lines.append(ds.jsonl_line(session.to_json()))
+        lines.append(ds.jsonl_line(session))
         if total >= target_tokens:
             break
     out.mkdir(parents=True)
-    (out / ds.TRAIN_FILE).write_text("".join(lines), encoding="utf-8")
+    (out / ds.TRAIN_FILE).write_bytes(b"".join(lines))
     (out / ds.EVAL_FILE).write_text("", encoding="utf-8")
     replace(source.stats, train_sessions=len(lines), eval_sessions=0).write(out)
     return total

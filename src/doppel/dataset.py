@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+
 from doppel.errors import DatasetError
 from doppel.records import Session
 
@@ -138,12 +140,23 @@ class Dataset:
         path = self.path / (TRAIN_FILE if split == "train" else EVAL_FILE)
         if not path.is_file():
             raise DatasetError(f"{self.path} is not a doppel dataset (no {path.name}); run doppel prepare")
-        with path.open(encoding="utf-8") as handle:
+        decode = msgspec.json.Decoder(Session).decode
+        with path.open("rb") as handle:
             for line in handle:
-                yield Session.from_json(json.loads(line))
+                try:
+                    yield decode(line)
+                except msgspec.DecodeError as exc:
+                    raise DatasetError(f"{path} has a line that is not a session ({exc}); "
+                                       "run doppel prepare again") from None
 
 
-def jsonl_line(obj: Any) -> str:
-    """One JSON line; U+2028/U+2029 escaped so that no line-splitting reader breaks it apart."""
-    text = json.dumps(obj, ensure_ascii=False)
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def jsonl_line(obj: Any) -> bytes:
+    """One compact JSON line (a dataclass such as `Session` is written as its fields); U+2028/U+2029 escaped so
+    that no line-splitting reader breaks it apart."""
+    data = _ENCODE(obj)
+    if b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data:
+        data = data.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+    return data + b"\n"

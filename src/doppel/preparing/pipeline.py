@@ -11,7 +11,6 @@ directory is replaced only when it holds nothing but a dataset's files (see `_ch
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from doppel import config
 from doppel.config import PrepareConfig
@@ -105,14 +106,14 @@ def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path,
         return _collect(sources[0].path, sources[0].header, cfg, spool, progress, sources[0].items)
     merged = Census()
     seen: set[tuple[int, int]] = set()
-    with spool.open("w", encoding="utf-8") as joined:
+    with spool.open("wb") as joined:
         for k, source in enumerate(sources):
             own = spool.with_name(f"spool.{k}.jsonl")
             census = _collect(source.path, source.header, cfg, own, progress, source.items)
             offset = len(merged.chats)
-            with own.open(encoding="utf-8") as handle:
+            with own.open("rb") as handle:
                 for line in handle:
-                    row = json.loads(line)
+                    row = msgspec.json.decode(line)
                     chat = census.chats[row[0]].id
                     if (chat, row[1]) in seen:
                         merged.dropped["duplicate"] += sum(len(texts) for _, texts in row[4])
@@ -120,7 +121,7 @@ def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path,
                         continue
                     seen.add((chat, row[1]))
                     row[0] += offset
-                    joined.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    joined.write(msgspec.json.encode(row) + b"\n")
             own.unlink()
             merged.chats += census.chats
             merged.senders += census.senders
@@ -221,11 +222,11 @@ READERS: dict[str, Callable[..., tuple[Header, Iterator[Chat | Message]]]] = {
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
              progress: Callable[[int, int], None] | None, items: Iterator[Chat | Message] | None = None) -> Census:
     if items is not None:  # a reader of one pass
-        with spool.open("w", encoding="utf-8") as handle:
+        with spool.open("wb") as handle:
             return sessions.collect(items, cfg, handle)
     size = export.stat().st_size
     for general in (False, True):
-        with spool.open("w", encoding="utf-8") as handle:
+        with spool.open("wb") as handle:
             try:
                 items = iter_export(export, general=general,
                                     on_read=(lambda n: progress(n, size)) if progress else None)
@@ -248,7 +249,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     activity = sum(census.senders, Counter())
     labels = sessions.unique_labels(census.names, activity)
     trained = sessions.trained_ids(cfg, owner, labels, header.shifted)
-    rename: Callable[[str], str] = lambda text: text  # noqa: E731
+    rename: Callable[[str], str] = sessions.same_text
     if cfg.pseudonymize:
         alias = privacy.aliases(sid for sid, _ in activity.most_common())
         rename = privacy.name_replacer({n: alias[s] for s, n in census.names.items() if n})
@@ -256,7 +257,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     spool = work / "spool.jsonl"
 
     def kept() -> Iterator[Session]:
-        with spool.open(encoding="utf-8") as handle:
+        with spool.open("rb") as handle:
             yield from sessions.sessions(handle, census, labels, trained, rename, same)
 
     # with every turn trained, every spooled session (two turns or more) satisfies the context rule
@@ -270,16 +271,17 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
     counts = Counter[str]()
     speakers: dict[str, Counter[str]] = {}
     n_turns = n_messages = 0
-    with (work / TRAIN_FILE).open("w", encoding="utf-8") as train, \
-            (work / EVAL_FILE).open("w", encoding="utf-8") as held_out:
+    with (work / TRAIN_FILE).open("wb") as train, (work / EVAL_FILE).open("wb") as held_out:
         for session in kept():
             chat = session.chat.id
             seen[chat] += 1
             split = "eval" if seen[chat] > per_chat[chat] - to_eval[chat] else "train"
             counts[split] += 1
-            (held_out if split == "eval" else train).write(jsonl_line(session.to_json()))
+            (held_out if split == "eval" else train).write(jsonl_line(session))
             for turn in session.turns:
-                person = speakers.setdefault(turn.speaker_id, Counter())
+                person = speakers.get(turn.speaker_id)
+                if person is None:
+                    person = speakers[turn.speaker_id] = Counter()
                 person["messages"] += len(turn.messages)
                 person["turns"] += 1
                 n_messages += len(turn.messages)

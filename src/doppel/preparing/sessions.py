@@ -9,13 +9,14 @@ spool, and `eval_counts` splits train/eval per chat (preparing/pipeline.py runs 
 from __future__ import annotations
 
 import difflib
-import json
 from array import array
 from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+import msgspec
 
 from doppel.config import PrepareConfig
 from doppel.errors import ConfigError
@@ -45,6 +46,10 @@ class Census:
     spooled: Counter[int] = field(default_factory=Counter)  # sessions spooled per chat id
 
 
+_ID_LIMIT = 1 << 63  # ids from here on do not fit the array
+_BELOW = -(1 << 64)  # below every id
+
+
 class SeenIds:
     """The (chat id, message id) pairs met so far, in about 8 bytes a message.
 
@@ -65,7 +70,7 @@ class SeenIds:
             loose.add(message)
             return new
         ids = self._ordered.setdefault(chat, array("q"))
-        if (not ids or message > ids[-1]) and message < 1 << 63:
+        if (not ids or message > ids[-1]) and message < _ID_LIMIT:
             ids.append(message)
             return True
         at = bisect_left(ids, message)
@@ -73,6 +78,11 @@ class SeenIds:
             return False
         self._unordered[chat] = {*self._ordered.pop(chat), message}
         return True
+
+    def ordered(self, chat: int) -> array[int] | None:
+        """The chat's sorted ids, to which a caller may append an id above the last one itself (None: the chat's ids
+        are no longer in order)."""
+        return None if chat in self._unordered else self._ordered.setdefault(chat, array("q"))
 
 
 def _matches(chat: Chat, wanted: Iterable[str], shifted: bool = False) -> str | None:
@@ -126,57 +136,85 @@ def _drop_reason(m: Message) -> str:
     return m.kind if m.kind in ("service", "media", "unsupported", "bot") else "empty"
 
 
-def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[str], shifted: bool = False) -> Census:
-    """First pass: stream the export, spool each session with at least two turns as JSON. `shifted`: the export
-    writes v1.4.8-v2.7.1 shifted ids, which `--chat` may name as the file shows them."""
+def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes], shifted: bool = False) -> Census:
+    """First pass: stream the export, spool each session with at least two turns as a JSON line. `shifted`: the
+    export writes v1.4.8-v2.7.1 shifted ids, which `--chat` may name as the file shows them.
+
+    The loop runs once per message of the export, so what it needs is held in local names."""
     census = Census()
     seen = SeenIds()
+    names = census.names
+    dropped = census.dropped
+    encode = msgspec.json.Encoder().encode
     gap = cfg.session_gap * 60
+    plain = not cfg.redact  # a text message's text is its stripped text
     skipping = True
+    senders: Counter[str] = Counter()
+    chat = 0
     turns: list[list[Any]] = []  # [sender_id, [texts]]
     first_id = start = last = 0
+    speaker = None  # the sender of the last turn
+    ids: array[int] | None = None  # the chat's message ids so far, in order
+    top = _BELOW  # the last of them
 
     def flush() -> None:
         if len(turns) >= 2:
-            census.spooled[census.chats[-1].id] += 1
-            spool.write(json.dumps([len(census.chats) - 1, first_id, start, last, turns],
-                                   ensure_ascii=False) + "\n")
+            census.spooled[chat] += 1
+            spool.write(encode([len(census.chats) - 1, first_id, start, last, turns]) + b"\n")
         elif turns:  # counted in messages, as every reason is
-            census.dropped["single-speaker session"] += sum(len(texts) for _, texts in turns)
+            dropped["single-speaker session"] += len(turns[0][1])
         turns.clear()
 
     for item in items:
-        if isinstance(item, Chat):
+        if item.__class__ is Chat:
             flush()
-            census.chats.append(item)
-            census.senders.append(Counter())
-            reason = exclusion(item, cfg, census, shifted)
+            speaker = None
+            census.chats.append(item)  # type: ignore[arg-type]
+            senders = Counter()
+            census.senders.append(senders)
+            chat = item.id
+            ids = seen.ordered(chat)
+            top = ids[-1] if ids else _BELOW
+            reason = exclusion(item, cfg, census, shifted)  # type: ignore[arg-type]
             skipping = reason is not None
             if skipping:
                 census.excluded_chats[reason or ""] += 1
             continue
         if skipping:
-            census.dropped["excluded chat"] += 1
+            dropped["excluded chat"] += 1
             continue
-        if not seen.add(census.chats[-1].id, item.id):
-            census.dropped["duplicate"] += 1  # a chat exported twice, or a message written twice
+        mid = item.id
+        if ids is not None and top < mid < _ID_LIMIT:  # the common case: the next message of the chat
+            ids.append(mid)
+            top = mid
+        elif seen.add(chat, mid):
+            ids = seen.ordered(chat)
+            top = ids[-1] if ids else _BELOW
+        else:
+            dropped["duplicate"] += 1  # a chat exported twice, or a message written twice
             continue
-        text = message_text(item, cfg)
+        if plain and item.kind == "text" and not item.forwarded:
+            text = item.text.strip() or None
+        else:
+            text = message_text(item, cfg)  # type: ignore[arg-type]
         if text is None:
-            census.dropped[_drop_reason(item)] += 1
+            dropped[_drop_reason(item)] += 1  # type: ignore[arg-type]
             continue
-        census.senders[-1][item.sender_id] += 1
-        if item.sender_name is not None or item.sender_id not in census.names:
-            census.names[item.sender_id] = item.sender_name
+        sid = item.sender_id
+        senders[sid] += 1
+        if item.sender_name is not None or sid not in names:
+            names[sid] = item.sender_name
         # total seconds between messages: a gap of a day and two minutes is a day, not two minutes
         if turns and item.ts - last > gap:
             flush()
+            speaker = None
         if not turns:
             first_id, start = item.id, item.ts
-        if turns and turns[-1][0] == item.sender_id:
+        if sid == speaker:
             turns[-1][1].append(text)
         else:
-            turns.append([item.sender_id, [text]])
+            turns.append([sid, [text]])
+            speaker = sid
         last = item.ts
     flush()
     return census
@@ -324,22 +362,33 @@ def same_people(census: Census, pairs: Iterable[str]) -> dict[str, str]:
     return same
 
 
-def sessions(spool: Iterable[str], census: Census, labels: dict[str, str],
+def sessions(spool: Iterable[bytes], census: Census, labels: dict[str, str],
              trained: set[str] | None, rename: Callable[[str], str],
              same: dict[str, str] | None = None) -> Iterator[Session]:
     """Sessions from the spool that satisfy the minimum-context rule, in file order; ids of `same` people joined."""
     same = same or {}
+    decode = msgspec.json.Decoder().decode
+    plain = not same and rename is same_text
     for line in spool:
-        chat_index, first_id, start, end, raw_turns = json.loads(line)
-        turns = tuple(Turn(labels[same.get(sid, sid)], same.get(sid, sid), tuple(rename(t) for t in texts),
-                           trained is None or same.get(sid, sid) in trained) for sid, texts in raw_turns)
-        if not any(t.train for t in turns[1:]):
+        chat_index, first_id, start, end, raw_turns = decode(line)
+        if plain:
+            turns = tuple(Turn(labels[sid], sid, tuple(texts), trained is None or sid in trained)
+                          for sid, texts in raw_turns)
+        else:
+            turns = tuple(Turn(labels[same.get(sid, sid)], same.get(sid, sid), tuple(rename(t) for t in texts),
+                               trained is None or same.get(sid, sid) in trained) for sid, texts in raw_turns)
+        if trained is not None and not any(t.train for t in turns[1:]):
             continue  # a reply needs context: some trained turn must follow another turn
         chat = census.chats[chat_index]
         name = chat.name if chat.type != "personal_chat" else labels.get(f"user{chat.id}", chat.name)
         if chat.type == "saved_messages":
             name = name or "Saved Messages"
         yield Session(f"{chat.id}:{first_id}", ChatRef(chat.id, rename(name or ""), chat.type), start, end, turns)
+
+
+def same_text(text: str) -> str:
+    """The `rename` of a dataset without pseudonyms."""
+    return text
 
 
 def eval_counts(per_chat: Counter[int], fraction: float) -> dict[int, int]:

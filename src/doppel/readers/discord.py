@@ -13,15 +13,18 @@ who you are; in a group DM or a server channel (used with `--include-groups`) gi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ijson
+import msgspec
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file
+from doppel.readers.jsonarray import ArrayItems, Unusual
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
@@ -67,36 +70,99 @@ def _id(raw: Any, name: str) -> int:
     return int(text) if text.isdigit() else name_id(name)
 
 
+class _Item(msgspec.Struct):
+    """The fields of a message that doppel reads (the others are skipped while decoding)."""
+
+    type: Any = None
+    timestamp: Any = None
+    content: Any = None
+    author: Any = None
+    attachments: Any = None
+    embeds: Any = None
+    stickers: Any = None
+
+
+_MESSAGES = re.compile(rb'"messages"\s*:\s*\[')
+_CHUNK = 1 << 20
+
+
 def _messages(path: Path, chat: Chat, on_read: Callable[[int], None] | None) -> Iterator[Chat | Message]:
+    """The messages decoded in batches (readers/jsonarray.py); a file shaped otherwise is read on by ijson from the
+    message where the batches stopped, and ijson gives the errors."""
     yield chat
+    number = 0
+    try:
+        for number, item in enumerate(_batched(path, on_read), 1):
+            yield _record(item, number, path)
+    except Unusual:
+        yield from _general(path, on_read, number)
+    if on_read is not None:
+        on_read(path.stat().st_size)
+
+
+def _batched(path: Path, on_read: Callable[[int], None] | None) -> Iterator[_Item]:
+    skeleton: list[bytes] = []
+    array: ArrayItems[_Item] | None = None
+    read = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            read += len(chunk)
+            if array is None:
+                skeleton.append(chunk)
+                head = b"".join(skeleton)
+                found = next((m for m in _MESSAGES.finditer(head) if head[m.start() - 1:m.start()] != b"\\"), None)
+                if found is None:
+                    skeleton = [head]
+                    continue
+                skeleton = [head[:found.end()]]
+                array = ArrayItems(_Item)
+                chunk = head[found.end():]
+            yield from array.feed(chunk)
+            if on_read is not None:
+                on_read(read)
+    if array is None:
+        raise Unusual("no messages")
+    last, rest = array.finish()
+    yield from last
+    try:
+        msgspec.json.decode(b"".join((*skeleton, b"]", rest)))
+    except msgspec.DecodeError as exc:
+        raise Unusual(str(exc)) from None
+
+
+def _general(path: Path, on_read: Callable[[int], None] | None, done: int) -> Iterator[Message]:
+    """ijson's reading of the messages after the first `done`."""
     with path.open("rb") as handle:
         try:
             for number, item in enumerate(ijson.items(handle, "messages.item", use_float=True), 1):
-                yield _message(item, number)
+                if number > done:
+                    yield _record(item, number, path)
                 if on_read is not None and number % 5000 == 0:
                     on_read(handle.tell())
         except ijson.IncompleteJSONError:
             raise ExportError(f"{path} ends early; the export looks truncated") from None
         except ijson.JSONError as exc:
             raise ExportError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise ExportError(f"{path} has a malformed message ({type(exc).__name__}: {exc})") from None
-    if on_read is not None:
-        on_read(path.stat().st_size)
 
 
-def _message(item: dict[str, Any], number: int) -> Message:
-    author = item.get("author") or {}
+def _record(item: _Item | dict[str, Any], number: int, path: Path) -> Message:
+    try:
+        return _message(item if item.__class__ is _Item else msgspec.convert(item, _Item, strict=False), number)
+    except (KeyError, ValueError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+        raise ExportError(f"{path} has a malformed message ({type(exc).__name__}: {exc})") from None
+
+
+def _message(item: _Item, number: int) -> Message:
+    author = item.author or {}
     sender = f"discord{author.get('id', 'unknown')}"
     name = author.get("nickname") or author.get("name")
-    ts = int(datetime.fromisoformat(str(item["timestamp"]).replace("Z", "+00:00")).timestamp())
-    if item.get("type") not in PEOPLE:
-        return Message(number, ts, sender, name, "", "service", str(item.get("type")))
+    ts = int(datetime.fromisoformat(str(item.timestamp).replace("Z", "+00:00")).timestamp())
+    if item.type not in PEOPLE:
+        return Message(number, ts, sender, name, "", "service", str(item.type))
     if author.get("isBot"):
         return Message(number, ts, sender, name, "", "bot")
-    text = str(item.get("content") or "")
+    text = str(item.content or "")
     if text.strip():
         return Message(number, ts, sender, name, text, "text")
-    media = "sticker" if item.get("stickers") else "attachment" if item.get("attachments") else \
-        "embed" if item.get("embeds") else None
+    media = "sticker" if item.stickers else "attachment" if item.attachments else "embed" if item.embeds else None
     return Message(number, ts, sender, name, "", "media" if media else "empty", media)

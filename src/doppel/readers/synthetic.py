@@ -68,7 +68,8 @@ def _large_messages(rng: random.Random, chat: int, count: int, owner: int, peer:
 
 
 def write_large_export(handle: BinaryIO, messages: int, chats: int = 500, seed: int = 0) -> None:
-    """Stream a full export of `messages` personal-chat messages spread over `chats` chats."""
+    """Stream a full export of `messages` personal-chat messages spread over `chats` chats, laid out as Telegram
+    Desktop writes it (a key a line, one space a level)."""
     rng = random.Random(seed)
     owner = 5000000001
     handle.write(b'{\n "about": "synthetic",\n "personal_information": {\n  "user_id": '
@@ -83,7 +84,7 @@ def write_large_export(handle: BinaryIO, messages: int, chats: int = 500, seed: 
         handle.write((b",\n" if c else b"") + b"   " + tdesktop_bytes(head)[:-2].replace(
             b"\n", b"\n   ") + b',\n    "messages": [\n')
         for i, (msg, last) in enumerate(_large_messages(rng, c, count, owner, peer, c * 10**6, ts)):
-            handle.write((b",\n" if i else b"") + b"     " + tdesktop_bytes(msg).replace(b"\n", b""))
+            handle.write((b",\n" if i else b"") + b"     " + tdesktop_bytes(msg).replace(b"\n", b"\n     "))
             ts = last
         handle.write(b"\n    ]\n   }")
     handle.write(b"\n  ]\n }\n}\n")
@@ -103,7 +104,8 @@ def write_large_whatsapp(handle: BinaryIO, messages: int, seed: int = 0) -> None
 
 
 def write_large_discord(handle: BinaryIO, messages: int, seed: int = 0) -> None:
-    """A DiscordChatExporter JSON export of a direct-message channel with `messages` messages."""
+    """A DiscordChatExporter JSON export of a direct-message channel with `messages` messages, indented as
+    DiscordChatExporter writes it (two spaces a level)."""
     from datetime import UTC, datetime
 
     rng = random.Random(seed)
@@ -124,5 +126,6 @@ def write_large_discord(handle: BinaryIO, messages: int, seed: int = 0) -> None:
                 "content": " ".join(rng.choices(_WORDS, k=rng.randint(1, 9))),
                 "author": people[rng.random() < 0.5], "attachments": [], "embeds": [], "stickers": [],
                 "reactions": [], "mentions": []}
-        handle.write((b",\n" if i else b"") + b"    " + json.dumps(item, ensure_ascii=False).encode())
+        handle.write((b",\n" if i else b"") + b"    "
+                     + json.dumps(item, ensure_ascii=False, indent=2).replace("\n", "\n    ").encode())
     handle.write(f'\n  ],\n  "messageCount": {messages}\n}}\n'.encode())

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import ijson
+import msgspec
+from msgspec import UNSET
 
 from doppel.errors import ExportError
+from doppel.readers.jsonarray import ArrayItems, Unusual
 from doppel.readers.repair import RepairingReader
 
 Layout = Literal["full", "single"]
@@ -39,8 +42,7 @@ class Chat:
     left: bool = False  # from the `left_chats` section of a full export
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True):
     id: int
     ts: int  # unix seconds, UTC
     sender_id: str  # "user123", "channel123", "chat123"
@@ -79,13 +81,42 @@ def chat_id(raw: Any) -> int:
     return value - _USER_SHIFT if value >= _USER_SHIFT else value
 
 
-def _timestamp(m: dict[str, Any]) -> int:
-    unix = m.get("date_unixtime")
-    if unix is not None:
-        return int(unix)
+class RawMessage(msgspec.Struct):
+    """The fields of a message object that doppel reads (the others are skipped while decoding); `UNSET`: absent."""
+
+    id: Any = 0
+    type: Any = None
+    date: Any = UNSET
+    date_unixtime: Any = UNSET
+    from_: Any = msgspec.field(default=UNSET, name="from")
+    from_id: Any = UNSET
+    actor: Any = UNSET
+    actor_id: Any = UNSET
+    action: Any = None
+    text: Any = ""
+    forwarded_from: Any = UNSET
+    media_type: Any = None
+    sticker_emoji: Any = None
+    self_destruct_period_seconds: Any = UNSET
+    poll: Any = UNSET
+    photo: Any = UNSET
+    file: Any = UNSET
+    contact_information: Any = UNSET
+    location_information: Any = UNSET
+    todo_list: Any = UNSET
+    game_title: Any = UNSET
+    invoice_information: Any = UNSET
+    giveaway_information: Any = UNSET
+    paid_stars_amount: Any = UNSET
+    place_name: Any = UNSET
+
+
+def _timestamp(m: RawMessage) -> int:
+    if m.date_unixtime is not UNSET and m.date_unixtime is not None:
+        return int(m.date_unixtime)
     # Exports before v3.7.6 have only local wall-clock time; gaps between messages are still right
     # except across a DST change.
-    return int(datetime.fromisoformat(m["date"]).replace(tzinfo=UTC).timestamp())
+    return int(datetime.fromisoformat(m.date).replace(tzinfo=UTC).timestamp())
 
 
 def _text(raw: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -109,48 +140,51 @@ def _text(raw: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
     return "".join(parts), tuple(sensitive)
 
 
-def _sender(m: dict[str, Any], id_key: str, name_key: str) -> str:
+def _sender(raw: Any, name: Any) -> str:
     """The sender's id; without one (some hand-made or converted exports), their name stands for it."""
-    raw = m.get(id_key)
-    if raw is None and isinstance(m.get(name_key), str) and m[name_key]:
-        return f"name:{m[name_key]}"
-    return peer_id(raw)
+    if (raw is None or raw is UNSET) and isinstance(name, str) and name:
+        return f"name:{name}"
+    return peer_id(None if raw is UNSET else raw)
 
 
-def _poll(m: dict[str, Any]) -> str:
-    poll = m.get("poll")
-    question = poll.get("question") if isinstance(poll, dict) else None
+def _poll(m: RawMessage) -> str:
+    question = m.poll.get("question") if isinstance(m.poll, dict) else None
     return question if isinstance(question, str) else ""
 
 
-def to_message(m: dict[str, Any]) -> Message:
-    """Normalise one raw message object."""
-    kind = m.get("type")
-    if kind == "unsupported" or ("date" not in m and "date_unixtime" not in m):
-        return Message(int(m.get("id", 0)), 0, "unknown", None, "", "unsupported")
-    ts = int(m["date_unixtime"]) if "date_unixtime" in m else _timestamp(m)
-    mid = int(m.get("id", 0))
+def _name(value: Any) -> str | None:
+    return None if value is UNSET else value
+
+
+def to_message(m: RawMessage | dict[str, Any]) -> Message:
+    """Normalise one raw message (decoded, or as a dict of the JSON object)."""
+    if m.__class__ is not RawMessage:
+        m = msgspec.convert(m, RawMessage, strict=False)
+    kind = m.type
+    if kind == "unsupported" or (m.date is UNSET and m.date_unixtime is UNSET):
+        return Message(int(m.id), 0, "unknown", None, "", "unsupported")
+    ts = int(m.date_unixtime) if m.date_unixtime.__class__ is str else _timestamp(m)
+    mid = int(m.id)
     if kind == "service":
-        action = m.get("action") or "custom_action"
-        sender = _sender(m, "actor_id", "actor") if "actor_id" in m or "actor" in m else _sender(m, "from_id", "from")
-        return Message(mid, ts, sender, m.get("actor"), "", "service", action)
-    raw = m.get("text")
+        action = m.action or "custom_action"
+        sender = _sender(m.actor_id, m.actor) if m.actor_id is not UNSET or m.actor is not UNSET \
+            else _sender(m.from_id, m.from_)
+        return Message(mid, ts, sender, _name(m.actor), "", "service", action)
+    raw = m.text
     text, sensitive = (raw, ()) if raw.__class__ is str else _text(raw)
-    forwarded = "forwarded_from" in m
+    forwarded = m.forwarded_from is not UNSET
+    name = _name(m.from_)
+    sender_id = m.from_id if m.from_id.__class__ is str else _sender(m.from_id, name)
     if text:  # the common case; a caption is kept whatever the media
-        return Message(mid, ts, _sender(m, "from_id", "from"), m.get("from"), text, "text", None,
-                       forwarded, sensitive)
-    sender_id = _sender(m, "from_id", "from")
-    if "poll" in m and _poll(m):  # the question is what was said
-        return Message(mid, ts, sender_id, m.get("from"), _poll(m), "text", "poll", forwarded)
-    media = m.get("media_type") or next((k for k in _MEDIA_KEYS if k in m), None)
-    if media == "sticker" and m.get("sticker_emoji"):
-        return Message(mid, ts, sender_id, m.get("from"), m["sticker_emoji"], "sticker", media,
-                       forwarded)
-    if media is None and "self_destruct_period_seconds" in m:
+        return Message(mid, ts, sender_id, name, text, "text", None, forwarded, sensitive)
+    if _poll(m):  # the question is what was said
+        return Message(mid, ts, sender_id, name, _poll(m), "text", "poll", forwarded)
+    media = m.media_type or next((k for k in _MEDIA_KEYS if getattr(m, k) is not UNSET), None)
+    if media == "sticker" and m.sticker_emoji:
+        return Message(mid, ts, sender_id, name, m.sticker_emoji, "sticker", media, forwarded)
+    if media is None and m.self_destruct_period_seconds is not UNSET:
         media = "photo"
-    return Message(mid, ts, sender_id, m.get("from"), "", "media" if media else "empty", media,
-                   forwarded)
+    return Message(mid, ts, sender_id, name, "", "media" if media else "empty", media, forwarded)
 
 
 # --- layout and owner ---------------------------------------------------------------------------
@@ -325,70 +359,35 @@ def _pieces(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[bytes | 
         pending = buf[limit:]
 
 
-class _SegmentReader:
-    """File-like view of `_pieces` for ijson: one JSON document per chat list.
-
-    ijson's C generator yields every item parsed from one `read` before it reads again, and no
-    piece spans a chat header, so `chats` (announced, not yet taken) always ends with the chat of
-    the item just yielded.
-    """
-
-    def __init__(self, raw: BinaryIO, layout: Layout, on_read: OnRead) -> None:
-        self._pieces = _pieces(raw, layout, on_read)
-        self._seed = b""
-        self.chats: list[Chat] = []
-        self.next_list: str | None = None  # the list whose start ended the current segment
-
-    def begin(self, seed: bytes) -> None:
-        self._seed, self.next_list = seed, None
-
-    def skip_to_list(self) -> str | None:
-        for piece in self._pieces:
-            if isinstance(piece, str):
-                return piece
-        return None
-
-    def read(self, size: int = -1) -> bytes:
-        if size == 0 or self.next_list is not None:
-            return b""
-        if self._seed:
-            seed, self._seed = self._seed, b""
-            return seed
-        for piece in self._pieces:
+def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | RawMessage]:
+    """Each chat, then its messages decoded in batches (see jsonarray.py). The bytes outside the message arrays,
+    with each array emptied, must make one valid JSON document: a truncated or damaged file is `UnusualLayout`,
+    and the general reader gives the error."""
+    skeleton: list[bytes] = []
+    array: ArrayItems[RawMessage] | None = None
+    try:
+        for piece in _pieces(raw, layout, on_read):
             if isinstance(piece, bytes):
-                if piece:
-                    return piece
+                if array is None:
+                    skeleton.append(piece)
+                else:
+                    yield from array.feed(piece)
             elif isinstance(piece, Chat):
-                self.chats.append(piece)
-            else:
-                self.next_list = piece
-                return b""
-        return b""
-
-    def take_chats(self) -> Iterator[Chat]:
-        chats, self.chats = self.chats, []
-        return iter(chats)
-
-
-def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | dict[str, Any]]:
-    reader = _SegmentReader(raw, layout, on_read)
-    current = "messages" if layout == "single" else reader.skip_to_list()
-    while current is not None:
-        if layout == "single":
-            prefix = "messages.item"
-        else:
-            prefix = f"{current}.list.item.messages.item"
-            reader.begin(b'{"' + current.encode() + b'":{')
-        try:
-            for item in ijson.items(reader, prefix, use_float=True, buf_size=_CHUNK):
-                if reader.chats:
-                    yield from reader.take_chats()
-                yield item
-        except ijson.JSONError:
-            if reader.next_list is None:  # not our own cut at the start of the next list
-                raise
-        yield from reader.take_chats()
-        current = None if layout == "single" else reader.next_list
+                if array is not None:
+                    last, rest = array.finish()
+                    yield from last
+                    skeleton += (b"]", rest)
+                array = array or ArrayItems(RawMessage)
+                yield piece
+        if array is not None:
+            last, rest = array.finish()
+            yield from last
+            skeleton += (b"]", rest)
+        msgspec.json.decode(b"".join(skeleton))
+    except Unusual as exc:
+        raise UnusualLayout(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise UnusualLayout(f"not valid JSON outside the messages ({exc})") from None
 
 
 # --- the general pass (any key order), used when the scanner is surprised ------------------------
@@ -416,12 +415,14 @@ def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | 
             yield chats[index]
         elif builder is not None:
             builder.event(event, value)
-            if prefix in item_prefixes and event == "end_map":
+            if prefix in item_prefixes and event in ("end_map", "end_array"):
                 yield builder.value
                 builder = None
-        elif prefix in item_prefixes and event == "start_map":
+        elif prefix in item_prefixes and event in ("start_map", "start_array"):
             builder = ijson.ObjectBuilder()
             builder.event(event, value)
+        elif prefix in item_prefixes:  # not an object: `to_message` says so
+            yield value
 
 
 def iter_export(path: Path, general: bool = False,
@@ -436,10 +437,7 @@ def iter_export(path: Path, general: bool = False,
     header = read_header(path)
     with open_export(path) as raw:
         if not general:
-            try:
-                yield from _normalised(_fast(raw, header.layout, on_read), header, path)
-            except ijson.JSONError as exc:
-                raise UnusualLayout from exc
+            yield from _normalised(_fast(raw, header.layout, on_read), header, path)
             return
         try:
             yield from _normalised(_general(raw, header.layout, on_read), header, path)
@@ -465,10 +463,10 @@ def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iter
             continue
         try:
             message = to_message(item)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            mid = item.get("id", "?") if isinstance(item, dict) else "?"
+        except (KeyError, ValueError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+            mid = item.get("id", "?") if isinstance(item, dict) else getattr(item, "id", "?")
             raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
                               f"message {mid}: {_short(exc)})") from None
         if header.shifted and chat is not None and chat.type in _BROADCAST and message.sender_id == f"chat{chat.id}":
-            message = replace(message, sender_id=f"channel{chat.id}")
+            message = msgspec.structs.replace(message, sender_id=f"channel{chat.id}")
         yield message

@@ -36,8 +36,9 @@ from doppel.readers.telegram import Chat, Header, Message
 
 _INVISIBLE = str.maketrans({"\u200e": None, "\u200f": None, "\u202a": None, "\u202c": None, "\ufeff": None,
                             "\u202f": " ", "\u00a0": " "})
+_MARKS = re.compile("[\u200e\u200f\u202a\u202c\ufeff\u202f\u00a0]")
 _LINE = re.compile(
-    r"^\[?(?P<a>\d{1,4})[./-](?P<b>\d{1,2})[./-](?P<c>\d{2,4}),? (?P<time>\d{1,2}[:.]\d{2}(?:[:.]\d{2})?)"
+    r"^\[?(?P<a>\d{1,4})[./-](?P<b>\d{1,2})[./-](?P<c>\d{2,4}),? (?P<h>\d{1,2})[:.](?P<m>\d{2})(?:[:.](?P<s>\d{2}))?"
     r"(?: ?(?P<ampm>[AaPp]\.? ?[Mm]\.?|ДП|ПП|дп|пп))?\]?(?: -|:)? (?P<rest>.*)$")
 _SENDER = re.compile(r"^(?P<name>[^:]{1,80}?): (?P<text>.*)$", re.S)
 _MEDIA = re.compile(r"^(<[^<>]{1,40}>|(image|video|audio|sticker|GIF|document) omitted|<attached: [^>]+>|"
@@ -58,6 +59,7 @@ class _Text:
     def __init__(self, path: Path) -> None:
         regular_file(path, "point doppel at the chat's .txt or .zip")
         self.path, self.inner, self.name = path, None, chat_name(path)
+        self.position = 0  # bytes read so far (of the text inside a zip)
         if path.suffix.lower() == ".zip":
             try:
                 with zipfile.ZipFile(path) as archive:
@@ -79,10 +81,15 @@ class _Text:
                 raw = stack.enter_context(stack.enter_context(zipfile.ZipFile(self.path)).open(self.inner))
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
             try:
-                for line in text:
+                for n, line in enumerate(text):
+                    if n % 4096 == 0:
+                        self.position = raw.tell()
                     line = line.rstrip("\r\n")
-                    clean = line.translate(_INVISIBLE)
-                    yield _LINE.match(clean), clean, ": \u200e" in line
+                    if line.isascii() or _MARKS.search(line) is None:  # most lines: nothing to clean
+                        yield _LINE.match(line), line, False
+                    else:
+                        clean = line.translate(_INVISIBLE)
+                        yield _LINE.match(clean), clean, ": \u200e" in line
             except UnicodeDecodeError as exc:
                 raise ExportError(f"{self.path} is not UTF-8 text (byte {exc.start} of a block); is it a WhatsApp "
                                   "export?") from None
@@ -96,32 +103,50 @@ def _survey(text: _Text) -> tuple[bool, Counter[str]]:
     for match, _, _ in text.lines():
         if match is None:
             continue
-        year_first |= len(match.group("a")) == 4
-        first_day |= int(match.group("a")) > 12
-        second_day |= int(match.group("b")) > 12
-        twelve_hour |= bool(match.group("ampm"))
-        said = _SENDER.match(match.group("rest"))
+        a, b, ampm, rest = match.group("a", "b", "ampm", "rest")
+        year_first |= len(a) == 4
+        first_day |= int(a) > 12
+        second_day |= int(b) > 12
+        twelve_hour |= ampm is not None
+        said = _SENDER.match(rest)
         if said:
             senders[said.group("name")] += 1
     day_first = False if year_first else True if first_day else False if second_day else not twelve_hour
     return day_first, senders
 
 
-def _timestamp(m: re.Match[str], day_first: bool) -> int:
-    a, b, c = int(m.group("a")), int(m.group("b")), int(m.group("c"))
-    if len(m.group("a")) == 4:
-        year, month, day = a, b, c
-    else:
-        day, month = (a, b) if day_first else (b, a)
-        year = c + 2000 if c < 100 else c
-    parts = [int(p) for p in re.split(r"[:.]", m.group("time"))]
-    hour, minute, second = parts[0], parts[1], parts[2] if len(parts) > 2 else 0
-    ampm = (m.group("ampm") or "").replace(".", "").replace(" ", "").lower()
-    if ampm in ("pm", "пп") and hour < 12:
-        hour += 12
-    elif ampm in ("am", "дп") and hour == 12:
-        hour = 0
-    return int(datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp())
+class _Clock:
+    """Unix seconds of a date line's match; each day's start is computed once (a chat has many messages a day)."""
+
+    def __init__(self, day_first: bool) -> None:
+        self.day_first = day_first
+        self.days: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, m: re.Match[str]) -> int:
+        a, b, c, hour, minute, second, ampm = m.group("a", "b", "c", "h", "m", "s", "ampm")
+        day = self.days.get((a, b, c))
+        if day is None:
+            day = self.days[a, b, c] = self._day(a, b, c)
+        h = int(hour)
+        if ampm is not None:
+            ampm = ampm.replace(".", "").replace(" ", "").lower()
+            if ampm in ("pm", "пп") and h < 12:
+                h += 12
+            elif ampm in ("am", "дп") and h == 12:
+                h = 0
+        if h > 23:
+            raise ValueError("hour out of range")
+        if int(minute) > 59 or (second is not None and int(second) > 59):
+            raise ValueError("minute or second out of range")
+        return day + h * 3600 + int(minute) * 60 + (int(second) if second else 0)
+
+    def _day(self, a: str, b: str, c: str) -> int:
+        if len(a) == 4:
+            year, month, day = int(a), int(b), int(c)
+        else:
+            day, month = (int(a), int(b)) if self.day_first else (int(b), int(a))
+            year = int(c) + 2000 if int(c) < 100 else int(c)
+        return int(datetime(year, month, day, tzinfo=UTC).timestamp())
 
 
 def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
@@ -141,9 +166,10 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
 def _messages(text: _Text, chat: Chat, day_first: bool, size: int, on_read: Callable[[int], None] | None
               ) -> Iterator[Chat | Message]:
     yield chat
+    clock = _Clock(day_first)
     pending: list[str] = []
     head: tuple[str | None, int, bool] | None = None  # sender (None: a system line), time, marked by U+200E
-    number = done = 0
+    number = 0
 
     def message() -> Message | None:
         if head is None:
@@ -161,11 +187,10 @@ def _messages(text: _Text, chat: Chat, day_first: bool, size: int, on_read: Call
         return Message(number, ts, f"name:{sender}", sender, body, "text")
 
     for match, line, marked in text.lines():
-        done += len(line.encode()) + 1
         ts = None
         if match is not None:
             try:
-                ts = _timestamp(match, day_first)
+                ts = clock(match)
             except ValueError:  # not a date after all: a continuation line that starts with numbers
                 ts = None
         if match is None or ts is None:
@@ -179,7 +204,7 @@ def _messages(text: _Text, chat: Chat, day_first: bool, size: int, on_read: Call
         head = (said.group("name"), ts, marked) if said else (None, ts, False)
         pending = [said.group("text") if said else match.group("rest")]
         if on_read is not None and number % 2000 == 0:
-            on_read(min(done, size))
+            on_read(min(text.position, size))
     found = message()
     if found is not None:
         yield found
