@@ -166,16 +166,16 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes
         turns.clear()
 
     for item in items:
-        if item.__class__ is Chat:
+        if isinstance(item, Chat):
             flush()
             speaker = None
-            census.chats.append(item)  # type: ignore[arg-type]
+            census.chats.append(item)
             senders = Counter()
             census.senders.append(senders)
             chat = item.id
             ids = seen.ordered(chat)
             top = ids[-1] if ids else _BELOW
-            reason = exclusion(item, cfg, census, shifted)  # type: ignore[arg-type]
+            reason = exclusion(item, cfg, census, shifted)
             skipping = reason is not None
             if skipping:
                 census.excluded_chats[reason or ""] += 1
@@ -196,9 +196,9 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes
         if plain and item.kind == "text" and not item.forwarded:
             text = item.text.strip() or None
         else:
-            text = message_text(item, cfg)  # type: ignore[arg-type]
+            text = message_text(item, cfg)
         if text is None:
-            dropped[_drop_reason(item)] += 1  # type: ignore[arg-type]
+            dropped[_drop_reason(item)] += 1
             continue
         sid = item.sender_id
         senders[sid] += 1

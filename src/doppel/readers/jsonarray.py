@@ -49,6 +49,7 @@ class ArrayItems(Generic[T]):
                 self._check()
                 return []
             buf = buf[start:]
+        assert self._sep is not None  # found by `_first`, now or before
         cut = buf.rfind(self._sep)
         if cut <= 0:
             self._buf = buf

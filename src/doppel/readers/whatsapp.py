@@ -59,7 +59,8 @@ class _Text:
     def __init__(self, path: Path) -> None:
         regular_file(path, "point doppel at the chat's .txt or .zip")
         self.path, self.inner, self.name = path, None, chat_name(path)
-        self.position = 0  # bytes read so far (of the text inside a zip)
+        self.position = 0  # bytes of the file read so far (inside a zip: in proportion to the text read)
+        self._scale = 1.0
         if path.suffix.lower() == ".zip":
             try:
                 with zipfile.ZipFile(path) as archive:
@@ -69,6 +70,8 @@ class _Text:
             if not texts:
                 raise ExportError(f"{path} holds no chat text (.txt); is it a WhatsApp export?")
             self.inner = min(texts, key=lambda n: (n != "_chat.txt", len(n)))
+            with zipfile.ZipFile(path) as archive:
+                self._scale = path.stat().st_size / max(1, archive.getinfo(self.inner).file_size)
             self.name = self.name or chat_name(Path(self.inner))
 
     def lines(self) -> Iterator[tuple[re.Match[str] | None, str, bool]]:
@@ -83,7 +86,7 @@ class _Text:
             try:
                 for n, line in enumerate(text):
                     if n % 4096 == 0:
-                        self.position = raw.tell()
+                        self.position = int(raw.tell() * self._scale)
                     line = line.rstrip("\r\n")
                     if line.isascii() or _MARKS.search(line) is None:  # most lines: nothing to clean
                         yield _LINE.match(line), line, False
@@ -116,17 +119,18 @@ def _survey(text: _Text) -> tuple[bool, Counter[str]]:
 
 
 class _Clock:
-    """Unix seconds of a date line's match; each day's start is computed once (a chat has many messages a day)."""
+    """Unix seconds of a date line's match; a day's start is computed once while its messages follow each other."""
 
     def __init__(self, day_first: bool) -> None:
         self.day_first = day_first
-        self.days: dict[tuple[str, str, str], int] = {}
+        self.date: tuple[str, str, str] | None = None
+        self.day = 0
 
     def __call__(self, m: re.Match[str]) -> int:
         a, b, c, hour, minute, second, ampm = m.group("a", "b", "c", "h", "m", "s", "ampm")
-        day = self.days.get((a, b, c))
-        if day is None:
-            day = self.days[a, b, c] = self._day(a, b, c)
+        if (a, b, c) != self.date:
+            self.day, self.date = self._day(a, b, c), (a, b, c)
+        day = self.day
         h = int(hour)
         if ampm is not None:
             ampm = ampm.replace(".", "").replace(" ", "").lower()
