@@ -119,3 +119,32 @@ def test_discord_falls_back_to_ijson_where_the_batches_stop_without_losing_or_re
     got = list(discord.read(path)[1])
     assert got[0] == Chat(5, "personal_chat", "p0")
     assert [(m.id, m.text.split()[0]) for m in got[1:]] == [(n, str(n)) for n in range(1, 3002)]
+
+
+def test_nesting_deeper_than_the_decoders_recursion_limit_is_read_by_the_general_reader(write, tmp_path):
+    deep = b"[" * 3000 + b'"end"' + b"]" * 3000  # written by hand: json.dumps cannot nest that deep either
+    path = write(personal(MAX, [msg(1, 0, MAX, "yo"), msg(2, 5, ME, "го", x="DEEP"), msg(3, 9, MAX, "ok")]))
+    path.write_bytes(path.read_bytes().replace(b'"DEEP"', deep))
+    with pytest.raises(UnusualLayout):
+        list(iter_export(path))
+    assert [m.text for m in list(iter_export(path, general=True))[1:]] == ["yo", "го", "ok"]
+    items = [{"id": "1", "type": "Default", "timestamp": "2024-01-01T00:00:00+00:00", "content": "hi", "x": "DEEP",
+              "author": {"id": "1", "name": "a"}}]
+    dm = tmp_path / "dm.json"
+    dm.write_bytes(json.dumps({"channel": {"id": "5", "type": "DirectTextChat", "name": "a"},
+                               "messages": items}).encode().replace(b'"DEEP"', deep))
+    assert [m.text for m in list(discord.read(dm)[1])[1:]] == ["hi"]
+
+
+def test_discord_reads_the_top_level_messages_not_a_nested_messages_key(tmp_path):
+    def item(n: int, text: str) -> dict:
+        return {"id": str(n), "type": "Default", "timestamp": f"2024-01-01T00:00:0{n}+00:00", "content": text,
+                "author": {"id": "1", "name": "a"}}
+
+    channel = {"id": "5", "type": "DirectTextChat", "name": "a", "topic": '"messages": [',
+               "extra": {"messages": [item(1, "fake"), item(2, "fake2")]}}
+    path = tmp_path / "dm.json"
+    path.write_text(json.dumps({"guild": {"id": "0"}, "channel": channel,
+                                "messages": [item(1, "one"), item(2, "two"), item(3, "three")]}, indent=2))
+    assert [m.text for m in list(discord.read(path)[1])[1:]] == ["one", "two", "three"]
+    assert [i.content for i in discord._batched(path, None)] == ["one", "two", "three"]

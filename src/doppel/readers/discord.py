@@ -24,7 +24,7 @@ import msgspec
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file
-from doppel.readers.jsonarray import ArrayItems, Unusual
+from doppel.readers.jsonarray import ArrayItems, Skeleton, Unusual
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
@@ -101,22 +101,23 @@ def _messages(path: Path, chat: Chat, on_read: Callable[[int], None] | None) -> 
 
 
 def _batched(path: Path, on_read: Callable[[int], None] | None) -> Iterator[_Item]:
-    skeleton: list[bytes] = []
+    skeleton = Skeleton()
     array: ArrayItems[_Item] | None = None
+    head = b""  # the bytes before the messages, while their key is looked for
     read = 0
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
             read += len(chunk)
             if array is None:
-                skeleton.append(chunk)
-                head = b"".join(skeleton)
-                found = next((m for m in _MESSAGES.finditer(head) if head[m.start() - 1:m.start()] != b"\\"), None)
-                if found is None:
-                    skeleton = [head]
+                head += chunk
+                start = _messages_key(head)
+                if start < 0:
+                    if len(head) > 64 << 20:
+                        raise Unusual("no messages in the first 64 MB")
                     continue
-                skeleton = [head[:found.end()]]
+                skeleton.feed(head[:start])
                 array = ArrayItems(_Item)
-                chunk = head[found.end():]
+                chunk = head[start:]
             yield from array.feed(chunk)
             if on_read is not None:
                 on_read(read)
@@ -124,10 +125,23 @@ def _batched(path: Path, on_read: Callable[[int], None] | None) -> Iterator[_Ite
         raise Unusual("no messages")
     last, rest = array.finish()
     yield from last
-    try:
-        msgspec.json.decode(b"".join((*skeleton, b"]", rest)))
-    except msgspec.DecodeError as exc:
-        raise Unusual(str(exc)) from None
+    skeleton.feed(b"]")
+    skeleton.feed(rest)
+    skeleton.close()
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _messages_key(head: bytes) -> int:
+    """Where the top-level `"messages": [` ends in `head` (-1: not in it): the key must be outside every string
+    and at depth one (a `messages` key inside the channel is not the export's)."""
+    for found in _MESSAGES.finditer(head):
+        before = _STRING.sub(b"", head[:found.start()])
+        if before.count(b'"') == 0 and before.count(b"{") + before.count(b"[") - before.count(b"}") \
+                - before.count(b"]") == 1:
+            return found.end()
+    return -1
 
 
 def _general(path: Path, on_read: Callable[[int], None] | None, done: int) -> Iterator[Message]:

@@ -17,6 +17,7 @@ import json
 import re
 from typing import Generic, TypeVar
 
+import ijson
 import msgspec
 
 T = TypeVar("T")
@@ -25,6 +26,32 @@ _NEXT = re.compile(r'\s*,\s*\{\s*"(?:[^"\\]|\\.)*"\s*:')  # the comma, the next 
 
 class Unusual(Exception):
     """The bytes are not shaped as expected (or are not valid JSON); read them again another way."""
+
+
+class Skeleton:
+    """Checks, as a stream, that the bytes around the arrays (each array emptied) make one valid JSON document:
+    a truncated or damaged file is `Unusual`. Memory stays constant: ijson parses the bytes as they come."""
+
+    def __init__(self) -> None:
+        self._events = ijson.sendable_list()
+        self._parser = ijson.basic_parse_coro(self._events)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.send(data)
+        except ijson.JSONError as exc:
+            raise Unusual(_first_line(exc)) from None
+        self._events.clear()
+
+    def close(self) -> None:
+        try:
+            self._parser.close()
+        except ijson.JSONError as exc:
+            raise Unusual(_first_line(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class ArrayItems(Generic[T]):
@@ -58,7 +85,7 @@ class ArrayItems(Generic[T]):
         self._buf = buf[cut + self._gap:]
         try:
             return self._batch.decode(b"[" + buf[:cut + 1] + b"]")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # deep nesting: the general reader copes
             raise Unusual(str(exc)) from None
 
     def finish(self) -> tuple[list[T], bytes]:
@@ -78,7 +105,7 @@ class ArrayItems(Generic[T]):
             try:
                 end = decoder.raw_decode(text, at)[1]
                 items.append(self._one.decode(text[at:end].encode("utf-8")))
-            except (ValueError, msgspec.DecodeError) as exc:
+            except (ValueError, msgspec.DecodeError, RecursionError) as exc:
                 raise Unusual(str(exc)) from None
             at = _skip(text, end)
         if at >= len(text):
@@ -96,6 +123,8 @@ class ArrayItems(Generic[T]):
                 return -1
             try:
                 end = self._decoder.raw_decode(text, start)[1]
+            except RecursionError as exc:
+                raise Unusual(str(exc)) from None
             except ValueError:
                 continue
             after = _NEXT.match(text, end)

@@ -1,8 +1,10 @@
 """Streaming reader for Telegram Desktop JSON exports (both layouts) → `Chat` and `Message` records.
 
 Facts about the format (field shapes, quirks, owner rules) are in docs/telegram-format.md.
-Memory stays constant in the file size: ijson's C backend builds one message at a time, and chat
-boundaries are found by scanning the byte stream for chat headers (see `_scan`).
+Memory stays constant in the file size: chat boundaries are found by scanning the byte stream for chat headers
+(`_pieces`), each chat's messages are decoded a batch at a time by msgspec (readers/jsonarray.py), and the bytes
+around them are checked by ijson as they come. A file shaped otherwise is read by the general reader, two ijson
+passes that accept any key order.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import msgspec
 from msgspec import UNSET
 
 from doppel.errors import ExportError
-from doppel.readers.jsonarray import ArrayItems, Unusual
+from doppel.readers.jsonarray import ArrayItems, Skeleton, Unusual
 from doppel.readers.repair import RepairingReader
 
 Layout = Literal["full", "single"]
@@ -363,31 +365,33 @@ def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | Raw
     """Each chat, then its messages decoded in batches (see jsonarray.py). The bytes outside the message arrays,
     with each array emptied, must make one valid JSON document: a truncated or damaged file is `UnusualLayout`,
     and the general reader gives the error."""
-    skeleton: list[bytes] = []
+    skeleton = Skeleton()
     array: ArrayItems[RawMessage] | None = None
     try:
         for piece in _pieces(raw, layout, on_read):
             if isinstance(piece, bytes):
                 if array is None:
-                    skeleton.append(piece)
+                    skeleton.feed(piece)
                 else:
                     yield from array.feed(piece)
             elif isinstance(piece, Chat):
                 if array is not None:
-                    last, rest = array.finish()
-                    yield from last
-                    skeleton += (b"]", rest)
+                    yield from _close(array, skeleton)
                 array = array or ArrayItems(RawMessage)
                 yield piece
         if array is not None:
-            last, rest = array.finish()
-            yield from last
-            skeleton += (b"]", rest)
-        msgspec.json.decode(b"".join(skeleton))
+            yield from _close(array, skeleton)
+        skeleton.close()
     except Unusual as exc:
         raise UnusualLayout(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise UnusualLayout(f"not valid JSON outside the messages ({exc})") from None
+
+
+def _close(array: ArrayItems[RawMessage], skeleton: Skeleton) -> list[RawMessage]:
+    """The array's last messages; what follows it goes to the skeleton, after the emptied array's `]`."""
+    last, rest = array.finish()
+    skeleton.feed(b"]")
+    skeleton.feed(rest)
+    return last
 
 
 # --- the general pass (any key order), used when the scanner is surprised ------------------------
