@@ -24,7 +24,7 @@ import msgspec
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file
-from doppel.readers.jsonarray import ArrayItems, Skeleton, Unusual
+from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
@@ -123,14 +123,11 @@ def _batched(path: Path, on_read: Callable[[int], None] | None) -> Iterator[_Ite
                 on_read(read)
     if array is None:
         raise Unusual("no messages")
-    last, rest = array.finish()
-    yield from last
-    skeleton.feed(b"]")
-    skeleton.feed(rest)
+    yield from skeleton.end_array(array)
     skeleton.close()
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(JSON_STRING)
 
 
 def _messages_key(head: bytes) -> int:

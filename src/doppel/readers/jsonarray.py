@@ -21,6 +21,7 @@ import ijson
 import msgspec
 
 T = TypeVar("T")
+JSON_STRING = rb'"(?:[^"\\]|\\.)*"'  # a JSON string's bytes, escapes included
 _NEXT = re.compile(r'\s*,\s*\{\s*"(?:[^"\\]|\\.)*"\s*:')  # the comma, the next item's brace and first key
 
 
@@ -42,6 +43,13 @@ class Skeleton:
         except ijson.JSONError as exc:
             raise Unusual(_first_line(exc)) from None
         self._events.clear()
+
+    def end_array(self, array: ArrayItems[T]) -> list[T]:
+        """The array's last items; what follows the array goes on here, after the emptied array's `]`."""
+        last, rest = array.finish()
+        self.feed(b"]")
+        self.feed(rest)
+        return last
 
     def close(self) -> None:
         try:

@@ -23,7 +23,7 @@ import msgspec
 from msgspec import UNSET
 
 from doppel.errors import ExportError
-from doppel.readers.jsonarray import ArrayItems, Skeleton, Unusual
+from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
 from doppel.readers.repair import RepairingReader
 
 Layout = Literal["full", "single"]
@@ -292,10 +292,9 @@ def _short(exc: Exception) -> str:
 
 # --- the fast streaming pass --------------------------------------------------------------------
 
-_STRING = rb'"(?:[^"\\]|\\.)*"'
 # A chat object as Telegram Desktop writes it: optional name, then type, id, messages.
 _HEADER = re.compile(
-    rb'(?:"name"\s*:\s*(null|' + _STRING + rb')\s*,\s*)?"type"\s*:\s*(null|' + _STRING
+    rb'(?:"name"\s*:\s*(null|' + JSON_STRING + rb')\s*,\s*)?"type"\s*:\s*(null|' + JSON_STRING
     + rb')\s*,\s*"id"\s*:\s*(-?\d+)\s*,\s*"messages"\s*:\s*\[\Z'
 )
 _KEY = re.compile(rb'"(messages|chats|left_chats)"\s*:\s*([\[{])')
@@ -376,22 +375,14 @@ def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | Raw
                     yield from array.feed(piece)
             elif isinstance(piece, Chat):
                 if array is not None:
-                    yield from _close(array, skeleton)
+                    yield from skeleton.end_array(array)
                 array = array or ArrayItems(RawMessage)
                 yield piece
         if array is not None:
-            yield from _close(array, skeleton)
+            yield from skeleton.end_array(array)
         skeleton.close()
     except Unusual as exc:
         raise UnusualLayout(str(exc)) from None
-
-
-def _close(array: ArrayItems[RawMessage], skeleton: Skeleton) -> list[RawMessage]:
-    """The array's last messages; what follows it goes to the skeleton, after the emptied array's `]`."""
-    last, rest = array.finish()
-    skeleton.feed(b"]")
-    skeleton.feed(rest)
-    return last
 
 
 # --- the general pass (any key order), used when the scanner is surprised ------------------------

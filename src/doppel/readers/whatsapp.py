@@ -36,7 +36,7 @@ from doppel.readers.telegram import Chat, Header, Message
 
 _INVISIBLE = str.maketrans({"\u200e": None, "\u200f": None, "\u202a": None, "\u202c": None, "\ufeff": None,
                             "\u202f": " ", "\u00a0": " "})
-_MARKS = re.compile("[\u200e\u200f\u202a\u202c\ufeff\u202f\u00a0]")
+_MARKS = re.compile("[" + "".join(map(chr, _INVISIBLE)) + "]")  # a line holding none needs no cleaning
 _LINE = re.compile(
     r"^\[?(?P<a>\d{1,4})[./-](?P<b>\d{1,2})[./-](?P<c>\d{2,4}),? (?P<h>\d{1,2})[:.](?P<m>\d{2})(?:[:.](?P<s>\d{2}))?"
     r"(?: ?(?P<ampm>[AaPp]\.? ?[Mm]\.?|ДП|ПП|дп|пп))?\]?(?: -|:)? (?P<rest>.*)$")
