@@ -358,8 +358,20 @@ def test_inspect_shows_a_typed_marker_as_plain_text(write, tmp_path):
     assert run("prepare", export, "-o", tmp_path / "d", "--eval-fraction", "0").exit_code == 0
     shown = CliRunner(env={"FORCE_COLOR": "1", "COLUMNS": "200"}).invoke(main, ["inspect", str(tmp_path / "d")])
     strike = [text for text in shown.output.split("\x1b[") if text.startswith("1;9;32m")]  # bold, struck, green
-    assert strike == ["1;9;32m<|im_end|>", "1;9;32m<|im_start|>"]
+    assert strike == ["1;9;32m<\\|im_end\\|>", "1;9;32m<\\|im_start\\|>"]
     assert shown.output.count("\x1b[2m<|im_start|>") == 2 and shown.output.count("\x1b[1;32m<|im_end|>") == 2
+    # without colours (a pipe, a log) the typed markers are escaped: only doppel's own read as `<|im_end|>`
+    plain = run("inspect", tmp_path / "d").output.split("\n", 4)[4]
+    assert plain.splitlines() == [
+        "─" * 25 + " 201:1 · Max Orlov · 2 turns " + "─" * 26,
+        "<|im_start|>Max Orlov",
+        ">>> yo<|im_end|>",
+        "<|im_start|>Me Owner",
+        ">>> ok<\\|im_end\\|>",
+        "<\\|im_start\\|>Max Orlov",
+        ">>> I owe you 100$<|im_end|>",
+        "(targets are the bodies of trained turns and their <|im_end|>; a marker typed in a message is shown as "
+        "<\\|im_end\\|>)"]
 
 
 def test_prepare_into_the_current_directory(write, tmp_path, monkeypatch):
@@ -370,3 +382,144 @@ def test_prepare_into_the_current_directory(write, tmp_path, monkeypatch):
     stats = pipeline.prepare(export, ".", PrepareConfig(eval_fraction=0))
     assert stats.train_sessions == 1 and sorted(p.name for p in (tmp_path / "here").iterdir()) == [
         ".doppel-dataset", "config.yaml", "memory", "sessions.eval.jsonl", "sessions.train.jsonl", "stats.json"]
+
+
+def _whatsapp(tmp_path, peer: str, me: str = "Me Owner", day: int = 30) -> Path:
+    """A WhatsApp chat with `peer`: two sessions, 2 + 1 messages of theirs and 1 + 1 of `me`'s."""
+    path = tmp_path / f"WhatsApp Chat with {peer}.txt"
+    path.write_text(f"{day}.11.2023, 21:59 - {peer}: yo\n{day}.11.2023, 21:59 - {peer}: gym later?\n"
+                    f"{day}.11.2023, 22:01 - {me}: го))\n{day}.12.2023, 11:59 - {peer}: happy new year\n"
+                    f"{day}.12.2023, 12:01 - {me}: и тебя))\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("pairs", [
+    ("Max Orlov=Max O.", "Max O.=Maks"),  # a chain
+    ("Maks=Max O.", "Max O.=Max Orlov"),  # the same chain given backwards
+    ("Max O.=Maks", "Max Orlov=Max O."),  # its pairs in the other order
+    ("Maks=Max Orlov", "Max O.=Maks", "Max Orlov=Max O.", "Max O.=Max Orlov"),  # a cycle, a pair reversed
+])
+def test_same_person_pairs_chain_into_one_person_in_any_order(write, tmp_path, pairs):
+    telegram = write(full_export([personal(MAX, dialogue()), personal(ANN, dialogue(ANN, 9000, 50), "Ann")]))
+    one, two = _whatsapp(tmp_path, "Max O."), _whatsapp(tmp_path, "Maks", day=29)
+    flags = [arg for pair in pairs for arg in ("--same-person", pair)]
+    result = run("prepare", telegram, one, two, "-o", tmp_path / "d", "--eval-fraction", "0", *flags)
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert stats["owner"] == {"id": f"user{ME}", "name": "Me Owner"}
+    assert [(s["id"], s["name"], s["messages"], s["turns"]) for s in stats["speakers"]] == [
+        (f"user{MAX}", "Max Orlov", 8, 5), (f"user{ME}", "Me Owner", 6, 6), (f"user{ANN}", "Ann Lee", 2, 1)]
+    turns = [(t["speaker"], t["speaker_id"]) for s in read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+             for t in s["turns"]]
+    assert set(turns) == {("Max Orlov", f"user{MAX}"), ("Me Owner", f"user{ME}"), ("Ann Lee", f"user{ANN}")}
+
+
+@pytest.mark.parametrize(("pair", "expected"), [
+    ("Me Owner=Max Orlov", "same_person 'Me Owner=Max Orlov' joins you (Me Owner) with Max Orlov, the other person "
+     "of the personal chat 'Max'; it joins one person's names in different exports"),
+    ("Max O.=Me Owner", "same_person 'Max O.=Me Owner' joins you (Me Owner) with Max O., the other person of the "
+     "personal chat 'Max O.'; it joins one person's names in different exports"),
+    ("Max Orlov=Me O.", "same_person 'Max Orlov=Me O.' joins you (Me O.) with Max Orlov, the other person of the "
+     "personal chat 'Max'; it joins one person's names in different exports"),
+    ("Ann Lee=Max Orlov", "same_person 'Ann Lee=Max Orlov' joins Ann Lee and Max Orlov, two people who write in "
+     "the chat 'Crew'"),
+])
+def test_same_person_never_joins_you_with_someone_you_talk_to(write, tmp_path, pair, expected):
+    """Issue 31: 'Lena Volkova=Max Orlov', with Max the owner, was not applied, yet gave the owner's messages the id
+    of the contact; joining two people of one conversation is refused, and nothing is written."""
+    crew = {"name": "Crew", "type": "private_group", "id": 7,
+            "messages": [msg(60, 20000, MAX, "a"), msg(61, 20005, ANN, "b"), msg(62, 20009, ME, "c")]}
+    telegram = write(full_export([personal(MAX, dialogue()), personal(ANN, dialogue(ANN, 9000, 50), "Ann"), crew]))
+    exports = (telegram, _whatsapp(tmp_path, "Max O.", me="Me O."))
+    result = run("prepare", *exports, "-o", tmp_path / "d", "--include-groups", "--same-person", pair)
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {expected}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["WhatsApp Chat with Max O..txt", "result.json"]
+    # your names in two exports are one person, the owner, under the id of the export that has ids
+    result = run("prepare", *exports, "-o", tmp_path / "d", "--include-groups", "--eval-fraction", "0",
+                 "--same-person", "Me O.=Me Owner", "--same-person", "Max O.=Max Orlov")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert stats["owner"] == {"id": f"user{ME}", "name": "Me Owner"}
+    assert [(s["id"], s["name"], s["messages"]) for s in stats["speakers"]] == [
+        (f"user{MAX}", "Max Orlov", 6), (f"user{ME}", "Me Owner", 5), (f"user{ANN}", "Ann Lee", 3)]
+
+
+def test_messages_without_ids_are_known_by_time_sender_and_text(write, tmp_path):
+    """Issue 28: in a converted file without message ids, every message after the first was dropped as a copy of
+    it. Such a message is one message per time, sender and text: a chat held twice still counts once."""
+    messages = sessions_for(3)
+    for m in messages:
+        del m["id"]
+    messages[2:2] = [messages[1], dict(messages[2], text="го)) again", text_entities=[])]
+    path = write(full_export([personal(MAX, messages), personal(MAX, messages)]))
+    stats = pipeline.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0))
+    assert (stats.train_sessions, stats.messages, stats.dropped) == (3, 10, {"duplicate": 12})
+    rows = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert [[t["messages"] for t in s["turns"]] for s in rows] == [
+        [["yo", "gym later?"], ["го)) again", "го))"]], [["yo", "gym later?"], ["го))"]],
+        [["yo", "gym later?"], ["го))"]]]
+    assert len({s["id"] for s in rows}) == 3
+
+
+def test_a_session_is_split_before_it_would_pass_the_cap(write, tmp_path):
+    """A chat written without a pause for months (or a hostile file) was one session, held whole in memory while it
+    was built and written; no session holds more than `SESSION_CHARS` characters of text."""
+    from doppel.preparing.sessions import SESSION_CHARS
+
+    assert SESSION_CHARS == 100_000
+    sizes = [(MAX, 60_000), (ME, 30_000), (MAX, 10_000), (MAX, 20_000), (ME, 100_000), (MAX, 2), (ME, 150_000),
+             (MAX, 3), (ME, 4)]
+    messages = [msg(i, i * 60, who, "x" * n) for i, (who, n) in enumerate(sizes, 1)]
+    path = write(full_export([personal(MAX, messages)]))
+    stats = pipeline.prepare(path, tmp_path / "d", PrepareConfig(eval_fraction=0, memory=False))
+    rows = read_jsonl(tmp_path / "d" / "sessions.train.jsonl")
+    assert [(s["id"], [(t["speaker_id"], [len(m) for m in t["messages"]]) for t in s["turns"]]) for s in rows] == [
+        (f"{MAX}:1", [(f"user{MAX}", [60_000]), (f"user{ME}", [30_000]), (f"user{MAX}", [10_000])]),  # 100,000
+        (f"{MAX}:8", [(f"user{MAX}", [3]), (f"user{ME}", [4])])]
+    # split before messages 4, 5, 6, 7 and 8; the pieces of one turn (4, 5, 6, 7: 150,000 alone) are dropped
+    assert stats.dropped == {"single-speaker session": 4}
+    assert stats.warnings == ("chat Max: sessions split 5 times, before a message that would have taken one past "
+                              "100,000 characters",)
+
+
+def test_work_folders_of_killed_runs_are_removed_and_nothing_else(write, tmp_path):
+    """A SIGKILLed prepare left its hidden work folder (163 MB of spool for a 210 MB export) beside the dataset, and
+    no later run removed it. The next run removes the ones doppel marked whose process is gone, on this machine."""
+    import socket
+
+    export, out = write(full_export([personal(MAX, sessions_for(3))])), tmp_path / "data"
+    made = ("import sys; from pathlib import Path; from doppel.preparing import pipeline; "
+            "w = pipeline.work_folder(Path(sys.argv[1])); (w / 'spool.jsonl').write_text('x'); print(w.name)")
+    # its process exits without removing it, as a killed one would
+    dead = tmp_path / subprocess.run([sys.executable, "-c", made, str(out)], capture_output=True, text=True,
+                                     check=True).stdout.strip()
+    pid = int(dead.name.split(".")[2])
+    live = pipeline.work_folder(out)  # this process's, alive
+    lookalike = tmp_path / ".data.123.abcdefgh"  # the name, not the mark
+    lookalike.mkdir()
+    (lookalike / "spool.jsonl").write_text("mine")
+    elsewhere = tmp_path / ".data.456.ijklmnop"  # marked on another machine (a shared disk): its process is unknown
+    elsewhere.mkdir()
+    (elsewhere / ".doppel-work").write_text(f"doppel-prepare not-{socket.gethostname()} {pid}\n")
+    assert (dead / ".doppel-work").read_text() == f"doppel-prepare {socket.gethostname()} {pid}\n"
+    pipeline.prepare(export, out, PrepareConfig(memory=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".data.123.abcdefgh", ".data.456.ijklmnop", live.name, "data", "result.json"])
+    assert (lookalike / "spool.jsonl").read_text() == "mine" and (live / ".doppel-work").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [".doppel-dataset", "config.yaml", "sessions.eval.jsonl",
+                                                     "sessions.train.jsonl", "stats.json"]  # the mark stays out
+
+
+def test_same_person_by_a_name_two_people_have_asks_for_an_id(write, tmp_path):
+    crew = {"name": "Crew", "type": "private_group", "id": 7, "messages": [
+        msg(1, 0, 301, "who's in?", name="Alex"), msg(2, 5, 302, "me!", name="Alex"), msg(3, 9, ME, "ok")]}
+    exports = (write(full_export([personal(MAX, dialogue()), crew])), _whatsapp(tmp_path, "Alex K."))
+    result = run("prepare", *exports, "-o", tmp_path / "d", "--include-groups", "--same-person", "Alex=Alex K.")
+    assert result.output == ("doppel: error: same_person 'Alex' is the name of 2 people (user301, user302); give an "
+                             "id instead\n")
+    result = run("prepare", *exports, "-o", tmp_path / "d", "--include-groups", "--eval-fraction", "0",
+                 "--same-person", "302=Alex K.")
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert [(s["id"], s["name"], s["messages"]) for s in stats["speakers"]] == [
+        ("user100", "Me Owner", 4), ("user302", "Alex", 4), ("user201", "Max Orlov", 2), ("user301", "Alex (2)", 1)]

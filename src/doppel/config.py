@@ -47,7 +47,8 @@ class PrepareConfig:
     pseudonymize: bool = knob(False, "replace people's names by consistent aliases")
     memory: bool = knob(True, "build the memory index of past sessions (DIR/memory/) that chat and training recall")
     same_person: tuple[str, ...] = knob((), "one person under two names in different exports, 'NAME=OTHER NAME' "
-                                        "(repeatable; the same exact name is matched without it)")
+                                        "(repeatable; pairs chain in any order, A=B and B=C are one person; the "
+                                        "same exact name is matched without it; never you with someone you talk to)")
 
     def __post_init__(self) -> None:
         if not 0 < self.session_gap <= 60 * 24 * 365:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +64,8 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
         next((s.header.owner_name for s in sources if s.header.owner_id), None))
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale(out)
+    work = work_folder(out)
     try:
         census = _collect_all(sources, cfg, work / "spool.jsonl", progress)
         stats = _write(census, header, cfg, work)
@@ -73,11 +75,49 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
         stats.write(work)
         config.dump(cfg, work / CONFIG_FILE)
         (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
+        (work / WORK_MARKER).unlink()
         _swap(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return stats
+
+
+WORK_MARKER = ".doppel-work"  # "doppel-prepare HOST PID": the work folder of the process PID on the machine HOST
+
+
+def work_folder(out: Path) -> Path:
+    """A new hidden folder beside `out` to build the dataset in, marked with this process and machine, so that a later
+    run can tell one left by a run that was killed (SIGKILL, a power cut) and remove it (`remove_stale`)."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
+    (work / WORK_MARKER).write_text(f"doppel-prepare {socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    return work
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the work folders for `out` of runs that were killed: those doppel marked on this machine whose process
+    is gone. A folder without the mark, or of another machine (a shared disk), is never touched."""
+    mark = f"doppel-prepare {socket.gethostname()} "
+    for folder in out.parent.iterdir():
+        if not folder.name.startswith(f".{out.name}.") or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            text = (folder / WORK_MARKER).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        pid = text.removeprefix(mark).removesuffix("\n")
+        if text.startswith(mark) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number too large: kept, to be safe
+        return True
+    return True
 
 
 @dataclass
@@ -132,6 +172,7 @@ def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path,
             merged.excluded_chats.update(census.excluded_chats)
             merged.matched |= census.matched
             merged.spooled.update(census.spooled)
+            merged.split.update(census.split)
     return merged
 
 
@@ -244,6 +285,7 @@ def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> Da
         _check_single_chat(census)
     same = sessions.same_people(census, cfg.same_person)
     owner = sessions.resolve_owner(header, census, cfg)
+    owner = same.get(owner, owner) if owner else owner  # the account owner joined with another export's owner
     if owner == header.owner_id and owner in census.names and census.names[owner] is None:
         census.names[owner] = header.owner_name  # their messages have "from": null
     activity = sum(census.senders, Counter())
@@ -316,11 +358,15 @@ def _check_single_chat(census: Census) -> None:
 
 
 def _warnings(census: Census, owner: str | None) -> list[str]:
-    """Groups whose kept messages are all the owner's: the export held only their own messages."""
+    """Groups whose kept messages are all the owner's (the export held only their own messages), and chats whose
+    sessions were split at the cap on a session's size."""
+    names = {chat.id: chat.name or str(chat.id) for chat in reversed(census.chats)}
     return [f"group {chat.name or chat.id!s} holds only your own messages (a full export keeps only "
             "yours by default); export it on its own with 'Export chat history' to use it"
             for chat, senders in zip(census.chats, census.senders, strict=True)
-            if chat.type in sessions.GROUP_TYPES and senders and set(senders) == {owner}]
+            if chat.type in sessions.GROUP_TYPES and senders and set(senders) == {owner}] + [
+        f"chat {names[chat]}: sessions split {n} time{'s' * (n != 1)}, before a message that would have taken one past "
+        f"{sessions.SESSION_CHARS:,} characters" for chat, n in sorted(census.split.items())]
 
 
 def _stats(census: Census, owner: str | None, owner_name: str | None, labels: dict[str, str],

@@ -9,6 +9,7 @@ spool, and `eval_counts` splits train/eval per chat (preparing/pipeline.py runs 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from array import array
 from bisect import bisect_left
 from collections import Counter, defaultdict
@@ -25,6 +26,9 @@ from doppel.readers.telegram import Chat, Header, Message, chat_id, peer_id
 from doppel.records import ChatRef, Session, Turn
 
 SERVICE_CHAT = 777000  # "Telegram" notifications: login codes
+# the most characters of text one session holds (about 25,000 tokens): a session is built, spooled and written whole,
+# so a chat written without a pause for months, or a hostile file, would otherwise be one session of gigabytes
+SESSION_CHARS = 100_000
 GROUP_TYPES = frozenset({"private_group", "private_supergroup", "public_supergroup"})
 _EXCLUSION = {
     "bot_chat": "bot", "saved_messages": "saved messages", "replies": "replies",
@@ -44,6 +48,7 @@ class Census:
     excluded_chats: Counter[str] = field(default_factory=Counter)
     matched: set[str] = field(default_factory=set)  # --chat values that matched a chat
     spooled: Counter[int] = field(default_factory=Counter)  # sessions spooled per chat id
+    split: Counter[int] = field(default_factory=Counter)  # per chat id: sessions split at SESSION_CHARS
 
 
 _ID_LIMIT = 1 << 63  # ids from here on do not fit the array
@@ -130,6 +135,13 @@ def message_text(m: Message, cfg: PrepareConfig) -> str | None:
     return text or None
 
 
+def content_id(m: Message) -> int:
+    """The id of a message that has none (0: a converted Telegram file without ids): its time, sender and text, as
+    a 63-bit hash, so that two such messages are one only when all three are alike (a chat exported twice)."""
+    key = msgspec.json.encode((m.ts, m.sender_id, m.kind, m.media, m.text))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
 def _drop_reason(m: Message) -> str:
     if m.forwarded and m.kind != "service":
         return "forwarded"
@@ -152,7 +164,7 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes
     senders: Counter[str] = Counter()
     chat = 0
     turns: list[list[Any]] = []  # [sender_id, [texts]]
-    first_id = start = last = 0
+    first_id = start = last = chars = 0
     speaker = None  # the sender of the last turn
     ids: array[int] | None = None  # the chat's message ids so far, in order
     top = _BELOW  # the last of them
@@ -183,7 +195,7 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes
         if skipping:
             dropped["excluded chat"] += 1
             continue
-        mid = item.id
+        mid = item.id or content_id(item)
         if ids is not None and top < mid < _ID_LIMIT:  # the common case: the next message of the chat
             ids.append(mid)
             top = mid
@@ -208,8 +220,13 @@ def collect(items: Iterable[Chat | Message], cfg: PrepareConfig, spool: IO[bytes
         if turns and item.ts - last > gap:
             flush()
             speaker = None
+        elif turns and chars + len(text) > SESSION_CHARS:
+            census.split[chat] += 1
+            flush()
+            speaker = None
         if not turns:
-            first_id, start = item.id, item.ts
+            first_id, start, chars = mid, item.ts, 0
+        chars += len(text)
         if sid == speaker:
             turns[-1][1].append(text)
         else:
@@ -327,39 +344,112 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str], s
 
 
 def same_people(census: Census, pairs: Iterable[str]) -> dict[str, str]:
-    """{id: the id it is the same person as}, and `census` told so: a person whose only id is their name (WhatsApp,
+    """{id: the id of the person it is}, and `census` told so: a person whose only id is their name (WhatsApp,
     Messenger, JSONL) is the one person of another export who has that exact name; `pairs` ("NAME=OTHER NAME", ids
-    or names) join people whose names differ. `ConfigError` for a name that is nobody."""
+    or names) join people whose names differ. Pairs chain, in any order: "A=B" and "C=B" make A, B and C one person.
+    The person keeps the id of an export that has ids (Telegram's), else of the name with the most messages.
+
+    `ConfigError` for a name that is nobody, or several people, and for a pair that would join two people of one
+    conversation: you and the other person of a personal chat, or two people who write in one chat."""
     by_name: dict[str, list[str]] = defaultdict(list)
     for sid, name in census.names.items():
         if name:
             by_name[name.casefold()].append(sid)
-    same: dict[str, str] = {}
+    groups: dict[str, set[str]] = {}  # id -> the set of ids of one person, shared by all of them
+
+    def join(a: str, b: str) -> None:
+        first, second = groups.setdefault(a, {a}), groups.setdefault(b, {b})
+        if first is not second:
+            big, small = (first, second) if len(first) >= len(second) else (second, first)
+            big |= small
+            for sid in small:
+                groups[sid] = big
+
     for sid in list(census.names):
         if sid.startswith("name:"):
             others = [o for o in by_name[sid[5:].casefold()] if not o.startswith("name:")]
             if len(others) == 1:
-                same[sid] = others[0]
+                join(others[0], sid)
+    roles = _roles(census)
     for pair in pairs:
         first, _, second = pair.partition("=")
-        ids = []
-        for value in (first.strip(), second.strip()):
-            found = sender_id(value, census, False)
-            found = same.get(found, found) if found is not None else sender_id(f"name:{value}", census, False)
-            if found is None:
-                raise ConfigError(f"same_person {value!r} is not a speaker in any export; one of: "
-                                  f"{_candidates(census)}")
-            ids.append(found)
-        keep, join = ids
-        if keep != join:
-            same[join] = keep
-    for join, keep in same.items():
-        census.names.setdefault(keep, census.names.get(join))
-        census.names.pop(join, None)
-        for senders in census.senders:
-            if join in senders:
-                senders[keep] += senders.pop(join)
+        a, b = (groups.setdefault(sid, {sid}) for sid in (_person(v.strip(), census, groups) for v in (first, second)))
+        if a is not b:
+            _check_join(pair, a, b, census, roles)
+            join(next(iter(a)), next(iter(b)))
+    activity: Counter[str] = Counter()
+    for senders in census.senders:
+        activity.update(senders)
+    same: dict[str, str] = {}
+    for group in {id(g): g for g in groups.values() if len(g) > 1}.values():
+        ranked = sorted(group, key=lambda s: (s.startswith("name:"), -activity[s], s))
+        keep = ranked[0]
+        census.names[keep] = next((n for n in (census.names.get(s) for s in ranked) if n), None)
+        for sid in ranked[1:]:
+            same[sid] = keep
+            census.names.pop(sid, None)
+            for senders in census.senders:
+                if sid in senders:
+                    senders[keep] += senders.pop(sid)
     return same
+
+
+def _person(value: str, census: Census, groups: dict[str, set[str]]) -> str:
+    """An id of the person `value` names (an id or a name, of any of their ids); `ConfigError` unless one person."""
+    found = sender_id(value, census, False)
+    if found is not None:
+        return found
+    named = [sid for sid, name in census.names.items() if name and name.casefold() == value.casefold()]
+    people = {min(groups.get(sid, {sid})): sid for sid in named}  # one id per person
+    if not people:
+        raise ConfigError(f"same_person {value!r} is not a speaker in any export; one of: {_candidates(census)}")
+    if len(people) > 1:
+        raise ConfigError(f"same_person {value!r} is the name of {len(people)} people ({', '.join(sorted(named))}); "
+                          "give an id instead")
+    return next(iter(people.values()))
+
+
+def _roles(census: Census) -> tuple[dict[str, str], dict[str, str]]:
+    """({id: a personal chat where they are the export's owner}, {id: a personal chat where they are its other
+    person}); someone found in both roles is in neither."""
+    yours: dict[str, str] = {}
+    peers: dict[str, str] = {}
+    for chat, senders in zip(census.chats, census.senders, strict=True):
+        if chat.type != "personal_chat" or not senders:
+            continue
+        peer = f"user{chat.id}"
+        if peer not in senders:  # the chat's name is the peer's (first) name
+            named = [sid for sid in senders if _is_named(census.names.get(sid), chat.name)]
+            peer = named[0] if len(named) == 1 else ""
+        if peer:
+            peers.setdefault(peer, chat.name or str(chat.id))
+            for sid in senders:
+                if sid != peer:
+                    yours.setdefault(sid, chat.name or str(chat.id))
+    both = yours.keys() & peers.keys()
+    return ({s: c for s, c in yours.items() if s not in both}, {s: c for s, c in peers.items() if s not in both})
+
+
+def _check_join(pair: str, a: set[str], b: set[str], census: Census, roles: tuple[dict[str, str], dict[str, str]]
+                ) -> None:
+    """Refuse to make one person of two who talk to each other (issue 31: the owner took a contact's id)."""
+    yours, peers = roles
+
+    def name(sid: str) -> str:
+        return census.names.get(sid) or sid
+
+    for mine, theirs in ((a, b), (b, a)):
+        you = next((s for s in sorted(mine) if s in yours), None)
+        peer = next((s for s in sorted(theirs) if s in peers), None)
+        if you is not None and peer is not None:
+            raise ConfigError(f"same_person {pair!r} joins you ({name(you)}) with {name(peer)}, the other person of "
+                              f"the personal chat {peers[peer]!r}; it joins one person's names in different exports")
+    for chat, senders in zip(census.chats, census.senders, strict=True):
+        one = min((s for s in senders if s in a), default=None)
+        other = min((s for s in senders if s in b), default=None)
+        if one is not None and other is not None:
+            raise ConfigError(f"same_person {pair!r} joins {name(one)} and {name(other)}, two people who write in the "
+                              f"chat {chat.name or str(chat.id)!r}")
 
 
 def sessions(spool: Iterable[bytes], census: Census, labels: dict[str, str],
