@@ -13,6 +13,7 @@ who you are; in a group DM or a server channel (used with `--include-groups`) gi
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -23,33 +24,41 @@ import ijson
 import msgspec
 
 from doppel.errors import ExportError
-from doppel.readers.files import name_id, regular_file
+from doppel.readers import jsonevents
+from doppel.readers.files import name_id, regular_file, shown, unix_time
 from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
 
 
+_FIRST_KEY = re.compile(rb"\s*\{\s*(" + JSON_STRING + rb")\s*:")
+
+
 def first_key(path: Path) -> str | None:
-    """The first key of a JSON file's object (None when it has none): tells Discord's JSON from Telegram's."""
+    """The first key of a JSON file's object (None when its first 4 KB start none): tells Discord's JSON from
+    Telegram's. Matched in the bytes, not parsed: a parser reads a whole buffer first, and fails on what follows."""
     with path.open("rb") as handle:
-        try:
-            for prefix, event, value in ijson.parse(handle):
-                if prefix == "" and event == "map_key":
-                    return str(value)
-        except ijson.JSONError:
-            return None
-    return None
+        found = _FIRST_KEY.match(handle.read(4096))
+    try:
+        return str(json.loads(found.group(1))) if found else None
+    except ValueError:
+        return None
 
 
 def _channel(path: Path) -> dict[str, Any]:
     """The `channel` object, read before the messages."""
     with path.open("rb") as handle:
+        events = jsonevents.parse(handle)
         try:
-            for key, value in ijson.kvitems(handle, ""):
-                if key == "channel":
-                    return dict(value)
-                if key == "messages":
+            for prefix, event, value in events:
+                if prefix == "channel":  # the value's first event
+                    channel = jsonevents.build(events, event, value)
+                    if not isinstance(channel, dict):
+                        raise ExportError(f"{path} has a channel that is not an object ({shown(channel)}); "
+                                          "is it a DiscordChatExporter JSON export?")
+                    return channel
+                if prefix == "" and event == "map_key" and value == "messages":
                     break
         except ijson.JSONError as exc:
             raise ExportError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
@@ -67,7 +76,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
 
 def _id(raw: Any, name: str) -> int:
     text = str(raw or "")
-    return int(text) if text.isdigit() else name_id(name)
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else name_id(name)  # a snowflake
 
 
 class _Item(msgspec.Struct):
@@ -142,10 +151,17 @@ def _messages_key(head: bytes) -> int:
 
 
 def _general(path: Path, on_read: Callable[[int], None] | None, done: int) -> Iterator[Message]:
-    """ijson's reading of the messages after the first `done`."""
+    """ijson's reading of the messages after the first `done` (its events `jsonevents`': memory stays bounded
+    however deep a field nests)."""
     with path.open("rb") as handle:
+        events = jsonevents.parse(handle)
+        number = 0
         try:
-            for number, item in enumerate(ijson.items(handle, "messages.item", use_float=True), 1):
+            for prefix, event, value in events:
+                if prefix != "messages.item":
+                    continue
+                number += 1
+                item = jsonevents.build(events, event, value)
                 if number > done:
                     yield _record(item, number, path)
                 if on_read is not None and number % 5000 == 0:
@@ -159,7 +175,7 @@ def _general(path: Path, on_read: Callable[[int], None] | None, done: int) -> It
 def _record(item: _Item | dict[str, Any], number: int, path: Path) -> Message:
     try:
         return _message(item if item.__class__ is _Item else msgspec.convert(item, _Item, strict=False), number)
-    except (KeyError, ValueError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError, msgspec.ValidationError) as exc:
         raise ExportError(f"{path} has a malformed message ({type(exc).__name__}: {exc})") from None
 
 
@@ -167,13 +183,21 @@ def _message(item: _Item, number: int) -> Message:
     author = item.author or {}
     sender = f"discord{author.get('id', 'unknown')}"
     name = author.get("nickname") or author.get("name")
-    ts = int(datetime.fromisoformat(str(item.timestamp).replace("Z", "+00:00")).timestamp())
+    ts = unix_time(datetime.fromisoformat(str(item.timestamp).replace("Z", "+00:00")).timestamp())
     if item.type not in PEOPLE:
         return Message(number, ts, sender, name, "", "service", str(item.type))
     if author.get("isBot"):
         return Message(number, ts, sender, name, "", "bot")
-    text = str(item.content or "")
+    text = item.content or ""
+    if not isinstance(text, str):
+        raise TypeError(f"content is {_a(text)}, not text")
     if text.strip():
         return Message(number, ts, sender, name, text, "text")
     media = "sticker" if item.stickers else "attachment" if item.attachments else "embed" if item.embeds else None
     return Message(number, ts, sender, name, "", "media" if media else "empty", media)
+
+
+def _a(value: Any) -> str:
+    """What a JSON value is, as a type error says it: "a list", "a number"."""
+    kinds = {dict: "an object", list: "a list", bool: "true or false", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)

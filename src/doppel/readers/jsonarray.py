@@ -35,7 +35,7 @@ class Skeleton:
 
     def __init__(self) -> None:
         self._events = ijson.sendable_list()
-        self._parser = ijson.basic_parse_coro(self._events)
+        self._parser = ijson.basic_parse_coro(self._events, use_float=True)  # yajl's numbers: see jsonevents
 
     def feed(self, data: bytes) -> None:
         try:

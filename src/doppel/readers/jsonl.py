@@ -5,7 +5,8 @@
 
 `chat` names the conversation, `sender` the person (their name is their id), `time` is ISO 8601 (a time without
 a zone is read as UTC) or unix seconds, `text` the message. Optional: `chat_type` ("personal_chat" or
-"private_group"; by default a chat of one or two people is personal), `me` (true on the owner's messages).
+"private_group"; by default a chat of one or two people is personal), `me` (true on the owner's messages: one
+sender's; a second sender that says it is refused).
 Lines may come in any order: each chat's messages are sorted by time (the file is read into memory).
 """
 
@@ -18,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
-from doppel.readers.files import name_id, regular_file
+from doppel.readers.files import name_id, regular_file, unix_time
 from doppel.readers.telegram import Chat, Header, Message
 
 
 def _time(value: Any) -> int:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return int(value)
+        return unix_time(value)
     if isinstance(value, str):
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
+        return unix_time((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
     raise ValueError(f"time must be ISO 8601 text or unix seconds, got {value!r}")
 
 
@@ -36,7 +37,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
     regular_file(path)
     chats: dict[str, list[tuple[int, int, str, str]]] = {}
     types: dict[str, str] = {}
-    owner: str | None = None
+    owner: tuple[str, int] | None = None  # the sender that says "me": true, and the first line that says it
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -47,18 +48,22 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
                 if not all(isinstance(v, str) for v in (chat, sender, text)):
                     raise ValueError("chat, sender and text must be strings")
                 ts = _time(row["time"])
-            except (ValueError, KeyError, TypeError) as exc:
-                what = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                what = f"no {exc}" if isinstance(exc, KeyError) else "nested too deeply to decode" \
+                    if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
                 raise ExportError(f"{path}, line {number}: not a message ({what}); each line is "
                                   '{"chat": …, "sender": …, "time": …, "text": …}') from None
             chats.setdefault(chat, []).append((ts, number, sender, text))
             if isinstance(row.get("chat_type"), str):
                 types[chat] = row["chat_type"]
             if row.get("me") is True:
-                owner = f"name:{sender}"
+                if owner is not None and owner[0] != sender:
+                    raise ExportError(f'{path}, line {number}: "me": true on {sender!r}, and on {owner[0]!r} '
+                                      f"(line {owner[1]}); only your own messages say it")
+                owner = owner or (sender, number)
     if not chats:
         raise ExportError(f"{path} holds no messages")
-    return Header("full", owner), _items(chats, types, path.stat().st_size, on_read)
+    return Header("full", f"name:{owner[0]}" if owner else None), _items(chats, types, path.stat().st_size, on_read)
 
 
 def _items(chats: dict[str, list[tuple[int, int, str, str]]], types: dict[str, str], size: int,

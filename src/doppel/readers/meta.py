@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
-from doppel.readers.files import name_id
+from doppel.readers.files import name_id, shown, unix_time
 from doppel.readers.telegram import Chat, Header, Message
 
 _FILE = re.compile(r"^message_(\d+)\.json$")
@@ -62,10 +62,14 @@ def _threads(path: Path) -> list[list[Path]]:
 def _load(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
+    except RecursionError:
+        raise ExportError(f"{path} is not readable JSON (nested too deeply to decode)") from None
     except (OSError, ValueError) as exc:
         raise ExportError(f"{path} is not readable JSON ({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ExportError(f"{path} is not a Messenger or Instagram conversation (no messages list)")
+    if not isinstance(data.get("participants") or [], list):
+        raise ExportError(f"{path} has participants that are not a list ({shown(data['participants'])})")
     return data
 
 
@@ -82,7 +86,7 @@ def _items(threads: list[list[Path]], on_read: Callable[[int], None] | None) -> 
     done = 0
     for files in threads:
         first = _load(files[-1])  # message_1: the newest, with the conversation's title and participants
-        people = [repair(str(p.get("name", ""))) for p in first.get("participants", []) if isinstance(p, dict)]
+        people = [repair(str(p.get("name", ""))) for p in first.get("participants") or [] if isinstance(p, dict)]
         title = repair(str(first.get("title") or ", ".join(people) or files[0].parent.name))
         kind = "personal_chat" if len(people) <= 2 else "private_group"
         yield Chat(name_id(str(first.get("thread_path") or files[0].parent)), kind, title)
@@ -102,7 +106,12 @@ def _message(item: Any, number: int, file: Path) -> Message:
         raise ExportError(f"{file} has a malformed message (number {number} from the oldest: no timestamp_ms)")
     name = repair(str(item.get("sender_name") or "")) or None
     sender = f"name:{name}" if name else "unknown"
-    ts = int(item["timestamp_ms"]) // 1000
+    raw = item["timestamp_ms"]
+    try:
+        ts = unix_time(int(raw) if isinstance(raw, str) else raw, 1000)
+    except ValueError:
+        raise ExportError(f"{file} has a malformed message (number {number} from the oldest: timestamp_ms "
+                          f"{shown(raw)} is not a time in milliseconds between the years 1 and 9999)") from None
     if item.get("is_unsent"):
         return Message(number, ts, sender, name, "", "empty")
     text = repair(str(item.get("content") or ""))

@@ -23,6 +23,8 @@ import msgspec
 from msgspec import UNSET
 
 from doppel.errors import ExportError
+from doppel.readers import jsonevents
+from doppel.readers.files import unix_time
 from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
 from doppel.readers.repair import RepairingReader
 
@@ -114,8 +116,9 @@ class RawMessage(msgspec.Struct):
 
 
 def _timestamp(m: RawMessage) -> int:
-    if m.date_unixtime is not UNSET and m.date_unixtime is not None:
-        return int(m.date_unixtime)
+    raw = m.date_unixtime
+    if raw is not UNSET and raw is not None:
+        return unix_time(int(raw) if isinstance(raw, str) else raw)
     # Exports before v3.7.6 have only local wall-clock time; gaps between messages are still right
     # except across a DST change.
     return int(datetime.fromisoformat(m.date).replace(tzinfo=UTC).timestamp())
@@ -165,7 +168,7 @@ def to_message(m: RawMessage | dict[str, Any]) -> Message:
     kind = m.type
     if kind == "unsupported" or (m.date is UNSET and m.date_unixtime is UNSET):
         return Message(int(m.id), 0, "unknown", None, "", "unsupported")
-    ts = int(m.date_unixtime) if m.date_unixtime.__class__ is str else _timestamp(m)
+    ts = unix_time(int(m.date_unixtime)) if m.date_unixtime.__class__ is str else _timestamp(m)
     mid = int(m.id)
     if kind == "service":
         action = m.action or "custom_action"
@@ -231,7 +234,7 @@ def read_header(path: Path) -> Header:
         keys: set[str] = set()
         me: dict[str, Any] = {}
         try:
-            for prefix, event, value in ijson.parse(RepairingReader(raw), use_float=True):
+            for prefix, event, value in jsonevents.parse(RepairingReader(raw)):
                 if prefix == "" and event == "map_key":
                     keys.add(value)
                     if value in ("messages", "chats", "left_chats"):
@@ -239,8 +242,8 @@ def read_header(path: Path) -> Header:
                 elif prefix.startswith("personal_information.") and event in ("string", "number", "null"):
                     me[prefix.removeprefix("personal_information.")] = value
         except ijson.JSONError as exc:
-            raise ExportError(
-                f"{path} is not valid JSON ({_short(exc)}); is the file truncated?") from None
+            hint = "; is the file truncated?" if isinstance(exc, ijson.IncompleteJSONError) else ""
+            raise ExportError(f"{path} is not valid JSON ({_short(exc)}){hint}") from None
     if "messages" in keys:
         return Header("single", None, _shifted_ids(path))
     if keys & {"chats", "left_chats", "personal_information", "about"}:
@@ -388,11 +391,12 @@ def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | Raw
 # --- the general pass (any key order), used when the scanner is surprised ------------------------
 
 def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | dict[str, Any]]:
-    """Two ijson passes: chat metadata first, then messages; slower but independent of key order."""
+    """Two ijson passes: chat metadata first, then messages; slower but independent of key order. The events
+    are `jsonevents`': memory stays bounded however deep a field nests."""
     lists = ("",) if layout == "single" else ("chats.list.item", "left_chats.list.item")
     chats: list[Chat] = []
     meta: dict[str, Any] = {}
-    for prefix, event, value in ijson.parse(RepairingReader(raw), use_float=True):
+    for prefix, event, value in jsonevents.parse(RepairingReader(raw)):
         base = prefix.rsplit(".", 1)[0] if "." in prefix else ""
         if base in lists and event in ("string", "number", "null") and prefix != base:
             meta[prefix.rsplit(".", 1)[-1]] = value
@@ -402,22 +406,14 @@ def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | 
             meta = {}
     raw.seek(0)
     index = -1
-    builder: ijson.ObjectBuilder | None = None
     item_prefixes = {f"{p}.messages.item" if p else "messages.item" for p in lists}
-    for prefix, event, value in ijson.parse(RepairingReader(raw, on_read=on_read), use_float=True):
+    events = jsonevents.parse(RepairingReader(raw, on_read=on_read))
+    for prefix, event, value in events:
         if prefix in lists and event == "start_map":
             index += 1
             yield chats[index]
-        elif builder is not None:
-            builder.event(event, value)
-            if prefix in item_prefixes and event in ("end_map", "end_array"):
-                yield builder.value
-                builder = None
-        elif prefix in item_prefixes and event in ("start_map", "start_array"):
-            builder = ijson.ObjectBuilder()
-            builder.event(event, value)
-        elif prefix in item_prefixes:  # not an object: `to_message` says so
-            yield value
+        elif prefix in item_prefixes:  # a message's first event (not an object: `to_message` says so)
+            yield jsonevents.build(events, event, value)
 
 
 def iter_export(path: Path, general: bool = False,
@@ -440,7 +436,7 @@ def iter_export(path: Path, general: bool = False,
             raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated") from None
         except ijson.JSONError as exc:
             raise ExportError(f"{path} is not valid JSON ({_short(exc)})") from None
-        except (KeyError, ValueError, TypeError) as exc:  # messages are `_normalised`'s
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:  # messages are `_normalised`'s
             raise ExportError(f"{path} has a malformed chat ({_short(exc)})") from None
 
 
@@ -458,7 +454,7 @@ def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iter
             continue
         try:
             message = to_message(item)
-        except (KeyError, ValueError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, msgspec.ValidationError) as exc:
             mid = item.get("id", "?") if isinstance(item, dict) else getattr(item, "id", "?")
             raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
                               f"message {mid}: {_short(exc)})") from None
