@@ -142,7 +142,8 @@ def test_remembered_conversations_persist_and_are_found_again(tmp_path):
     recall.keep([Turn("Max", "", ("my new bike is a red Bianchi",), False), Turn("Me", "", ("круто))",), False),
                  Turn("Max", "", ("rode it to Sintra",), False)])  # the same conversation, grown: replaced
     lines = remembered.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 2 and json.loads(lines[-1])["lines"][-1] == ["Max", "rode it to Sintra"]
+    assert [json.loads(line)["messages"] for line in lines] == [["my new bike is a red Bianchi"], ["круто))"],
+                                                                 ["rode it to Sintra"]]  # each turn once
     # a new process: the saved index and the remembered file
     code = ("import sys; from pathlib import Path; from doppel.memory.index import Memory; "
             "m = Memory.open(Path(sys.argv[1]), Path(sys.argv[2])); "
@@ -184,6 +185,18 @@ def test_a_missing_or_damaged_index_is_one_line(sample_data, tmp_path, tiny):
     assert told.returncode == 0 and (tmp_path / "run" / "memory" / "remembered.jsonl").is_file()
     asked = subprocess.run(doppel, input="what bike did you get?\n\n/memory\n", capture_output=True, text=True)
     assert "Max Orlov: my new bike is a red Bianchi" in asked.stdout.split("\n\n", 1)[1]
+    # an entry or a remembered line whose time is not one: the same line, not a traceback
+    remembered = tmp_path / "run" / "memory" / "remembered.jsonl"
+    for path, key, said in ((data / "memory" / "entries.jsonl", "end", damaged(data / "memory", (
+            "ValueError: entries.jsonl, line 1: end None is not a time in seconds"))), (remembered, "time", (
+            f"{remembered}: the remembered conversations are damaged (ValueError: line 1: time None is not a time in "
+            "seconds); move the file away to start a new memory of conversations"))):
+        good = path.read_text(encoding="utf-8")
+        first, rest = good.split("\n", 1)
+        path.write_text(json.dumps({**json.loads(first), key: None}) + "\n" + rest, encoding="utf-8")
+        out = subprocess.run(doppel, input="hey\n", capture_output=True, text=True)
+        assert (out.returncode, out.stderr) == (2, f"doppel: error: {said}\n")
+        path.write_text(good, encoding="utf-8")
     (data / "memory" / "vectors.npy").write_bytes(b"\x93NUMPY broken")
     out = subprocess.run(doppel, input="hey\n", capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
@@ -233,3 +246,248 @@ def test_a_run_trained_without_memory_chats_as_before(sample_data, tmp_path, tin
     out = subprocess.run([sys.executable, "-m", "doppel", "chat", str(tmp_path / "run"), "--max-new-tokens", "2"],
                          input="hey\n\n/memory\n", capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.endswith("\n(memory is off)\n")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built") / "memory"
+    build(((s, "train") for s in FACTS), folder)
+    return folder
+
+
+def damaged(folder, reason: str) -> str:
+    return (f"{folder}: the memory index is damaged ({reason}); build it again with doppel prepare, or go on without "
+            "it (--memory off)")
+
+
+@pytest.mark.parametrize(("end", "reason"), [
+    (None, "ValueError: entries.jsonl, line 2: end None is not a time in seconds"),
+    ("soon", "ValueError: entries.jsonl, line 2: end 'soon' is not a time in seconds"),
+    ("460", "ValueError: entries.jsonl, line 2: end '460' is not a time in seconds"),
+    (2**63, "ValueError: entries.jsonl, line 2: end 9223372036854775808 is not a time in seconds"),
+    (2**56, "ValueError: entries.jsonl, line 2: end 72057594037927936 is not a time in seconds"),  # no date
+])
+def test_an_entry_whose_time_is_not_one_is_a_damaged_index(built, tmp_path, end, reason):
+    import shutil
+
+    from doppel.errors import MemoryIndexError
+
+    folder = tmp_path / "memory"
+    shutil.copytree(built, folder)
+    lines = (folder / "entries.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[1] = json.dumps({**json.loads(lines[1]), "end": end}) + "\n"
+    (folder / "entries.jsonl").write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(MemoryIndexError) as refused:
+        Memory.open(folder)
+    assert str(refused.value) == damaged(folder, reason)
+
+
+def test_vectors_whose_header_claims_terabytes_are_a_damaged_index_not_an_allocation(built, tmp_path):
+    """A header of 5×10^13 rows was `_ArrayMemoryError: Unable to allocate 186. TiB`: the header is checked against
+    the entries and the file's size before anything is read."""
+    import shutil
+
+    from doppel.errors import MemoryIndexError
+
+    folder = tmp_path / "memory"
+    shutil.copytree(built, folder)
+    data = (folder / "vectors.npy").read_bytes()
+    claimed = data.replace(b"'shape': (4, 512), ", b"'shape': (50000000000000, 512), ")
+    header = claimed[10:].split(b"\n", 1)[0].rstrip() + b" "
+    header = header.ljust(118) + b"\n"  # the header keeps its length, as numpy pads it
+    (folder / "vectors.npy").write_bytes(data[:8] + len(header).to_bytes(2, "little") + header + data[128:])
+    with pytest.raises(MemoryIndexError) as refused:
+        Memory.open(folder)
+    assert str(refused.value) == damaged(folder, "ValueError: vectors.npy holds float32 of shape (50000000000000, "
+                                                 "512), for 4 entries")
+    (folder / "vectors.npy").write_bytes(data[:-4])  # the right header, the last number cut
+    with pytest.raises(MemoryIndexError) as refused:
+        Memory.open(folder)
+    assert str(refused.value) == damaged(folder, "ValueError: vectors.npy holds 2047 of the 2048 vector numbers it "
+                                                 "says, for 4 entries")
+
+
+@pytest.mark.parametrize("end", ["soon", None, 2**64])
+def test_a_remembered_line_whose_time_is_not_one_is_one_line(built, tmp_path, end):
+    from doppel.errors import MemoryIndexError
+
+    remembered = tmp_path / "remembered.jsonl"
+    Recall(Memory.open(built, remembered), 128, remember=True).keep(
+        [Turn("Max", "", ("my new bike is a red Bianchi",), False), Turn("Me", "", ("круто))",), False)])
+    line = json.loads(remembered.read_text(encoding="utf-8").splitlines()[-1])
+    key = "end" if "end" in line else "time"
+    remembered.write_text(json.dumps({**line, key: end}) + "\n", encoding="utf-8")
+    with pytest.raises(MemoryIndexError) as refused:
+        Memory.open(built, remembered)
+    assert str(refused.value) == (f"{remembered}: the remembered conversations are damaged (ValueError: line 1: "
+                                  f"{key} {end!r} is not a time in seconds); move the file away to start a new "
+                                  "memory of conversations")
+
+
+class Counting:
+    """The real encoder, counting the texts it embeds."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder, self.texts = encoder, 0
+
+    def __call__(self, texts, **kw):
+        self.texts += len(texts)
+        return self.encoder(texts, **kw)
+
+
+def test_each_remembered_turn_is_written_once_and_only_what_changed_is_embedded(built, tmp_path):
+    """--remember wrote the whole conversation again after every reply and embedded it again: two 25-turn chats were
+    650 lines and 2.2 MB, growing with the square."""
+    import numpy as np
+
+    remembered = tmp_path / "remembered.jsonl"
+    memory = Memory.open(built, remembered)
+    counting = memory.encoder = Counting(memory.encoder)
+    recall = Recall(memory, 128, remember=True)
+    history: list[Turn] = []
+    for n in range(25):
+        history.append(Turn("Max" if n % 2 == 0 else "Me", "", (f"turn {n}: the red Bianchi " + "x" * 60,), False))
+        if n % 2 == 0:  # as `doppel chat` keeps: after each reply, the user's turn and the reply together
+            recall.keep(history)
+    recall.keep(history)
+    recall.keep(history)  # nothing new: nothing written
+    lines = [json.loads(line) for line in remembered.read_text(encoding="utf-8").splitlines()]
+    assert [line["turn"] for line in lines] == list(range(25))
+    assert {line["conversation"] for line in lines} == {recall.conversation}
+    assert [line["messages"] for line in lines] == [list(turn.messages) for turn in history]
+    windows = [e for e in memory.entries if e.split == "remembered"]
+    assert [e.id for e in windows] == [f"{recall.conversation}#{k}" for k in range(5)]
+    # the window each of the 13 keeps changed, and twice the window before it, when its two turns straddled them
+    assert counting.texts == sum(len(line["vectors"]) for line in lines) == 13 + 2
+    assert remembered.stat().st_size < 15 * 2800 + 25 * 250  # a vector is 2,732 characters of base64
+    again = Memory.open(built, remembered)
+    assert again.entries == memory.entries and np.array_equal(again.vectors, memory.vectors)
+    # an edited (or regenerated) turn replaces the conversation from there on, written once
+    recall.keep([*history[:3], Turn("Me", "", ("no, a blue one",), False)])
+    assert [json.loads(line)["turn"] for line in remembered.read_text(encoding="utf-8").splitlines()][25:] == [3]
+    again = Memory.open(built, remembered)
+    assert [e.lines for e in again.entries[4:]] == [(*((t.speaker, t.messages[0]) for t in history[:3]),
+                                                      ("Me", "no, a blue one"))]
+    assert [e.id for e in again.search("what colour is the bike?")][:1] == [recall.conversation]
+
+
+def test_a_file_of_the_old_layout_with_repeated_entries_still_loads(built, tmp_path):
+    """Older versions wrote every window again after each reply: the latest line of an entry wins."""
+    import base64
+
+    remembered = tmp_path / "remembered.jsonl"
+    memory = Memory.open(built)
+    old = [entries_of(Session("remembered:old", ChatRef(0, "doppel chat", "doppel"), 500, 560 + k,
+                              tuple(Turn("Max", "", (f"bike {i}",), False) for i in range(k + 1))), "remembered")[0]
+           for k in range(3)]
+    with remembered.open("w", encoding="utf-8") as handle:
+        for entry in old:
+            vector = base64.b64encode(memory.encoder([entry.text])[0].tobytes()).decode()
+            handle.write(json.dumps({**entry.to_json(), "vector": vector}) + "\n")
+    loaded = Memory.open(built, remembered)
+    assert [e.id for e in loaded.entries] == ["cat", "trip", "thesis", "gym", "remembered:old"]
+    assert loaded.entries[-1] == old[-1]
+    # the conversation goes on (an API client sends it again): its turns replace the old windows
+    Recall(loaded, 128, remember=True, conversation="remembered:old").keep(
+        [*(Turn("Max", "", (f"bike {i}",), False) for i in range(3)), Turn("Me", "", ("nice",), False)])
+    again = Memory.open(built, remembered)
+    assert [e.id for e in again.entries] == ["cat", "trip", "thesis", "gym", "remembered:old"]
+    assert again.entries[-1].lines == (("Max", "bike 0"), ("Max", "bike 1"), ("Max", "bike 2"), ("Me", "nice"))
+
+
+def test_a_remembered_line_over_a_megabyte_is_damage_and_is_not_read_whole(built, tmp_path):
+    """A line of 100 MB loaded into 2.4 GB. doppel writes none over `LINE_BYTES` (a turn keeps its first
+    `TURN_MESSAGES` messages, each cut as in the index), so a longer one is damage, found after reading that much."""
+    import tracemalloc
+
+    from doppel.errors import MemoryIndexError
+    from doppel.memory.remembered import LINE_BYTES, TURN_MESSAGES
+
+    remembered = tmp_path / "remembered.jsonl"
+    recall = Recall(Memory.open(built, remembered), 128, remember=True)
+    recall.keep([Turn("Max", "", tuple(f"{i} " + "я" * 5000 for i in range(3000)), False)])
+    kept = remembered.read_bytes()
+    assert len(kept) <= LINE_BYTES and kept.count(b"\n") == 1
+    assert len(json.loads(kept)["messages"]) == TURN_MESSAGES == 200
+    assert Memory.open(built, remembered).entries[4].lines[0] == ("Max", "0 " + "я" * 297 + "…")
+    with remembered.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"conversation": "remembered:big", "turn": 0, "time": 1, "speaker": "Max",
+                                 "messages": ["x" * 20_000_000]}) + "\n")
+    tracemalloc.start()
+    with pytest.raises(MemoryIndexError) as refused:
+        Memory.open(built, remembered)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * LINE_BYTES
+    assert str(refused.value) == (f"{remembered}: the remembered conversations are damaged (ValueError: line 2 is "
+                                  "longer than 1048576 bytes); move the file away to start a new memory of "
+                                  "conversations")
+
+
+def test_the_api_recalls_a_remembered_conversation_only_for_its_user(built, tmp_path, tiny, smollm2_tokenizer):
+    """One caller's "my door code is 4711" came back in another caller's `doppel.memory`."""
+    from fastapi.testclient import TestClient
+
+    from doppel.models import load_model
+    from doppel.serving.server import create_app
+
+    remembered = tmp_path / "remembered.jsonl"
+    model = load_model(str(tiny))
+
+    def ask(client, text: str, **user) -> list[str]:
+        body = {"model": "Me", "max_tokens": 2, "messages": [{"role": "user", "name": "Max", "content": text}]}
+        answer = client.post("/v1/chat/completions", json={**body, **user}).json()
+        return [line["text"] for entry in answer["doppel"]["memory"] for line in entry["lines"]]
+
+    def server():
+        memory = Recall(Memory.open(built, remembered), 128, remember=True)
+        return TestClient(create_app(model, smollm2_tokenizer, ["Me", "Max"], "Max", memory=memory),
+                          base_url="http://127.0.0.1")
+
+    with server() as client:
+        ask(client, "my door code is 4711", user="a")
+        ask(client, "my locker code is 1234")  # no user: the shared scope
+        assert "my door code is 4711" in ask(client, "what is my door code?", user="a")
+        for other in ({"user": "b"}, {}):
+            recalled = ask(client, "what is my door code?", **other)
+            assert recalled and not any("4711" in text for text in recalled)
+        assert "my locker code is 1234" in ask(client, "what is my locker code?")
+        assert not any("1234" in text for text in ask(client, "what is my locker code?", user="a"))
+    scopes = [json.loads(line)["scope"] for line in remembered.read_text(encoding="utf-8").splitlines()]
+    assert scopes[:4] == ["a", "a", None, None]
+    with server() as client:  # after a restart too
+        assert "my door code is 4711" in ask(client, "what is my door code?", user="a")
+        assert not any("4711" in text for text in ask(client, "what is my door code?", user="b"))
+
+
+def test_an_export_without_a_word_prepares_and_chats_on_the_vectors_alone(tmp_path, tiny, smollm2_tokenizer):
+    """Messages of emoji, asterisks and punctuation only: bm25s refused to index them (`max() arg is an empty
+    sequence`) and prepare crashed. The keyword index is left out; the vectors search alone."""
+    from click.testing import CliRunner
+
+    from doppel.cli import main
+    from doppel.models import load_model
+    from doppel.serving.chat import Conversation
+
+    said = [("Max", "😂😂😂"), ("Me", "***"), ("Max", "?!"), ("Me", "🙂"), ("Max", "..."), ("Me", "👍👍")]
+    export = tmp_path / "chat.jsonl"
+    export.write_text("".join(json.dumps({"chat": "Max", "sender": who, "time": 1_700_000_000 + 3600 * (i // 2) + i,
+                                          "text": text, "me": who == "Me"}) + "\n" for i, (who, text) in
+                              enumerate(said)), encoding="utf-8")
+    result = CliRunner().invoke(main, ["prepare", str(export), "-o", str(tmp_path / "data"), "--eval-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert "memory: 3 entries of past sessions (3 embedded, 0 reused)" in result.output.splitlines()
+    folder = tmp_path / "data" / "memory"
+    assert json.loads((folder / "memory.json").read_text())["keywords"] is False
+    assert not (folder / "keywords").exists()
+    remembered = tmp_path / "run" / "remembered.jsonl"
+    memory = Memory.open(folder, remembered)
+    assert [e.lines for e in memory.search("😂")][:1] == [(("Max", "😂😂😂"), ("Me", "***"))]
+    chat = Conversation(load_model(str(tiny)), smollm2_tokenizer, "Me", "Max", max_context=512,
+                        memory=Recall(memory, 128, remember=True))
+    chat.reply(["😂"]).wait()
+    assert chat.recalled and chat.recalled[0].lines == (("Max", "😂😂😂"), ("Me", "***"))
+    memory._reindex()  # as the thread after a reply does: over entries without a word, too
+    again = Memory.open(folder, remembered)
+    assert len(again.entries) == 4 and again.entries[3].lines[0] == ("Max", "😂")
+    assert sorted(e.split for e in again.search("😂")) == ["remembered", "train", "train", "train"]

@@ -21,6 +21,7 @@ import msgspec
 
 from doppel.errors import DatasetError
 from doppel.records import Session
+from doppel.render import header_name, is_time
 
 TRAIN_FILE, EVAL_FILE, STATS_FILE, CONFIG_FILE = "sessions.train.jsonl", "sessions.eval.jsonl", "stats.json", \
     "config.yaml"
@@ -97,12 +98,14 @@ class DatasetStats:
         lines = [f"{total:,} sessions from {self.chats:,} chats, "
                  f"{self.messages_per_session:.2f} messages per session on average "
                  f"({self.train_sessions:,} train, {self.eval_sessions:,} eval)"]
-        lines.append(f"you: {self.owner_name} ({self.owner_id})" if self.owner_id else "you: unknown (--me)")
-        people = ", ".join(f"{s.name} {s.messages:,}" for s in self.speakers[:top])
+        # names (and the warnings that quote them) as one line each: an ESC in a name never reaches the terminal
+        lines.append(f"you: {header_name(self.owner_name or '')} ({self.owner_id})" if self.owner_id
+                     else "you: unknown (--me)")
+        people = ", ".join(f"{header_name(s.name)} {s.messages:,}" for s in self.speakers[:top])
         lines.append(f"top speakers (messages): {people}")
         if self.dropped:
             lines.append("messages dropped: " + ", ".join(f"{k} {v:,}" for k, v in self.dropped.items()))
-        lines.extend(f"warning: {w}" for w in self.warnings)
+        lines.extend(f"warning: {header_name(w)}" for w in self.warnings)
         if self.memory:
             lines.append(f"memory: {self.memory['entries']:,} entries of past sessions ({self.memory['embedded']:,} "
                          f"embedded, {self.memory['reused']:,} reused)")
@@ -142,12 +145,25 @@ class Dataset:
             raise DatasetError(f"{self.path} is not a doppel dataset (no {path.name}); run doppel prepare")
         decode = msgspec.json.Decoder(Session).decode
         with path.open("rb") as handle:
-            for line in handle:
+            for number, line in enumerate(handle, 1):
                 try:
-                    yield decode(line)
+                    session = decode(line)
                 except msgspec.DecodeError as exc:
                     raise DatasetError(f"{path} has a line that is not a session ({exc}); "
                                        "run doppel prepare again") from None
+                for verb, value in (("starts", session.start), ("ends", session.end)):
+                    if not is_time(value):
+                        raise DatasetError(f"{path}, line {number}: session {session.id} {verb} at {value}, not a "
+                                           "time (unix seconds of the years 1 to 9999); correct the export's times "
+                                           "and run doppel prepare again")
+                yield session
+
+    def check(self) -> None:
+        """Read every session once: a `DatasetError` for a line that is not one comes before a long job starts."""
+        splits: tuple[Split, ...] = ("train", "eval")
+        for split in splits:
+            for _ in self.sessions(split):
+                pass
 
 
 _ENCODE = msgspec.json.Encoder().encode

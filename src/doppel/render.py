@@ -42,8 +42,15 @@ _NOT_IN_A_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def header_name(name: str) -> str:
-    """A speaker's name as it goes into a header: one line, whatever it held."""
+    """A speaker's name as it goes into a header: one line, whatever it held. The one rule for a name written
+    anywhere (a file, the terminal): line breaks and control characters (ESC, NUL …) become spaces."""
     return " ".join(_NOT_IN_A_NAME.sub(" ", name).split()) or "?"
+
+
+def markdown_name(name: str) -> str:
+    """A name as Markdown text: its one line, with the characters that would start markup (code, emphasis, links,
+    HTML, tables) backslash-escaped, so that it shows as written."""
+    return re.sub(r"([\\`*_\[\]<>&|~])", r"\\\1", header_name(name))
 
 
 def turn_segments(turn: Turn) -> list[tuple[str, bool]]:
@@ -54,12 +61,26 @@ def turn_segments(turn: Turn) -> list[tuple[str, bool]]:
             (IM_END, turn.train), ("\n", False)]
 
 
+def escaped(marker: str) -> str:
+    """How `doppel inspect` shows a ChatML marker that is text (typed in a message or a name): `<\\|im_end\\|>`,
+    never the way doppel's own markers look."""
+    return marker.replace("|", "\\|")
+
+
 def header(speaker: str) -> str:
     """The opening of a turn that the model is to write."""
     return f"{IM_START}{header_name(speaker)}\n"
 
 
 MEMORY = "memory"  # the memory block's header
+FIRST_TIME, LAST_TIME = -62_135_596_800, 253_402_300_799  # 0001-01-01 and 9999-12-31 23:59:59 UTC
+
+
+def is_time(value: object) -> bool:
+    """Whether `value` is unix seconds of a date the memory block can show (the years 1 to 9999): what a session's
+    and a memory entry's times must be. Past them `time.gmtime` fails, and past 2**63 numpy and torch cannot hold
+    them."""
+    return type(value) is int and FIRST_TIME <= value <= LAST_TIME
 
 
 def memory_text(entries: Sequence[MemoryEntry]) -> str:

@@ -3,8 +3,9 @@
     DATASET/memory/memory.json      what it is: format, encoder, entries, when built
     DATASET/memory/entries.jsonl    one entry a line (records.MemoryEntry, and its text's hash)
     DATASET/memory/vectors.npy      (entries, 512) float32 sentence vectors, row i for line i
-    DATASET/memory/keywords/        the BM25 index of the entries' stemmed keywords (bm25s)
-    RUN/memory/remembered.jsonl     conversations held with the model (`--remember`), each with its vector
+    DATASET/memory/keywords/        the BM25 index of the entries' stemmed keywords (bm25s); none when no entry has
+                                    a word (an export of emoji): then the vectors alone search
+    RUN/memory/remembered.jsonl     conversations held with the model (`--remember`, memory/remembered.py)
 
 `prepare` builds it from the sessions it writes, so `--redact` and `--pseudonymize` apply to it as to training. A
 vector is reused, not computed again, for an entry whose text the directory's previous index already held.
@@ -15,23 +16,29 @@ entry whose people include all of the conversation's gains a little (same partne
 newer comes first. Fusing by scores rather than by reciprocal rank keeps a keyword match from outranking the entry
 that answers in another language (docs/benchmarks.md has both measured). At a person's scale (a hundred thousand
 entries) a brute-force search over the vectors takes milliseconds, so there is no vector database.
+
+A remembered conversation is found only by the searches of its scope (the API's `user`; None: `doppel chat` and the
+requests without one); the prepared entries by every search.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import os
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppel.errors import MemoryIndexError
 from doppel.memory.text import DIMENSIONS, ENCODER, Encoder, keywords
-from doppel.records import MemoryEntry, Session
+from doppel.records import MemoryEntry, Session, Turn
+from doppel.render import is_time
+
+if TYPE_CHECKING:
+    from doppel.memory.remembered import Held
 
 MANIFEST, ENTRIES, VECTORS, KEYWORDS = "memory.json", "entries.jsonl", "vectors.npy", "keywords"
 KEYWORD_FILES = ("params.index.json", "vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy",
@@ -44,11 +51,12 @@ TOP = 4  # entries offered to the memory block, best first; its token budget dec
 CANDIDATES = 50  # taken from each ranking into the fusion
 KEYWORD_WEIGHT = 0.15  # the best BM25 match adds this much to its cosine similarity (docs/benchmarks.md)
 PEOPLE_BONUS = 0.05  # an entry of the conversation's own people: ahead of others about as relevant
+SCOPE_CHARS = 200  # a longer scope is kept as its hash
 
 
 def entries_of(session: Session, split: str) -> list[MemoryEntry]:
     """A session's memory entries: one, or windows of about `WINDOW_CHARS` for a long session."""
-    lines = [(turn.speaker, _clip(m)) for turn in session.turns for m in turn.messages if m.strip()]
+    lines = [(turn.speaker, clip(m)) for turn in session.turns for m in turn.messages if m.strip()]
     speakers = tuple(dict.fromkeys(turn.speaker for turn in session.turns))
     windows: list[list[tuple[str, str]]] = []
     size = 0
@@ -63,13 +71,43 @@ def entries_of(session: Session, split: str) -> list[MemoryEntry]:
             for k, window in enumerate(windows)]
 
 
-def _clip(message: str) -> str:
+def clip(message: str, size: int = LINE_CHARS) -> str:
+    """`message` on one line, cut to `size` characters."""
     message = " ".join(message.split())
-    return message if len(message) <= LINE_CHARS else message[:LINE_CHARS - 1] + "…"
+    return message if len(message) <= size else message[:size - 1] + "…"
 
 
-def _hash(entry: MemoryEntry) -> str:
-    return hashlib.sha1(entry.text.encode("utf-8")).hexdigest()[:20]
+def text_hash(entry: MemoryEntry) -> str:
+    return hashlib.sha1(entry.text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def scope_key(scope: str | None) -> str | None:
+    """A remembered conversation's scope as it is kept: itself, or the hash of a long one."""
+    if scope is None or len(scope) <= SCOPE_CHARS:
+        return scope
+    return "sha256:" + hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def checked_entry(data: Any) -> MemoryEntry:
+    """An entry read back from a file; `ValueError` for one that doppel could not have written (a time that is not
+    one, a line that is not two strings), so that damage is found when the index is opened, not in a search."""
+    entry = MemoryEntry.from_json(data)
+    for name in ("start", "end"):
+        value = getattr(entry, name)
+        if not is_time(value):
+            raise ValueError(f"{name} {value!r} is not a time in seconds")
+    texts = (entry.id, entry.session, entry.chat_name, entry.split, *entry.speakers,
+             *(part for line in entry.lines for part in line))
+    if type(entry.chat) is not int or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"entry {entry.id!r} is not one (a chat id that is not a number, or text that is not text)")
+    return entry
+
+
+def problem(exc: BaseException) -> str:
+    """What a `ValueError`, `KeyError` or `TypeError` of a line says, in a few words."""
+    if isinstance(exc, KeyError):
+        return f"no {exc}"
+    return str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -83,11 +121,10 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
           progress: Callable[[int, int], None] | None = None, encoder: Encoder | None = None) -> BuildStats:
     """Write the memory of `sessions` ((session, split) pairs) into `folder`; vectors of texts that the index in
     `previous` holds are reused."""
-    import bm25s
     import numpy as np
 
     entries = [e for session, split in sessions for e in entries_of(session, split)]
-    hashes = [_hash(e) for e in entries]
+    hashes = [text_hash(e) for e in entries]
     known = _previous_vectors(previous) if previous is not None else {}
     vectors = np.empty((len(entries), DIMENSIONS), dtype=np.float32)
     todo = []
@@ -110,25 +147,54 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
         for entry, key in zip(entries, hashes, strict=True):
             handle.write(json.dumps({**entry.to_json(), "hash": key}, ensure_ascii=False) + "\n")
     np.save(folder / VECTORS, vectors)
-    index = bm25s.BM25()
-    index.index([keywords(e.text) for e in entries] or [[]], show_progress=False)
-    index.save(str(folder / KEYWORDS), show_progress=False)
+    index = _keyword_index([e.text for e in entries])
+    if index is not None:
+        index.save(str(folder / KEYWORDS), show_progress=False)
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "encoder": ENCODER, "dimensions": DIMENSIONS,
-                                               "entries": len(entries)}, indent=1) + "\n", encoding="utf-8")
+                                               "entries": len(entries), "keywords": index is not None}, indent=1)
+                                   + "\n", encoding="utf-8")
     return BuildStats(len(entries), len(todo), len(entries) - len(todo))
+
+
+def _keyword_index(texts: Sequence[str]) -> Any:
+    """The BM25 index of the texts' keywords; None when not one has a word (all emoji or punctuation), which bm25s
+    cannot index: then the vectors alone search."""
+    import bm25s
+
+    tokens = [keywords(text) for text in texts]
+    if not any(tokens):
+        return None
+    index = bm25s.BM25()
+    index.index(tokens, show_progress=False)
+    return index
+
+
+def _vectors(path: Path, rows: int) -> Any:
+    """The (rows, DIMENSIONS) float32 vectors of `path`; `ValueError` when the file holds anything else. Its header is
+    checked before anything is read: a damaged one can claim terabytes, which `np.load` would try to allocate."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    with path.open("rb") as handle:
+        version = npy.read_magic(handle)
+        header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = header(handle)
+        if shape != (rows, DIMENSIONS) or dtype != np.float32 or fortran:
+            raise ValueError(f"{VECTORS} holds {dtype} of shape {shape}, for {rows} entries")
+        vectors = np.fromfile(handle, dtype=np.float32, count=rows * DIMENSIONS)
+        if len(vectors) != rows * DIMENSIONS or handle.read(1):
+            raise ValueError(f"{VECTORS} holds {len(vectors)} of the {rows * DIMENSIONS} vector numbers it says, for "
+                             f"{rows} entries")
+    return vectors.reshape(shape)
 
 
 def _previous_vectors(folder: Path) -> dict[str, Any]:
     """{text hash: vector} of an earlier index; empty when there is none or it is unreadable (nothing to reuse)."""
-    import numpy as np
-
     try:
-        vectors = np.load(folder / VECTORS, mmap_mode="r")
         with (folder / ENTRIES).open(encoding="utf-8") as handle:
             hashes = [json.loads(line)["hash"] for line in handle]
-        if vectors.shape != (len(hashes), DIMENSIONS):
-            return {}
-        return {key: np.array(vectors[i]) for i, key in enumerate(hashes)}
+        vectors = _vectors(folder / VECTORS, len(hashes))
+        return {key: vectors[i] for i, key in enumerate(hashes)}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -142,12 +208,16 @@ class Memory:
 
         self.entries = entries
         self.vectors = np.asarray(vectors, dtype=np.float32)
-        self._keywords = keyword_index  # covers entries[:self._covered]
+        self._keywords = keyword_index  # covers entries[:self._covered]; None: no entry has a word
         self._covered = len(entries)
+        self._moves = 0  # how often entries moved (a remembered conversation replaced): an older reindex is stale
         self.encoder = encoder or Encoder(threads=1)  # one query at a time: one thread answers fastest
         self._batch_encoder: Encoder | None = None  # many (training's): every core
         self.remembered = remembered
-        self._lock = threading.Lock()
+        self._held: dict[str, Held] = {}  # the remembered conversations' turns
+        self._scopes: dict[str, str | None] = {}  # remembered session → the scope that may recall it
+        self._lock = threading.Lock()  # guards the arrays a search takes
+        self._writing = threading.Lock()  # one conversation remembered at a time
         self._refresh()
 
     @classmethod
@@ -155,7 +225,6 @@ class Memory:
         """The index in `folder` (and the conversations remembered in the file `remembered`); `MemoryIndexError`
         when it is missing or damaged."""
         import bm25s
-        import numpy as np
 
         if not (folder / MANIFEST).is_file():
             raise MemoryIndexError(f"{folder}: no memory index (build it with doppel prepare)")
@@ -163,12 +232,18 @@ class Memory:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+            entries = []
             with (folder / ENTRIES).open(encoding="utf-8") as handle:
-                entries = [MemoryEntry.from_json(json.loads(line)) for line in handle]
-            vectors = np.load(folder / VECTORS)
-            if vectors.shape != (len(entries), DIMENSIONS) or len(entries) != manifest["entries"]:
-                raise ValueError(f"{len(entries)} entries, vectors of shape {vectors.shape}")
-            index = bm25s.BM25.load(str(folder / KEYWORDS), show_progress=False)
+                for number, line in enumerate(handle, 1):
+                    try:
+                        entries.append(checked_entry(json.loads(line)))
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        raise ValueError(f"{ENTRIES}, line {number}: {problem(exc)}") from None
+            if len(entries) != manifest["entries"]:
+                raise ValueError(f"{len(entries)} entries, the manifest says {manifest['entries']}")
+            vectors = _vectors(folder / VECTORS, len(entries))
+            index = bm25s.BM25.load(str(folder / KEYWORDS), show_progress=False) if manifest.get(
+                "keywords", True) else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MemoryIndexError(f"{folder}: the memory index is damaged ({_reason(exc)}); build it again with "
                                    "doppel prepare, or go on without it (--memory off)") from None
@@ -177,67 +252,76 @@ class Memory:
             memory._load_remembered(remembered)
         return memory
 
-    # --- remembered conversations ---------------------------------------------------------------------
+    # --- remembered conversations (memory/remembered.py) --------------------------------------------
 
     def _load_remembered(self, path: Path) -> None:
         import numpy as np
 
-        latest: dict[str, tuple[MemoryEntry, Any]] = {}
+        from doppel.memory import remembered
+
         try:
-            with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.endswith("\n"):
-                        break  # the last line of a process that was killed while writing it
-                    data = json.loads(line)
-                    vector = np.frombuffer(base64.b64decode(data.pop("vector")), dtype=np.float32)
-                    if vector.shape != (DIMENSIONS,):
-                        raise ValueError(f"line {number}: a vector of {vector.shape[0]} numbers")
-                    latest[data["id"]] = (MemoryEntry.from_json(data), vector)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            read = remembered.read(path)
+        except (OSError, ValueError) as exc:
             raise MemoryIndexError(f"{path}: the remembered conversations are damaged ({_reason(exc)}); move the "
                                    "file away to start a new memory of conversations") from None
-        if latest:
-            self.entries = self.entries + [e for e, _ in latest.values()]
-            self.vectors = np.vstack([self.vectors, np.stack([v for _, v in latest.values()])])
+        vectors = [vector for _, vector in read.entries]
+        missing = [i for i, vector in enumerate(vectors) if vector is None]  # only where a line was lost
+        if missing:
+            for i, vector in zip(missing, self.encoder([read.entries[i][0].text for i in missing]), strict=True):
+                vectors[i] = vector
+        self._held, self._scopes = read.held, read.scopes
+        if read.entries:
+            self.entries = self.entries + [e for e, _ in read.entries]
+            self.vectors = np.vstack([self.vectors, np.stack(vectors)])
             self._reindex()  # the saved keyword index covers the prepared entries only
-            self._refresh()
+        self._refresh()
 
-    def remember(self, entries: Sequence[MemoryEntry]) -> None:
-        """Add (or replace, by id) a conversation's entries, persist them, and index them for later searches."""
+    def remember(self, conversation: str, turns: Sequence[Turn], scope: str | None = None) -> None:
+        """Keep the conversation `conversation` (its turns so far), recalled later by searches of `scope` only: the
+        turns not held yet are written, each once, and only the windows they changed are embedded. A history that
+        differs from the one held (an edited message, a regenerated reply) replaces it from where it differs."""
         import numpy as np
+
+        from doppel.memory import remembered
 
         if self.remembered is None:
             raise MemoryIndexError("this memory has no file for remembered conversations")
-        vectors = self.encoder([e.text for e in entries])
-        self.remembered.parent.mkdir(parents=True, exist_ok=True)
-        with self.remembered.open("a", encoding="utf-8") as handle:
-            for entry, vector in zip(entries, vectors, strict=True):
-                handle.write(json.dumps({**entry.to_json(), "vector": base64.b64encode(vector.tobytes()).decode()},
-                                        ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with self._lock:
-            position = {e.id: i for i, e in enumerate(self.entries)}
-            entries_, vectors_ = list(self.entries), self.vectors.copy()
-            for entry, vector in zip(entries, vectors, strict=True):
-                if entry.id in position:
-                    entries_[position[entry.id]], vectors_[position[entry.id]] = entry, vector
-                else:
-                    entries_.append(entry)
-                    vectors_ = np.vstack([vectors_, vector[None]])
-            self.entries, self.vectors = entries_, vectors_
-            self._refresh()
+        scope = scope_key(scope)
+        with self._writing:
+            held = self._held.get(conversation)
+            if held is not None and held.scope != scope:
+                return  # another scope's conversation (the same id): never mixed with it
+            changed = remembered.change(held, turns, scope, int(time.time()))
+            if changed is None:
+                return
+            held, first = changed
+            entries = entries_of(held.session(conversation), "remembered")
+            with self._lock:
+                known = {text_hash(self.entries[i]): self.vectors[i] for i in self._sessions.get(conversation, ())}
+            hashes = [text_hash(e) for e in entries]
+            todo = [i for i, key in enumerate(hashes) if key not in known]
+            new = dict(zip([hashes[i] for i in todo], self.encoder([entries[i].text for i in todo]),
+                           strict=True)) if todo else {}
+            known.update(new)
+            remembered.append(self.remembered, conversation, held, first, entries, new)
+            vectors = np.stack([known[key] for key in hashes]) if entries else np.zeros((0, DIMENSIONS), np.float32)
+            with self._lock:
+                drop = self._sessions.get(conversation, [])
+                gone = set(drop)
+                self.entries = [e for i, e in enumerate(self.entries) if i not in gone] + entries
+                self.vectors = np.concatenate([np.delete(self.vectors, drop, axis=0), vectors])
+                if drop:
+                    self._covered, self._moves = min(self._covered, drop[0]), self._moves + 1
+                self._held[conversation], self._scopes[conversation] = held, scope
+                self._refresh()
         threading.Thread(target=self._reindex, daemon=True).start()  # found by keywords once it is done
 
     def _reindex(self) -> None:
-        import bm25s
-
         with self._lock:
-            entries = list(self.entries)
-        index = bm25s.BM25()
-        index.index([keywords(e.text) for e in entries] or [[]], show_progress=False)
+            entries, moves = list(self.entries), self._moves
+        index = _keyword_index([e.text for e in entries])
         with self._lock:
-            if len(entries) >= self._covered:
+            if moves == self._moves and len(entries) >= self._covered:
                 self._keywords, self._covered = index, len(entries)
 
     def _refresh(self) -> None:
@@ -250,18 +334,27 @@ class Memory:
         for i, entry in enumerate(self.entries):
             self._sessions.setdefault(entry.session, []).append(i)
         self._people = [frozenset(e.speakers) for e in self.entries]
+        # who may find an entry: 0 every search (the prepared ones), k the searches of the k-th scope
+        self._scope_codes: dict[str | None, int] = {}
+        self._owners = np.zeros(len(self.entries), dtype=np.int64)
+        for session, scope in self._scopes.items():
+            code = self._scope_codes.setdefault(scope, len(self._scope_codes) + 1)
+            self._owners[self._sessions.get(session, [])] = code
 
     # --- search -------------------------------------------------------------------------------------
 
     def search(self, query: str, before: int | None = None, splits: Collection[str] | None = None,
-               people: Collection[str] = (), exclude: Collection[str] = (), top: int = TOP) -> list[MemoryEntry]:
+               people: Collection[str] = (), exclude: Collection[str] = (), top: int = TOP,
+               scope: str | None = None) -> list[MemoryEntry]:
         """The `top` entries that best answer `query`, best first, among those of `splits` (None: any) that ended
-        before `before` (None: any time) and whose session is not in `exclude`."""
-        return self.search_many([query], [before], splits, [people], exclude, top)[0]
+        before `before` (None: any time), whose session is not in `exclude`, and, of the remembered conversations,
+        those of `scope`."""
+        return self.search_many([query], [before], splits, [people], exclude, top, scope=scope)[0]
 
     def search_many(self, queries: Sequence[str], before: Sequence[int | None], splits: Collection[str] | None,
                     people: Sequence[Collection[str]], exclude: Collection[str] = (), top: int = TOP,
-                    progress: Callable[[int], None] | None = None) -> list[list[MemoryEntry]]:
+                    progress: Callable[[int], None] | None = None, scope: str | None = None
+                    ) -> list[list[MemoryEntry]]:
         """`search` for many queries at once (training: every session's), the vectors compared a block at a time."""
         import numpy as np
 
@@ -269,11 +362,13 @@ class Memory:
             entries, vectors, ends, keyword_index, covered = (self.entries, self.vectors, self._ends,
                                                               self._keywords, self._covered)
             entry_splits, sessions, entry_people = self._splits, self._sessions, self._people
-        allowed = np.ones(len(entries), dtype=bool)
+            owners, code = self._owners, self._scope_codes.get(scope_key(scope), -1)
+        allowed = (owners == 0) | (owners == code)
         if splits is not None:
-            allowed = np.zeros(len(entries), dtype=bool)
+            of_splits = np.zeros(len(entries), dtype=bool)
             for split in splits:
-                allowed |= entry_splits.get(split, False)
+                of_splits |= entry_splits.get(split, False)
+            allowed &= of_splits
         for session in exclude:
             allowed[sessions.get(session, [])] = False
         out: list[list[MemoryEntry]] = []

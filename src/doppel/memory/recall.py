@@ -10,13 +10,12 @@ byte, as the model saw in training.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from doppel.memory.index import TOP, Memory, entries_of
+from doppel.memory.index import TOP, Memory
 from doppel.memory.text import keywords
-from doppel.records import ChatRef, MemoryEntry, Session, Turn
+from doppel.records import MemoryEntry, Session, Turn
 from doppel.render import fit_memory
 
 QUERY_TURNS = 2  # chat: the newest turns that make the query
@@ -46,13 +45,17 @@ def for_sessions(memory: Memory, sessions: Sequence[Session], tokenizer: Any, bu
 
 
 class Recall:
-    """A conversation's memory: the block before each reply, and (`remember`) the conversation kept afterwards."""
+    """A conversation's memory: the block before each reply, and (`remember`) the conversation kept afterwards.
+
+    `scope` is who is talking (the API's `user`): the conversations remembered in one scope are recalled in that
+    scope only; None is `doppel chat`'s and that of API requests without a `user`.
+    """
 
     def __init__(self, memory: Memory, budget: int, remember: bool = False, conversation: str | None = None,
-                 before: int | None = None) -> None:
+                 before: int | None = None, scope: str | None = None) -> None:
         self.memory, self.budget, self.remember, self.before = memory, budget, remember, before  # before: eval
         self.conversation = conversation or self.new_conversation()
-        self.started = int(time.time())
+        self.scope = scope
 
     @staticmethod
     def new_conversation(seed: str | None = None) -> str:
@@ -63,7 +66,7 @@ class Recall:
         return f"remembered:{key}"
 
     def reset(self) -> None:
-        self.conversation, self.started = self.new_conversation(), int(time.time())
+        self.conversation = self.new_conversation()
 
     def block(self, tokenizer: Any, history: Sequence[Turn], people: Collection[str],
               budget: int | None = None) -> tuple[list[int], list[MemoryEntry]]:
@@ -72,16 +75,14 @@ class Recall:
         if not history or budget <= 0:
             return [], []
         ranked = self.memory.search(chat_query(history), before=self.before, people=people,
-                                    exclude={self.conversation}, top=TOP)
+                                    exclude={self.conversation}, top=TOP, scope=self.scope)
         return fit_memory(tokenizer, ranked, budget)
 
     def keep(self, history: Sequence[Turn]) -> None:
-        """Remember the conversation so far (replacing what was remembered of it before)."""
+        """Remember the conversation so far: the turns not yet remembered are added (memory/remembered.py)."""
         if not self.remember or not history:
             return
-        session = Session(self.conversation, ChatRef(0, "doppel chat", "doppel"), self.started, int(time.time()),
-                          tuple(history))
-        self.memory.remember(entries_of(session, "remembered"))
+        self.memory.remember(self.conversation, history, self.scope)
 
 
 def recall_turns(memory: Memory, sessions: Sequence[Session], rare_share: float = RARE_SHARE) -> dict[str, set[int]]:

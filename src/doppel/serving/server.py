@@ -4,7 +4,8 @@
 server's `--as`); `assistant` messages are the persona's earlier replies. A reply's content is the
 persona's messages joined by newlines. One model is in memory and requests take turns on it. With a memory, each
 reply opens with what it recalls, and the response says what in an extension field, `doppel.memory` (in a stream,
-on the first chunk); clients that do not know it ignore it.
+on the first chunk); clients that do not know it ignore it. With `--remember`, a request's `user` (OpenAI's id of the
+end user) is the scope of the conversation remembered: it is recalled only for requests of the same `user`.
 
 No request can hold the model for good: a failed generation becomes an error in OpenAI's shape and frees
 the model, a client that leaves stops its generation (waiting or running), and the body size, the number of
@@ -71,6 +72,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    user: str | None = None  # the end user: whose remembered conversations a request may recall
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -180,8 +182,9 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             recall = None
             if memory is not None:  # a conversation that goes on opens with the same turn: the same remembered id
                 opening = earlier[0] if earlier else last
+                seed = [request.model, opening.speaker, opening.messages] + ([request.user] if request.user else [])
                 recall = Recall(memory.memory, memory.budget, memory.remember, Recall.new_conversation(
-                    json.dumps([request.model, opening.speaker, opening.messages], ensure_ascii=False)))
+                    json.dumps(seed, ensure_ascii=False)), scope=request.user or None)
             chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
                                 max_prompt=cfg.max_prompt_tokens, memory=recall)
             chat.history = earlier

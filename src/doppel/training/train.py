@@ -132,6 +132,7 @@ def _dataset(path: Path) -> Dataset:
     dataset = Dataset.open(path)
     if not dataset.stats.train_sessions:
         raise TrainError(f"{path} has no training sessions; check doppel inspect {path}")
+    dataset.check()  # a damaged line is refused now, not after the model is loaded
     return dataset
 
 
