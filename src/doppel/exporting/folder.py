@@ -17,17 +17,17 @@ import json
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from doppel import workfolder
 from doppel.errors import ConfigError
 
 MARKER, FORMAT = ".doppel-export", "doppel-export/1"
 MANIFEST, README = "export.json", "README.md"
 MANIFEST_KEYS = {"source", "files", "modelfiles", "pairs", "context"}
-WORK, WORK_MARK = re.compile(r"\.doppel-export-([0-9]+)"), ".doppel-work"
+WORK = re.compile(r"\.doppel-export-([0-9]+)")
 WORK_FILE = re.compile(r".+\.gguf|.+\.Modelfile|README\.md|export\.json|\.doppel-export|\.doppel-work")
 
 
@@ -36,7 +36,7 @@ def work_folder(out: Path) -> Path:
     work = out / f".doppel-export-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)  # an export of this process id that was killed
     work.mkdir()
-    (work / WORK_MARK).write_text(f"doppel-export {socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    workfolder.mark(work, "export")
     return work
 
 
@@ -67,7 +67,7 @@ def check(out: Path, names: Iterable[str]) -> None:
 def install(work: Path, out: Path) -> None:
     """Move the files of `work` into `out` (checked again: converting took a while), then the marker listing them
     with the files of an earlier export still there; written last, so that it never lists a file not doppel's."""
-    (work / WORK_MARK).unlink(missing_ok=True)
+    (work / workfolder.MARK).unlink(missing_ok=True)
     names = sorted(p.name for p in work.iterdir())
     check(out, [*names, MARKER])
     files = sorted(((written(out) - {MARKER}) & {p.name for p in out.iterdir()}) | set(names))
@@ -82,33 +82,19 @@ def remove_stale(out: Path) -> list[Path]:
     removed = []
     for folder in sorted(out.glob(".doppel-export-*")):
         match = WORK.fullmatch(folder.name)
-        if match and int(match[1]) != os.getpid() and not _alive(int(match[1])) and _ours(folder, int(match[1])):
+        if match and (workfolder.left_by_dead_process(folder, "export", int(match[1]))
+                      or _unmarked_and_dead(folder, int(match[1]))):
             shutil.rmtree(folder)
             removed.append(folder)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _unmarked_and_dead(folder: Path, pid: int) -> bool:
+    """A work folder of an earlier version (no mark) whose process is gone, holding the model folder `hf` and the
+    export's files, nothing else."""
+    if folder.is_symlink() or not folder.is_dir() or (folder / workfolder.MARK).exists() or pid == os.getpid() \
+            or workfolder.alive(pid):
         return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process; a number no process can have is kept too
-    return True
-
-
-def _ours(folder: Path, pid: int) -> bool:
-    """A work folder of this machine's process `pid`: marked so, or unmarked (an earlier version's) and holding the
-    model folder `hf` and the export's files, nothing else."""
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    mark = folder / WORK_MARK
-    if mark.is_file() and not mark.is_symlink():
-        try:
-            return mark.read_text(encoding="utf-8") == f"doppel-export {socket.gethostname()} {pid}\n"
-        except (OSError, UnicodeDecodeError):
-            return False
     return all((p.name == "hf" and p.is_dir() and not p.is_symlink()) or (WORK_FILE.fullmatch(p.name) and p.is_file())
                for p in folder.iterdir())
 
