@@ -30,9 +30,11 @@ def knob(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    format: Literal["auto", "telegram", "whatsapp", "discord", "meta", "jsonl"] = knob(
-        "auto", "the export's format (auto: told by the file: .txt or .zip WhatsApp, .jsonl JSONL, message_N.json "
-        "Messenger/Instagram, DiscordChatExporter's JSON, else Telegram)")
+    format: Literal["auto", "telegram", "whatsapp", "discord", "meta", "jsonl", "signal", "line",
+                    "wechat", "imessage"] = knob(
+        "auto", "the export's format (auto: told by the file: .txt or .zip WhatsApp or LINE, .jsonl JSONL, "
+        "message_N.json Messenger/Instagram, DiscordChatExporter's JSON, signal-export's chat.md, data.json or folder, "
+        ".csv WeChat, chat.db iMessage, else Telegram)")
     session_gap: float = knob(10.0, "minutes of silence that start a new session")
     include_groups: bool = knob(False, "also use group chats (off by default)")
     chat: tuple[str, ...] = knob((), "use only these chats (name or id; repeatable)")

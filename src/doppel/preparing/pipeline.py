@@ -1,8 +1,10 @@
 """`prepare`: export → dataset directory (sessions.train.jsonl, sessions.eval.jsonl, stats.json).
 
 Readers: Telegram Desktop's JSON (readers/telegram.py), WhatsApp's chat export (whatsapp.py), DiscordChatExporter's
-JSON (discord.py), Messenger and Instagram from Meta's download (meta.py) and plain JSONL (jsonl.py) all give the
-same `Chat` and `Message` records; everything after them is one path.
+JSON (discord.py), Messenger and Instagram from Meta's download (meta.py), signal-export's Markdown or JSON of
+Signal Desktop (signal.py), LINE's chat history (line.py), the WeChat CSV of PyWxDump and MemoTrace (wechat.py),
+the Messages chat.db of a Mac (imessage.py) and plain JSONL (jsonl.py) all give the same `Chat` and `Message`
+records; everything after them is one path.
 
 The dataset is built in a temporary sibling directory and swapped into place only when complete,
 so a failed run never leaves a half-written dataset and never damages an existing one. An existing
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from doppel import config
+from doppel import config, workfolder
 from doppel.config import PrepareConfig
 from doppel.dataset import (
     CONFIG_FILE,
@@ -41,7 +42,7 @@ from doppel.dataset import (
 from doppel.errors import ConfigError, ExportError
 from doppel.preparing import privacy, sessions
 from doppel.preparing.sessions import Census
-from doppel.readers import discord, jsonl, meta, whatsapp
+from doppel.readers import discord, imessage, jsonl, line, meta, signal, wechat, whatsapp
 from doppel.readers.telegram import Chat, Header, Message, UnusualLayout, export_file, iter_export, read_header
 from doppel.records import Session
 
@@ -75,7 +76,7 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
         stats.write(work)
         config.dump(cfg, work / CONFIG_FILE)
         (work / MARKER_FILE).write_text(MARKER, encoding="utf-8")
-        (work / WORK_MARKER).unlink()
+        (work / workfolder.MARK).unlink()
         _swap(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -83,41 +84,19 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
     return stats
 
 
-WORK_MARKER = ".doppel-work"  # "doppel-prepare HOST PID": the work folder of the process PID on the machine HOST
-
-
 def work_folder(out: Path) -> Path:
     """A new hidden folder beside `out` to build the dataset in, marked with this process and machine, so that a later
-    run can tell one left by a run that was killed (SIGKILL, a power cut) and remove it (`remove_stale`)."""
+    run can tell one left by a run that was killed and remove it (`remove_stale`)."""
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
-    (work / WORK_MARKER).write_text(f"doppel-prepare {socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    workfolder.mark(work, "prepare")
     return work
 
 
 def remove_stale(out: Path) -> None:
-    """Remove the work folders for `out` of runs that were killed: those doppel marked on this machine whose process
-    is gone. A folder without the mark, or of another machine (a shared disk), is never touched."""
-    mark = f"doppel-prepare {socket.gethostname()} "
+    """Remove the work folders for `out` of runs that were killed (doppel/workfolder.py)."""
     for folder in out.parent.iterdir():
-        if not folder.name.startswith(f".{out.name}.") or folder.is_symlink() or not folder.is_dir():
-            continue
-        try:
-            text = (folder / WORK_MARKER).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        pid = text.removeprefix(mark).removesuffix("\n")
-        if text.startswith(mark) and pid.isdigit() and not _alive(int(pid)):
+        if folder.name.startswith(f".{out.name}.") and workfolder.left_by_dead_process(folder, "prepare"):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process; a number too large: kept, to be safe
-        return True
-    return True
 
 
 @dataclass
@@ -238,17 +217,30 @@ def _swap(work: Path, out: Path) -> None:
 
 
 def detect(export: Path, chosen: str = "auto") -> str:
-    """The export's format: the one chosen, or told by the file's name (and a JSON file's first key)."""
+    """The export's format: the one chosen, or told by the file's name and suffix, a folder's files, a JSON file's
+    first key or line, and a text file's first 64 KiB (LINE, Signal or WhatsApp: `_by_text`)."""
     if chosen != "auto":
         return chosen
     suffix = export.suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
+    if suffix == ".csv":
+        return "wechat"
+    if suffix == ".db" or (export.is_dir() and (export / "chat.db").is_file()):
+        return "imessage"
+    if suffix in (".txt", ".md") and export.is_file():
+        return _by_text(export, suffix)
     if suffix in (".txt", ".zip"):
         return "whatsapp"
     if export.is_dir() and not (export / "result.json").exists() and meta.is_meta(export):
         return "meta"
+    if export.is_dir() and not (export / "result.json").exists() and signal.is_export(export):
+        return "signal"
+    if export.is_dir() and not (export / "result.json").exists() and wechat.is_export(export):
+        return "wechat"
     if export.is_file() and suffix == ".json":
+        if signal.is_json(export):
+            return "signal"
         if meta.is_meta(export):
             return "meta"
         if discord.first_key(export) == "guild":
@@ -256,8 +248,25 @@ def detect(export: Path, chosen: str = "auto") -> str:
     return "telegram"
 
 
+def _by_text(export: Path, suffix: str) -> str:
+    """A text file's format, told by its first 64 KiB: LINE's chat history (its title, or TABs after the times),
+    Signal's Markdown (whose dates WhatsApp's year-first layouts would also read), else WhatsApp's chat (a `.md`
+    file: Signal's, whatever it holds)."""
+    try:
+        with export.open("rb") as handle:
+            sample = handle.read(1 << 16).decode("utf-8", "ignore").removeprefix("\ufeff")
+    except OSError:  # unreadable: the reader says so
+        sample = ""
+    if suffix == ".txt" and line.is_history(sample):
+        return "line"
+    if signal.is_markdown(sample) or suffix == ".md":
+        return "signal"
+    return "whatsapp"
+
+
 READERS: dict[str, Callable[..., tuple[Header, Iterator[Chat | Message]]]] = {
-    "whatsapp": whatsapp.read, "discord": discord.read, "meta": meta.read, "jsonl": jsonl.read}
+    "whatsapp": whatsapp.read, "discord": discord.read, "meta": meta.read, "jsonl": jsonl.read,
+    "signal": signal.read, "line": line.read, "wechat": wechat.read, "imessage": imessage.read}
 
 
 def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
