@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from doppel.bot.intake import REFUSAL
 from doppel.cli import main
@@ -37,6 +38,9 @@ DRAFT = "Max Orlov:\nyo\ngym later?\n\nSuggested reply:\nго))\nв 7 🙂"
 BUTTONS = {"inline_keyboard": [[{"text": label, "callback_data": f"{label.lower()}:1"}
                                 for label in ("Send", "Edit", "Skip")]]}
 CONNECTED = "(connected to your Business account: the replies I suggest will come here)"
+MAX_SESSIONS = ["201:21"]  # what a prompt of Max's recalls of the memorised run's sessions with him
+ERROR_PAGE = ("Internal Server Error (500). Parsing the server response b'<html><body>" + "Internal error. " * 8
+              + "…")  # cut at 200 characters
 JSON_PARAMS = {"reply_markup", "allowed_updates"}
 INT_PARAMS = {"chat_id", "offset", "timeout", "message_id"}
 
@@ -105,7 +109,7 @@ class FakeBotAPI:
         if token in self.bad_tokens:
             return JSONResponse({"ok": False, "error_code": 401, "description": "Unauthorized"}, 401)
         with self.lock:
-            special = self.script[method].pop(0) if self.script.get(method) else None  # None: answered as usual
+            special = self._scripted(method, params)
         if special == "hang":
             self.calls.append(Call(method, params, "hung", time.monotonic()))
             while not self.released.is_set():
@@ -113,11 +117,23 @@ class FakeBotAPI:
             return JSONResponse({"ok": False, "error_code": 500, "description": "gone"}, 500)
         if special is not None:
             self.calls.append(Call(method, params, str(special["error_code"]), time.monotonic()))
+            if "raw" in special:  # a body that is not JSON (a proxy's error page)
+                return Response(special["raw"], special["error_code"], media_type="text/html")
             return JSONResponse(special, special["error_code"])
         result = await getattr(self, method)(params)
         if method != "getUpdates":
             self.calls.append(Call(method, params, "ok", time.monotonic(), result))
         return JSONResponse({"ok": True, "result": result})
+
+    def _scripted(self, method: str, params: dict[str, Any]) -> Any:
+        """The script's next answer to this call (None: answered as usual): its first entry that is for any chat, or
+        for this call's chat (`only_chat`, left out of the answer)."""
+        queue = self.script.get(method) or []
+        for i, answer in enumerate(queue):
+            if not isinstance(answer, dict) or answer.get("only_chat") in (None, params.get("chat_id")):
+                del queue[i]
+                return {k: v for k, v in answer.items() if k != "only_chat"} if isinstance(answer, dict) else answer
+        return None
 
     async def getMe(self, params: dict[str, Any]) -> dict[str, Any]:
         return BOT
@@ -377,7 +393,7 @@ def test_business_drafts_reach_the_contact_only_when_the_owner_taps_send(api, ru
     until(lambda: len(api.sent(100)) == 4)
     assert api.sent(100)[3] == "Write the reply to Max Orlov, one message per line:"
     api.push(text(OWNER, "ok\nsee you at 7"))
-    until(lambda: len(api.sent(201)) == 4 and len(api.ok("editMessageText")) == 2)
+    until(lambda: len(api.sent(201)) == 4 and len(api.ok("editMessageText")) == 2 and len(api.sent(100)) == 5)
     assert api.sent(201)[2:] == ["ok", "see you at 7"]
     assert api.sent(100)[4] == "(sent to Max Orlov)"
     assert api.ok("editMessageText")[1].params["text"].endswith("\n\n✓ sent as you wrote it")
@@ -499,3 +515,177 @@ def test_ctrl_c_and_sigterm_stop_the_process_cleanly(api, run, stop):
     assert proc.returncode == 0, err
     assert err.splitlines() == ["doppel: @twin_bot: Me Owner answers you and 201 (memory: 3 entries); Ctrl-C stops",
                                 "doppel: stopped"]
+
+
+IMPOSTOR = {"id": 301, "is_bot": False, "first_name": "Max", "last_name": "Orlov"}  # Max's name, not his account
+
+
+@pytest.fixture
+def recalled(monkeypatch):
+    """What each prompt of the bot's conversations recalled, in order: (the writer's speaker, the sessions)."""
+    from doppel.bot import telegram
+    from doppel.serving.chat import Conversation
+
+    seen: list[tuple[str, list[str]]] = []
+
+    class Recording(Conversation):
+        def prompt_ids(self) -> list[int]:
+            ids = super().prompt_ids()
+            seen.append((self.user, [e.session for e in self.recalled]))
+            return ids
+
+    monkeypatch.setattr(telegram, "Conversation", Recording)
+    return seen
+
+
+def test_a_name_does_not_open_someone_elses_memory(api, run, loaded, recalled):
+    """A user named like a contact plays that contact, but recalls nothing of theirs: in anyone's chat but the
+    owner's, the memory holds only conversations among the Telegram ids of that chat, as the export has them."""
+    api.push(text(IMPOSTOR, "yo"), text(IMPOSTOR, "gym later?"))
+    bot = Running(run, config(api, allow=("201", "301")), loaded)
+    until(lambda: recalled and not state(run)["chats"]["301"]["outbox"])
+    api.push(text(MAX, "yo"), text(MAX, "gym later?"))
+    until(lambda: len(api.sent(201)) == 2)
+    bot.stop()
+    assert recalled == [("Max Orlov", []), ("Max Orlov", MAX_SESSIONS)]
+    assert api.sent(201) == REPLY and state(run)["chats"]["301"]["user"] == "Max Orlov"
+
+
+def test_as_chooses_whom_the_writer_plays_not_whose_memory_they_read(api, run, loaded, recalled):
+    api.push(text(ANN, "/as Max Orlov"), text(ANN, "yo"), text(ANN, "gym later?"))
+    bot = Running(run, config(api, allow=("202",)), loaded)
+    until(lambda: recalled and not state(run)["chats"]["202"]["outbox"])
+    api.push(text(OWNER, "yo"))  # the owner's own chat recalls from every conversation
+    until(lambda: len(recalled) == 2 and not state(run)["chats"]["100"]["outbox"])
+    bot.stop()
+    assert api.sent(202)[0] == "(you are Max Orlov now)"
+    assert recalled == [("Max Orlov", []), ("Max Orlov", MAX_SESSIONS)]
+
+
+def test_a_huge_flood_wait_is_cut_short_and_other_chats_go_on(api, run, loaded, monkeypatch, caplog):
+    from doppel.bot import api as bot_api
+
+    monkeypatch.setattr(bot_api, "MAX_FLOOD_WAIT", 2.0)  # an hour in `doppel bot`
+
+    def flood(seconds: int) -> dict[str, Any]:
+        return {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {seconds}",
+                "parameters": {"retry_after": seconds}, "only_chat": 201}
+
+    api.script = {"sendMessage": [flood(10**16), flood(10**9)]}  # a timedelta overflows, and a wait of 31 years
+    api.push(text(MAX, "yo"), text(MAX, "gym later?"), text(ANN, "yo"), text(ANN, "gym later?"))
+    bot = Running(run, config(api, allow=("201", "202")), loaded)
+    until(lambda: len(api.sent(201)) == 2)
+    bot.stop()
+    sends = [c for c in api.calls if c.method == "sendMessage" and c.params["chat_id"] == 201]
+    assert [(c.outcome, c.params["text"]) for c in sends] == [("429", "го))"), ("429", "го))"), ("ok", "го))"),
+                                                              ("ok", "в 7 🙂")]
+    assert 2 <= sends[1].at - sends[0].at < 4 and 2 <= sends[2].at - sends[1].at < 4
+    ann = [c for c in api.ok("sendMessage") if c.params["chat_id"] == 202]
+    assert api.sent(202) == REPLY and ann[-1].at < sends[2].at  # served while Max's chat waited
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("doppel")] == [
+        "the Bot API asks to wait 10000000000000000 s; waiting 2 s (the most doppel waits), then trying again",
+        "the Bot API asks to wait 1000000000 s; waiting 2 s (the most doppel waits), then trying again"]
+
+
+def test_a_crash_repeats_at_most_one_message_however_many_chats_are_active(api, run, loaded):
+    """The outbox calls go to Telegram one at a time: a crash leaves at most one whose answer is unknown."""
+    strangers = [{"id": 1000 + i, "is_bot": False, "first_name": f"Stranger {i}"} for i in range(30)]
+    api.script = {"sendMessage": [None] * 10 + ["hang"] * 30}  # ten refusals go, then Telegram answers no more
+    api.push(*(text(s, "hi") for s in strangers))
+    proc = start_bot(api, run, "--allow", "201")
+    try:
+        until(lambda: any(c.outcome == "hung" for c in api.calls) or proc.poll() is not None, timeout=120)
+        time.sleep(1)  # the other chats' refusals would be on their way by now
+    finally:
+        proc.kill()
+    assert proc.wait() == -signal.SIGKILL, proc.communicate()[1]
+    hung = [c.params["chat_id"] for c in api.calls if c.outcome == "hung"]
+    assert (len(api.ok("sendMessage")), len(hung)) == (10, 1)
+    api.script = {}
+    bot = Running(run, config(api, allow=("201",)), loaded)
+    until(lambda: len(api.ok("sendMessage")) == 30)
+    bot.stop()
+    tries = Counter(c.params["chat_id"] for c in api.calls if c.method == "sendMessage")
+    assert sorted(tries.values()) == [1] * 29 + [2] and tries[hung[0]] == 2  # the one unanswered, again
+    assert [api.sent(s["id"]) for s in strangers] == [[REFUSAL]] * 30 and state(run)["refused"] == \
+        [s["id"] for s in strangers]
+
+
+def test_an_error_page_from_the_bot_api_is_one_warning_and_retried(api, run):
+    page = {"error_code": 500, "raw": "<html><body>" + "Internal error. " * 40 + "</body></html>"}
+    api.script = {"sendMessage": [page, page]}
+    api.push(text(MAX, "yo"), text(MAX, "gym later?"))
+    proc = start_bot(api, run, "--allow", "201")
+    try:
+        until(lambda: len(api.sent(201)) == 2 or proc.poll() is not None, timeout=120)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert api.sent(201) == REPLY
+    sends = [c for c in api.calls if c.method == "sendMessage"]
+    assert [c.outcome for c in sends] == ["500", "500", "ok", "ok"]
+    assert sends[1].at - sends[0].at >= 1 and sends[2].at - sends[1].at >= 2  # a growing delay
+    assert err.splitlines() == [
+        "doppel: @twin_bot: Me Owner answers you and 201 (memory: 3 entries); Ctrl-C stops",
+        f"doppel: warning: cannot reach the Bot API ({ERROR_PAGE}); trying again",
+        "doppel: warning: the Bot API answers again",
+        "doppel: stopped"]
+
+
+def test_a_message_too_long_to_draft_is_told_to_the_owner(api, run, loaded):
+    words = "yo " * 33_333 + "!"
+    api.push({"business_connection": CONNECTION}, business(MAX, MAX, words))
+    bot = Running(run, config(api, business=True), loaded)
+    until(lambda: len(api.sent(100)) == 2)
+    bot.stop()
+    assert api.sent(100) == [
+        CONNECTED, "(a message from Max Orlov was too long to draft (100,000 characters); answer it yourself)"]
+    assert api.sent(201) == [] and state(run)["chats"]["bc1:201"]["inbox"] == []
+
+
+GOOD_STATE = {"offset": 3, "refused": [], "chats": {}, "drafts": {}, "next_draft": 1, "editing": None,
+              "connections": {}}
+CHAT = {"chat_id": 201, "business": None, "persona": "Me Owner", "user": "Max Orlov", "contact": {"id": 201},
+        "owner_at": 0.0, "history": [], "inbox": [], "outbox": []}
+
+
+@pytest.mark.parametrize("damaged, why", [
+    (b'{"offset": 3, "chats": {', "Input data was truncated"),
+    (json.dumps({**GOOD_STATE, "chats": []}).encode(), "Expected `object`, got `array` - at `$.chats`"),
+    (json.dumps({**GOOD_STATE, "offset": "3"}).encode(), "Expected `int`, got `str` - at `$.offset`"),
+    (json.dumps([GOOD_STATE]).encode(), "Expected `object`, got `array`"),
+    (json.dumps({**GOOD_STATE, "chats": {"201": {**CHAT, "inbox": [{"text": 5, "owner": False}]}}}).encode(),
+     "Expected `str`, got `int` - at `$.chats[...].inbox[0].text`"),
+    (json.dumps({**GOOD_STATE, "chats": {"201": {**CHAT, "history": [["Max Orlov"]]}}}).encode(),
+     "Expected `array` of length 2 - at `$.chats[...].history[0]`"),
+    (json.dumps({**GOOD_STATE, "chats": {"201": {**CHAT, "outbox": [{"op": "sned"}]}}}).encode(),
+     "Invalid enum value 'sned' - at `$.chats[...].outbox[0].op`"),
+    (json.dumps({**GOOD_STATE, "drafts": {"1": {"chat": "bc1:201", "control": "100", "name": "Max Orlov",
+                                                "messages": [], "text": "", "status": "open", "message_id": None}}}
+                ).encode(), "draft 1 names chat 'bc1:201', which is not in the file"),
+    (json.dumps({k: v for k, v in GOOD_STATE.items() if k != "next_draft"}).encode(),
+     "Object missing required field `next_draft`"),
+])
+def test_a_damaged_state_file_is_one_line_and_left_as_it_is(api, run, damaged, why):
+    path = run / "bot" / "bot4242.json"
+    path.parent.mkdir()
+    path.write_bytes(damaged)
+    done = subprocess.run([sys.executable, "-m", "doppel", "bot", str(run), "--base-url", api.url, "--allow", "201"],
+                          env={**os.environ, "DOPPEL_BOT_TOKEN": TOKEN}, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (
+        2, f"doppel: error: {path} is damaged ({why}); move it away to start over (replies not yet sent are lost "
+           "then)\n")
+    assert path.read_bytes() == damaged
+
+
+def test_a_refused_getupdates_stops_the_bot_with_one_line(api, run):
+    """Asking again would be refused again, as fast as Telegram answers: the bot stops instead."""
+    api.script = {"getUpdates": [{"ok": False, "error_code": 400, "description": "Bad Request: wrong offset"}] * 3}
+    done = subprocess.run([sys.executable, "-m", "doppel", "bot", str(run), "--base-url", api.url, "--allow", "201"],
+                          env={**os.environ, "DOPPEL_BOT_TOKEN": TOKEN}, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        "doppel: @twin_bot: Me Owner answers you and 201 (memory: 3 entries); Ctrl-C stops",
+        "doppel: warning: Telegram refused get_updates: Wrong offset",  # PTB capitalises it
+        "doppel: error: the Bot API refuses getUpdates (the warning above says why)"])
+    assert api.offsets == []  # the refused calls are not counted; none was asked again

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from telegram import BusinessConnection, Message, Update
 
 from doppel.bot.api import Api
 from doppel.bot.people import People
-from doppel.bot.state import Chat, State
+from doppel.bot.state import Chat, Connection, Draft, Op, State
 from doppel.config import BotConfig
-from doppel.errors import ChatError
+from doppel.errors import ChatError, ContextTooLong
 from doppel.serving.chat import check_name, pick_people
 
 SHOWN = 2000  # characters of the contact's messages a draft shows, at most
@@ -131,7 +130,7 @@ class Intake:
                 note = note[:-1] + "; allow me to reply to messages in Telegram Business → Chatbots)"
             self._say(key, self._chat(key, connection.user_chat_id), note)
 
-    async def _connection(self, connection_id: str) -> dict[str, Any] | None:
+    async def _connection(self, connection_id: str) -> Connection | None:
         """The owner's business connection of this id, asked of the Bot API when it is new; None for another's."""
         if connection_id not in self.state.connections:
             found = await self.api.call(self.api.bot.get_business_connection, connection_id)
@@ -217,7 +216,7 @@ class Intake:
         control = self.state.chats[draft["control"]]
         self._do(draft["control"], control, self._edit(draft, note))
 
-    def _edit(self, draft: dict[str, Any], note: str) -> dict[str, Any]:
+    def _edit(self, draft: Draft, note: str) -> Op:
         return {"op": "edit", "chat_id": self.state.chats[draft["control"]].chat_id,
                 "message_id": draft["message_id"], "text": f"{draft['text']}\n\n{note}"}
 
@@ -227,7 +226,7 @@ class Intake:
         control_key = str(control_id)
         number = str(self.state.next_draft)
         self.state.next_draft += 1
-        name = chat.contact.get("name") or chat.user
+        name = chat.contact.get("name") or chat.user or ""
         words = "\n".join(said)
         words = words if len(words) <= SHOWN else "…" + words[-SHOWN:]  # a message holds 4096 characters
         text = f"{name}:\n{words}\n\nSuggested reply:\n" + "\n".join(reply)
@@ -240,12 +239,25 @@ class Intake:
             "op": "send", "chat_id": control_id, "text": text, "draft": number,
             "buttons": [["Send", f"send:{number}"], ["Edit", f"edit:{number}"], ["Skip", f"skip:{number}"]]})
 
+    def not_drafted(self, chat: Chat, said: list[str], exc: ChatError) -> None:
+        """Tell the owner that `said`, the contact's newest messages, got no suggested reply, and why."""
+        control_id = self.state.connections[chat.business or ""]["chat"]
+        name = chat.contact.get("name") or chat.user
+        if isinstance(exc, ContextTooLong):
+            one = len(said) == 1
+            note = (f"({'a message' if one else f'{len(said)} messages'} from {name} {'was' if one else 'were'} too "
+                    f"long to draft ({sum(len(m) for m in said):,} characters); answer {'it' if one else 'them'} "
+                    "yourself)")
+        else:
+            note = f"(no reply suggested to {name}: {exc})"
+        self._say(str(control_id), self._chat(str(control_id), control_id), note)
+
     def _chat(self, key: str, chat_id: int, business: str | None = None) -> Chat:
         return self.state.chats.setdefault(key, Chat(chat_id, business))
 
     def _say(self, key: str, chat: Chat, text: str) -> None:
         self._do(key, chat, {"op": "send", "chat_id": chat.chat_id, "text": text})
 
-    def _do(self, key: str, chat: Chat, op: dict[str, Any]) -> None:
+    def _do(self, key: str, chat: Chat, op: Op) -> None:
         chat.outbox.append(op)
         self.wake(key, False)

@@ -3,7 +3,10 @@ Telegram user is.
 
 The consent rule lives here: the people whose messages trained the model did not agree to be imitated, so doppel
 plays a contact only for the owner; everyone else, and every business chat, gets the owner's persona. And in a chat
-with anyone but the owner, the memory recalls only what was said among the people of that chat.
+with anyone but the owner, the memory recalls only conversations among the people of that chat, known by what no
+one can set for themselves: the Telegram id Telegram gives with each message, as the export holds it. A name, or
+`/as`, chooses whom a writer plays, never whose conversations they hear of; a writer whose id the export lacks
+gets no recall.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from doppel.config import BotConfig
 from doppel.errors import BotError
-from doppel.memory.index import TOP
+from doppel.memory.index import TOP, Memory
 from doppel.memory.recall import Recall, chat_query
 from doppel.records import MemoryEntry, Turn
 from doppel.render import fit_memory
@@ -56,6 +59,12 @@ class People:
         named = {s.lower(): s for s in others}.get(name.strip().lower())
         return named or pick_people(list(self.speakers), self.owner_name, persona)[1]
 
+    def recalled(self, user_id: int) -> frozenset[str] | None:
+        """Whose conversations a chat of the owner with Telegram user `user_id` may recall: the owner's and the
+        speaker's whom the export knows by that id; None (no recall) when it does not know the id."""
+        speaker = dict(self.telegram).get(user_id)
+        return None if speaker is None else frozenset({self.owner_name, speaker})
+
 
 def people_of(run: Run, cfg: BotConfig) -> People:
     """Who is who for `run` under `cfg`; `BotError` when a setting cannot be honoured."""
@@ -91,14 +100,20 @@ def _account(run: Run, cfg: BotConfig) -> tuple[int | None, str | None]:
 
 
 class OwnRecall(Recall):
-    """The memory of a chat with someone other than the owner: only past conversations among the people of this
-    one, so that the bot never tells one contact what another wrote."""
+    """The memory of a chat with someone other than the owner: only past conversations among `people`, the
+    speakers of the chat's Telegram ids (`People.recalled`), so that the bot never tells one contact what another
+    wrote."""
+
+    def __init__(self, memory: Memory, budget: int, people: Collection[str], conversation: str) -> None:
+        super().__init__(memory, budget, False, conversation)
+        self.people = frozenset(people)
 
     def block(self, tokenizer: Any, history: Sequence[Turn], people: Collection[str],
               budget: int | None = None) -> tuple[list[int], list[MemoryEntry]]:
+        """As `Recall.block`, among `self.people` whoever the conversation says talks (`people`: `/as` sets it)."""
         budget = self.budget if budget is None else budget
         if not history or budget <= 0:
             return [], []
-        ranked = self.memory.search(chat_query(history), people=people, exclude={self.conversation},
+        ranked = self.memory.search(chat_query(history), people=self.people, exclude={self.conversation},
                                     top=len(self.memory.entries))
-        return fit_memory(tokenizer, [e for e in ranked if set(e.speakers) <= set(people)][:TOP], budget)
+        return fit_memory(tokenizer, [e for e in ranked if set(e.speakers) <= self.people][:TOP], budget)

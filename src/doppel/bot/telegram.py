@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from telegram import Bot
 from telegram.error import InvalidToken, TelegramError
 
-from doppel.bot.api import Api, connect, markup
+from doppel.bot.api import Api, connect, markup, new_bot
 from doppel.bot.intake import Intake
 from doppel.bot.people import OwnRecall, People, people_of
-from doppel.bot.state import Chat, State
+from doppel.bot.state import Chat, Op, State
 from doppel.config import BotConfig, Sampling
 from doppel.errors import BotError, ChatError
 from doppel.memory.recall import Recall
@@ -62,7 +62,7 @@ async def serve(run: Run, token: str, cfg: BotConfig, sampling: Sampling, loaded
     os.environ.setdefault("PTB_TIMEDELTA", "1")  # PTB's next behaviour (RetryAfter in a timedelta), not its warning
     people = people_of(run, cfg)
     try:
-        bot = Bot(token, base_url=cfg.base_url)
+        bot = new_bot(token, cfg.base_url)
     except InvalidToken as exc:
         raise BotError(f"{exc}; copy the token from @BotFather") from None
     try:
@@ -123,6 +123,7 @@ class Twin:
             poller.result()
         finally:
             self.cancel.set()
+            self.api.stopping = True  # the call under way ends; no other begins
             tasks = [poller, *self.workers.values()]
             for task in tasks:
                 task.cancel()
@@ -136,7 +137,9 @@ class Twin:
         while True:
             updates = await self.api.call(self.bot.get_updates, offset=self.state.offset,
                                           timeout=self.cfg.poll_timeout, allowed_updates=list(UPDATES))
-            for update in updates or ():
+            if updates is None:  # asking again would be refused again, as fast as Telegram answers
+                raise BotError("the Bot API refuses getUpdates (the warning above says why)")
+            for update in updates:
                 if update.update_id < self.state.offset:
                     continue
                 await self.intake.file(update)
@@ -169,7 +172,7 @@ class Twin:
             if chat.outbox:
                 op = chat.outbox[0]
                 if op.get("paced"):
-                    await self._pause(key, chat, op["text"])
+                    await self._pause(key, chat, op.get("text") or "")
                 await self._finish(self._deliver(key, chat, op))
                 continue
             wait = self.cfg.gather - (loop.time() - self.arrived.get(key, -math.inf))
@@ -194,7 +197,7 @@ class Twin:
                 said = []
             else:
                 said.append(item["text"])
-        ops: list[dict[str, Any]] = []
+        ops: list[Op] = []
         if said:
             turns, ops = await self._reply(key, chat, turns, said)
         chat.keep(turns)
@@ -202,8 +205,7 @@ class Twin:
         chat.outbox.extend(ops)
         self.state.save()
 
-    async def _reply(self, key: str, chat: Chat, turns: list[Turn], said: list[str]
-                     ) -> tuple[list[Turn], list[dict[str, Any]]]:
+    async def _reply(self, key: str, chat: Chat, turns: list[Turn], said: list[str]) -> tuple[list[Turn], list[Op]]:
         """(history, calls to make): the persona's answer to `said`, as messages to send or as a draft."""
         if turns and turns[-1].speaker == chat.user:  # a turn left unanswered (a skipped draft): answered with these
             said = list(turns.pop().messages) + said
@@ -216,7 +218,7 @@ class Twin:
             reply = await (self._typing_during(chat, work) if auto or not business else work)
         except ChatError as exc:  # a turn too long for the context, a model that failed: the turn is dropped
             if business:
-                log.warning("no reply to %s: %s", chat.user, exc)
+                self.intake.not_drafted(chat, said, exc)
                 return turns, []
             return turns, [{"op": "send", "chat_id": chat.chat_id, "text": f"({exc}; not answered)"}]
         turns = list(conversation.history)
@@ -239,11 +241,13 @@ class Twin:
     def _conversation(self, key: str, chat: Chat, turns: list[Turn]) -> Conversation:
         conversation = self.conversations.get(key)
         if conversation is None:
-            memory = None
-            if self.recall is not None:
-                own = chat.business is None and chat.contact.get("owner")
-                memory = (Recall if own else OwnRecall)(self.recall.memory, self.recall.budget, False,
-                                                        f"telegram:{key}")
+            memory: Recall | None = None
+            if self.recall is not None and chat.business is None and chat.contact.get("owner"):
+                memory = Recall(self.recall.memory, self.recall.budget, False, f"telegram:{key}")
+            elif self.recall is not None:  # by the Telegram id Telegram gave, never by a name or by /as
+                people = self.people.recalled(chat.contact.get("id", 0))
+                if people is not None:
+                    memory = OwnRecall(self.recall.memory, self.recall.budget, people, f"telegram:{key}")
             conversation = self.conversations[key] = Conversation(
                 self.model, self.tokenizer, chat.persona or "", chat.user or "", self.sampling, self.cfg.max_context,
                 memory=memory)
@@ -275,25 +279,26 @@ class Twin:
         finally:
             ticker.cancel()
 
-    async def _deliver(self, key: str, chat: Chat, op: dict[str, Any]) -> None:
-        """Make the outbox's first call, until Telegram takes it (or refuses it: a warning), and strike it off."""
+    async def _deliver(self, key: str, chat: Chat, op: Op) -> None:
+        """Make the outbox's first call, until Telegram takes it (or refuses it: a warning), and strike it off. No
+        await between Telegram's answer and the save: `Api.deliver` lets the next call begin only after it."""
         if op["op"] == "send":
-            sent = await self.api.call(self.bot.send_message, op["chat_id"], op["text"], reply_markup=markup(op),
-                                       business_connection_id=op.get("business"))
+            sent = await self.api.deliver(self.bot.send_message, op["chat_id"], op["text"], reply_markup=markup(op),
+                                          business_connection_id=op.get("business"))
             self.spoke[key] = asyncio.get_running_loop().time()
-            if sent is not None and op.get("draft") in self.state.drafts:
+            if sent is not None and op.get("draft", "") in self.state.drafts:
                 self.state.drafts[op["draft"]]["message_id"] = sent.message_id
         elif op["op"] == "edit":
-            await self.api.call(self.bot.edit_message_text, op["text"], chat_id=op["chat_id"],
-                                message_id=op["message_id"])
+            await self.api.deliver(self.bot.edit_message_text, op["text"], chat_id=op["chat_id"],
+                                   message_id=op["message_id"])
         elif op["op"] == "answer":
-            await self.api.call(self.bot.answer_callback_query, op["id"], text=op.get("text"))
+            await self.api.deliver(self.bot.answer_callback_query, op["id"], text=op.get("text"))
         chat.outbox.pop(0)
         self.state.save()
 
     async def _finish(self, work: Coroutine[Any, Any, None]) -> None:
         """Await `work` to its end even when the bot stops meanwhile (`run` waits for it): a call that Telegram may
-        have taken is struck off, not made again after a restart."""
+        have taken is struck off, not made again after a restart (one not yet begun ends at once: `Api.stopping`)."""
         task = asyncio.ensure_future(work)
         self.finishing.add(task)
         task.add_done_callback(self.finishing.discard)
