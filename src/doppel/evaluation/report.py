@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from doppel.evaluation import judge, style
+from doppel.render import header_name, markdown_name
 
 
 def perplexity(loss: float) -> float:
@@ -179,14 +181,15 @@ def _memory(losses: dict[str, dict[str, tuple[float, int]]], name: str, turns: i
             "recall_loss_without": loss("without", f"{name}/recall")}
 
 
-def headline(result: dict[str, Any]) -> list[str]:
+def headline(result: dict[str, Any], name: Callable[[str], str] = header_name) -> list[str]:
     """The owner's held-out loss, the style distance and the judge's verdict, before → after; each says when the
-    difference is within noise (its 95% interval over held-out sessions holds 0)."""
+    difference is within noise (its 95% interval over held-out sessions holds 0). A name is written by `name`: one
+    line for the terminal, Markdown text in report.md."""
     owner = next((s for s in result["speakers"] if s["is_owner"]), None)
     noise = result.get("noise", {})
     lines = []
     if owner and owner["tuned"]["loss"] is not None and owner["base"]["loss"] is not None:
-        lines.append(f"{owner['name']} (you), held-out loss: base {owner['base']['loss']:.3f} → tuned "
+        lines.append(f"{name(owner['name'])} (you), held-out loss: base {owner['base']['loss']:.3f} → tuned "
                      f"{owner['tuned']['loss']:.3f} (perplexity {owner['base']['perplexity']:.1f} → "
                      f"{owner['tuned']['perplexity']:.1f}){_noise_note(noise.get('owner_loss'))}")
     base, tuned = result["overall"]["base"]["style_distance"], result["overall"]["tuned"]["style_distance"]
@@ -197,7 +200,7 @@ def headline(result: dict[str, Any]) -> list[str]:
     if judged and judged["base"] is not None and judged["tuned"] is not None:
         lines.append(f"sounds like them (authorship judge): base {judged['base']:.0%} → tuned {judged['tuned']:.0%} "
                      f"(real turns {judged['real']:.0%}){_noise_note(judged['difference_ci'])}")
-    lines += memory_lines(result)
+    lines += memory_lines(result, name)
     return lines
 
 
@@ -207,7 +210,7 @@ def _noise_note(difference: list[float] | None) -> str:
     return "; within noise" if judge.within_noise(difference) else ""
 
 
-def memory_lines(result: dict[str, Any]) -> list[str]:
+def memory_lines(result: dict[str, Any], name: Callable[[str], str] = header_name) -> list[str]:
     """Per speaker with recall turns: the tuned model's loss on them with memory against without, said plainly."""
     lines = []
     for s in result["speakers"]:
@@ -217,7 +220,7 @@ def memory_lines(result: dict[str, Any]) -> list[str]:
         with_, without = memory["recall_loss_with"], memory["recall_loss_without"]
         verdict = "memory helps" if with_ < without - 0.01 else "memory does not help" if with_ > without + 0.01 \
             else "no difference"
-        lines.append(f"{s['name']}: loss on {memory['recall_turns']} turns that recall an earlier session: "
+        lines.append(f"{name(s['name'])}: loss on {memory['recall_turns']} turns that recall an earlier session: "
                      f"{without:.3f} without memory → {with_:.3f} with ({verdict})")
     return lines
 
@@ -231,7 +234,7 @@ def write(folder: Path, result: dict[str, Any], metrics: list[dict[str, Any]]) -
 
 
 def markdown(result: dict[str, Any]) -> str:
-    out = [f"# doppel eval: {result['run']}", "", *headline(result), "",
+    out = [f"# doppel eval: {result['run']}", "", *headline(result, markdown_name), "",
            f"Held-out sessions of {result['dataset']} (at most {result['sessions']}); compared with: "
            f"{result['compare']}; seed {result['seed']}.", "",
            "Intervals are 95% bootstrap intervals over the held-out sessions (drawn with replacement); a difference "
@@ -240,20 +243,23 @@ def markdown(result: dict[str, Any]) -> str:
            "| speaker | target tokens | base loss | tuned loss | base perplexity | tuned perplexity |",
            "|---|---|---|---|---|---|"]
     for s in result["speakers"]:
-        out.append(f"| {s['name']} | {s['target_tokens']} | {_num(s['base']['loss'])} {_ci(s['base'].get('loss_ci'))} "
+        out.append(f"| {markdown_name(s['name'])} | {s['target_tokens']} | {_num(s['base']['loss'])} "
+                   f"{_ci(s['base'].get('loss_ci'))} "
                    f"| {_num(s['tuned']['loss'])} {_ci(s['tuned'].get('loss_ci'))} "
                    f"| {_num(s['base']['perplexity'])} | {_num(s['tuned']['perplexity'])} |")
     if result.get("judge"):
         out += ["", "## Sounds like them? The authorship judge", "",
                 "A classifier of character and word n-grams, trained on the training split's real turns of "
-                f"{', '.join(result['judge']['speakers'])}, says who wrote each turn. Ceiling: its accuracy on the "
+                f"{', '.join(map(markdown_name, result['judge']['speakers']))}, says who wrote each turn. Ceiling: its "
+                "accuracy on the "
                 "real held-out turns; base and tuned: the share of each model's generated turns it gives to the "
                 "intended speaker. It reads surface features and can be fooled by them; the loss stays the primary "
                 "measure.", "",
                 "| speaker | real turns (ceiling) | base | tuned |", "|---|---|---|---|"]
         for s in result["speakers"]:
             if s.get("judge_ceiling"):
-                out.append(f"| {s['name']} | {_judged_cell(s['judge_ceiling'])} | {_judged_cell(s['base']['judge'])} "
+                out.append(f"| {markdown_name(s['name'])} | {_judged_cell(s['judge_ceiling'])} "
+                           f"| {_judged_cell(s['base']['judge'])} "
                            f"| {_judged_cell(s['tuned']['judge'])} |")
         out += ["", "Who the tuned model's turns were attributed to (rows: the speaker it wrote as):", "",
                 *_confusion_table(result["confusion"].get("tuned", {}), result["judge"]["speakers"])]
@@ -261,7 +267,8 @@ def markdown(result: dict[str, Any]) -> str:
     for s in result["speakers"]:
         if not s["turns"]:
             continue
-        out += [f"### {s['name']} ({s['turns']} turns)", "", "| measure | real | base | tuned |", "|---|---|---|---|"]
+        out += [f"### {markdown_name(s['name'])} ({s['turns']} turns)", "", "| measure | real | base | tuned |",
+                "|---|---|---|---|"]
         for name in (*style.MEASURES, "vocabulary_overlap", "style_distance"):
             out.append(f"| {name} | {_num(s['real'].get(name, ''))} | {_num(s['base'][name])} "
                        f"| {_num(s['tuned'][name])} |")
@@ -278,10 +285,11 @@ def markdown(result: dict[str, Any]) -> str:
             for model in ("base", "tuned"):
                 m = s[model].get("memory")
                 if m:
-                    out.append(f"| {s['name']} | {model} | {_num(m['loss_without'])} | {_num(m['loss_with'])} | "
+                    out.append(f"| {markdown_name(s['name'])} | {model} | {_num(m['loss_without'])} "
+                               f"| {_num(m['loss_with'])} | "
                                f"{m['recall_turns']} | {_num(m['recall_loss_without'])} "
                                f"| {_num(m['recall_loss_with'])} |")
-        out += ["", *memory_lines(result), ""]
+        out += ["", *memory_lines(result, markdown_name), ""]
     out += ["Plots: loss.png, style.png, training.png, judge.png. Probe conversations: probes.md.", ""]
     return "\n".join(out)
 
@@ -290,19 +298,22 @@ def transcripts(result: dict[str, Any]) -> str:
     out = ["# Probe conversations", ""]
     for model in ("base", "tuned"):
         for probe in result["probes"][model]:
-            out += [f"## {model}: model as {probe['model_as']}, facing {probe['facing']} ({probe['language']})", ""]
+            out += [f"## {model}: model as {markdown_name(probe['model_as'])}, facing {markdown_name(probe['facing'])} "
+                    f"({probe['language']})", ""]
             for turn in probe["turns"]:
-                out += [f"**{turn['speaker']}**"] + ["> " + m.replace("\n", "\n> ") for m in turn["messages"]] + [""]
+                out += [f"**{markdown_name(turn['speaker'])}**",
+                        *("> " + m.replace("\n", "\n> ") for m in turn["messages"]), ""]
     if result.get("recall_probes"):
         out += ["# Recall: held-out turns that mention something told in an earlier session", ""]
         for probe in result["recall_probes"]:
-            out += [f"## {probe['speaker']}, session {probe['session']}", ""]
+            out += [f"## {markdown_name(probe['speaker'])}, session {probe['session']}", ""]
             for turn in probe["context"]:
-                out += [f"**{turn['speaker']}**"] + ["> " + m for m in turn["messages"]] + [""]
+                out += [f"**{markdown_name(turn['speaker'])}**"] + ["> " + m for m in turn["messages"]] + [""]
             out += ["Recalled (the memory block):", "", "```", probe["recalled"] or "(nothing)", "```", ""]
             for label, key in (("real", "real"), ("tuned, with memory", "with_memory"),
                                ("tuned, without memory", "without_memory")):
-                out += [f"**{probe['speaker']}** ({label})"] + ["> " + m for m in probe[key] or ["…"]] + [""]
+                out += [f"**{markdown_name(probe['speaker'])}** ({label})", *("> " + m for m in probe[key] or ["…"]),
+                        ""]
     return "\n".join(out)
 
 
@@ -318,10 +329,12 @@ def _judged_cell(judged: dict[str, Any] | None) -> str:
 
 
 def _confusion_table(matrix: dict[str, dict[str, int]], speakers: list[str]) -> list[str]:
-    rows = ["| wrote as \\ judged | " + " | ".join(speakers) + " |", "|---" * (len(speakers) + 1) + "|"]
+    rows = ["| wrote as \\ judged | " + " | ".join(map(markdown_name, speakers)) + " |",
+            "|---" * (len(speakers) + 1) + "|"]
     for who in speakers:
         if who in matrix:
-            rows.append(f"| {who} | " + " | ".join(str(matrix[who].get(other, 0)) for other in speakers) + " |")
+            rows.append(f"| {markdown_name(who)} | " + " | ".join(str(matrix[who].get(other, 0)) for other in speakers)
+                        + " |")
     return rows
 
 
