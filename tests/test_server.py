@@ -248,19 +248,28 @@ class Failing:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
 
 
-def test_a_failed_generation_is_a_500_and_frees_the_model(loaded):
+def test_a_failed_generation_is_a_500_and_frees_the_model(loaded, capfd):
     api = client(loaded)
     failing = Failing(loaded[0], times=2)
     try:
+        capfd.readouterr()
         response = api.post("/v1/chat/completions", json={"model": "Me Owner", "messages": ASK})
         assert response.status_code == 500
         assert response.json()["error"] == {
             "message": "generation failed: probability tensor contains either `inf`, `nan` or element < 0",
             "type": "server_error", "param": None, "code": None}
+        # the traceback goes to the server's stderr, never to the client: the model's own error, where it was raised
+        logged = capfd.readouterr().err.splitlines()
+        assert logged[:2] == ["doppel serve: a request failed:", "Traceback (most recent call last):"]
+        assert logged[-1] == "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0"
+        assert "Traceback" not in response.text
         with api.stream("POST", "/v1/chat/completions",
                         json={"model": "Me Owner", "messages": ASK, "stream": True}) as r:
             events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        logged = capfd.readouterr().err.splitlines()
+        assert (logged[0], logged[-1]) == ("doppel serve: a request failed:", "RuntimeError: probability tensor "
+                                           "contains either `inf`, `nan` or element < 0")
         assert [json.loads(e).get("choices", [{}])[0].get("finish_reason") for e in events[:-2]] == [None]
         body = api.post("/v1/chat/completions", json={"model": "Me Owner", "messages": ASK, "temperature": 0})
         assert body.json()["choices"][0]["message"]["content"] == REPLY  # the lock was released

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from doppel.config import LOOPBACK, Sampling, ServeConfig
-from doppel.errors import ChatError, ContextTooLong, DoppelError
+from doppel.errors import ChatError, ContextTooLong, DoppelError, GenerationFailed
 from doppel.memory.recall import Recall
 from doppel.records import MemoryEntry, Turn
 from doppel.render import header_name
@@ -96,6 +98,16 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def log_failure(exc: BaseException) -> None:
+    """A request the server could not answer: its traceback on the server's stderr (the model's own error, for a
+    failed generation), never to the client, which gets one line in OpenAI's shape."""
+    if isinstance(exc, ChatError) and not isinstance(exc, GenerationFailed):
+        return  # a setting the model cannot use: the line says it all
+    cause = exc.__cause__ if isinstance(exc, GenerationFailed) and exc.__cause__ else exc
+    print("doppel serve: a request failed:", file=sys.stderr)
+    traceback.print_exception(cause, file=sys.stderr)
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> JSONResponse:
     return JSONResponse(ApiError(status, message, param, code, kind).body(), status_code=status)
@@ -152,6 +164,7 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
 
     @app.exception_handler(Exception)
     async def failed(_: Request, exc: Exception) -> JSONResponse:
+        log_failure(exc)
         return _error(500, f"The server failed: {type(exc).__name__}", "server_error")
 
     app.add_middleware(Guard, cfg=cfg)
@@ -238,6 +251,7 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                     cancel.set()  # nobody will read the answer: stop generating it
             said = work.result()
         except ChatError as exc:
+            log_failure(exc)
             raise ApiError(500, str(exc), kind="server_error") from None
         finally:
             cancel.set()
@@ -338,6 +352,7 @@ async def _events(messages: Iterator[str], cancel: threading.Event, finish: Call
         first = True
         while (message := await queue.get()) is not None:
             if isinstance(message, BaseException):
+                log_failure(message)
                 failed = type(message).__name__
                 said = str(message) if isinstance(message, ChatError) else f"The server failed: {failed}"
                 yield f"data: {json.dumps(ApiError(500, said, kind='server_error').body(), ensure_ascii=False)}\n\n"
