@@ -555,6 +555,21 @@ def test_names_on_the_terminal_are_one_line_of_plain_text(tmp_path):
     assert shown[3].startswith("──") and shown[3].endswith("──")
 
 
+def test_a_message_reaches_the_terminal_as_text(tmp_path):
+    """inspect shows a message's control characters as their symbols: an escape sequence or a carriage return in an
+    export never clears, recolours or rewrites the reader's screen."""
+    from conftest import MAX, ME, full_export, msg, personal
+
+    from doppel.readers.synthetic import write_export
+
+    talk = [msg(1, 0, MAX, "yo\x1b[2J\x1b]0;pwned\x07"), msg(2, 5, MAX, "fake\rreal\x9b31m"), msg(3, 30, ME, "го))")]
+    export = write_export(tmp_path / "result.json", full_export([personal(MAX, talk)]))
+    run_cli("prepare", export, "-o", export.parent / "data", "--no-memory", "--eval-fraction", "0")
+    shown = run_cli("inspect", export.parent / "data", "-n", "1").stdout
+    assert "\x1b" not in shown and "\r" not in shown and "\x9b" not in shown and "\x07" not in shown
+    assert ">>> yo␛[2J␛]0;pwned␇\n>>> fake␍real\\x9b31m" in shown
+
+
 def test_the_eval_report_writes_names_as_one_line_and_as_markdown_text():
     from markdown_it import MarkdownIt
 

@@ -47,6 +47,17 @@ def header_name(name: str) -> str:
     return " ".join(_NOT_IN_A_NAME.sub(" ", name).split()) or "?"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Text as the terminal is to show it: a control character (ESC, a carriage return, a C1 code …), which would
+    move the cursor, recolour or rewrite what is on the screen, is shown as its symbol (`␛`, `␍`, `\\x9b`); line
+    breaks and tabs stay."""
+    return _CONTROL.sub(lambda m: chr(0x2400 + ord(m[0])) if ord(m[0]) < 0x20 else "␡" if m[0] == "\x7f"
+                        else f"\\x{ord(m[0]):02x}", text)
+
+
 def markdown_name(name: str) -> str:
     """A name as Markdown text: its one line, with the characters that would start markup (code, emphasis, links,
     HTML, tables) backslash-escaped, so that it shows as written."""
