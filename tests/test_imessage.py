@@ -4,10 +4,10 @@ import json
 import sqlite3
 
 import pytest
+from test_readers import _sessions, run
 
 from doppel.preparing.pipeline import detect
 from doppel.readers.imessage import attributed_text
-from tests.test_readers import _sessions, run
 
 SCHEMA = """
 CREATE TABLE handle (ROWID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, id TEXT NOT NULL, country TEXT,

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from test_readers import ANDROID_US, _sessions, run
 
 from doppel.preparing.pipeline import detect
-from tests.test_readers import ANDROID_US, _sessions, run
 
 ENGLISH = """[LINE] Chat history with Max Orlov
 Saved on: 2023/12/31 12:10

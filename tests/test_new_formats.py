@@ -5,14 +5,14 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from test_imessage import chat_db
+from test_line import ENGLISH as LINE_HISTORY
+from test_readers import _sessions, run
+from test_signal import CHAT_MD
+from test_signal import _write as signal_export
+from test_wechat import pywxdump
 
 from doppel.cli import main
-from tests.test_imessage import chat_db
-from tests.test_line import ENGLISH as LINE_HISTORY
-from tests.test_readers import _sessions, run
-from tests.test_signal import CHAT_MD
-from tests.test_signal import _write as signal_export
-from tests.test_wechat import pywxdump
 
 OWNER = {"signal": "Me", "line": "Lena Volkova", "wechat": "Lena Volkova", "imessage": "Me"}
 PEER = {"imessage": "+15551234567"}  # chat.db knows people by their handle

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from test_readers import _sessions, run
 
 from doppel.preparing.pipeline import detect
 from doppel.readers import signal
-from tests.test_readers import _sessions, run
 
 # signal-export v2.1 and later: seconds, every body ending in two spaces (~ here; ^ is one), a blank line after
 # each message

@@ -5,9 +5,9 @@ import io
 import json
 
 import pytest
+from test_readers import _sessions, run
 
 from doppel.preparing.pipeline import detect
-from tests.test_readers import _sessions, run
 
 # (type_name, MemoTrace's Type, is_sender, time, text): the same conversation in every layout
 ROWS = [
