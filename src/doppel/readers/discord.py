@@ -5,7 +5,8 @@
                    "attachments": [...], "embeds": [...], "stickers": [...], "reference": {...}}, ...]}
 
 `type` "Default" and "Reply" are what people wrote; the others (joins, pins, calls, renames) are service
-messages. A message with no text but attachments, embeds or stickers is media without a caption. Bots are never
+messages. A message with no text but attachments, embeds or stickers is media without a caption, and so is a
+shared location: a maps link and nothing else (readers/notices.py), as Telegram's locations are media. Bots are never
 speakers: their messages are dropped as "bot". A person is their Discord id ("discord123"), shown by their
 nickname in the server, or their name. A direct message's channel is named after the other person, which tells
 who you are; in a group DM or a server channel (used with `--include-groups`) give `--me NAME`.
@@ -27,6 +28,7 @@ from doppel.errors import ExportError
 from doppel.readers import jsonevents
 from doppel.readers.files import name_id, regular_file, shown, unix_time
 from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
+from doppel.readers.notices import is_location
 from doppel.readers.telegram import Chat, Header, Message
 
 PEOPLE = frozenset({"Default", "Reply"})
@@ -192,6 +194,8 @@ def _message(item: _Item, number: int) -> Message:
     if not isinstance(text, str):
         raise TypeError(f"content is {_a(text)}, not text")
     if text.strip():
+        if is_location(text):  # a maps link and nothing else: a shared location, media as Telegram's
+            return Message(number, ts, sender, name, "", "media", "location")
         return Message(number, ts, sender, name, text, "text")
     media = "sticker" if item.stickers else "attachment" if item.attachments else "embed" if item.embeds else None
     return Message(number, ts, sender, name, "", "media" if media else "empty", media)

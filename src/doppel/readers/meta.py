@@ -9,10 +9,12 @@ message_1 the newest, and each file newest first:
 
 Meta writes text as mojibake: each byte of the UTF-8 text escaped as a character of its own ("Ð¿Ñ\\u0080Ð¸" for
 "при"). It is repaired where the string is exactly that (its characters all below 256 and, read as bytes, valid
-UTF-8); any other string is already right and stays as it is. Give doppel a conversation's folder or one of its
-files, or a folder that holds many conversations (the `inbox`, or the whole export): all are read. A person is
-their name. One conversation: the other participant is its title, which tells who you are; many: you are the
-one in every personal conversation.
+UTF-8); any other string is already right and stays as it is. What Meta writes where nobody wrote a text ("Max
+sent an attachment.", "Reacted ❤ to your message", poll, call and group notices: readers/notices.py) is media or a
+service message, as are older exports' `Call`, `Subscribe` and `Unsubscribe` messages; a shared location (a maps
+link and nothing else) is media. Give doppel a conversation's folder or one of its files, or a folder that holds
+many conversations (the `inbox`, or the whole export): all are read. A person is their name. One conversation: the
+other participant is its title, which tells who you are; many: you are the one in every personal conversation.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from typing import Any
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, shown, unix_time
+from doppel.readers.notices import is_location, meta_notice, subjects
 from doppel.readers.telegram import Chat, Header, Message
 
 _FILE = re.compile(r"^message_(\d+)\.json$")
 _MEDIA = ("photos", "videos", "audio_files", "gifs", "files", "sticker")
+_SERVICE = frozenset({"Call", "Subscribe", "Unsubscribe"})  # older exports' `type`: calls, joins, leaves
 
 
 def is_meta(path: Path) -> bool:
@@ -90,18 +94,19 @@ def _items(threads: list[list[Path]], on_read: Callable[[int], None] | None) -> 
         title = repair(str(first.get("title") or ", ".join(people) or files[0].parent.name))
         kind = "personal_chat" if len(people) <= 2 else "private_group"
         yield Chat(name_id(str(first.get("thread_path") or files[0].parent)), kind, title)
+        about = subjects(people)
         number = 0
         for file in files:
             data = first if file == files[-1] else _load(file)
             for item in reversed(data["messages"]):  # each file is newest first
                 number += 1
-                yield _message(item, number, file)
+                yield _message(item, number, file, about)
             done += file.stat().st_size
             if on_read is not None:
                 on_read(done)
 
 
-def _message(item: Any, number: int, file: Path) -> Message:
+def _message(item: Any, number: int, file: Path, about: frozenset[str]) -> Message:
     if not isinstance(item, dict) or "timestamp_ms" not in item:
         raise ExportError(f"{file} has a malformed message (number {number} from the oldest: no timestamp_ms)")
     name = repair(str(item.get("sender_name") or "")) or None
@@ -114,7 +119,15 @@ def _message(item: Any, number: int, file: Path) -> Message:
                           f"{shown(raw)} is not a time in milliseconds between the years 1 and 9999)") from None
     if item.get("is_unsent"):
         return Message(number, ts, sender, name, "", "empty")
+    kind = item.get("type")
+    if (isinstance(kind, str) and kind in _SERVICE) or "call_duration" in item:
+        return Message(number, ts, sender, name, "", "service", "call" if "call_duration" in item else "group")
     text = repair(str(item.get("content") or ""))
+    notice = meta_notice(text, about, name) if text else None
+    if notice is not None:  # "Max sent an attachment.", "Reacted ❤ to your message": never what someone wrote
+        return Message(number, ts, sender, name, "", *notice)
+    if is_location(text):
+        return Message(number, ts, sender, name, "", "media", "location")
     if text.strip():
         return Message(number, ts, sender, name, text, "text")
     media = next((k for k in _MEDIA if item.get(k)), "share" if item.get("share") else None)

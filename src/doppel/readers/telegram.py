@@ -47,7 +47,7 @@ class Chat:
 
 
 class Message(msgspec.Struct, frozen=True):
-    id: int
+    id: int  # 0: the export gives none (preparing/sessions.py `content_id`)
     ts: int  # unix seconds, UTC
     sender_id: str  # "user123", "channel123", "chat123"
     sender_name: str | None  # display name at export time; None for deleted accounts
@@ -64,6 +64,7 @@ class Header:
     owner_id: str | None  # from personal_information (full export) or None
     shifted: bool = False  # chat ids are v1.4.8-v2.7.1 shifted peer ids (integer from_id values)
     owner_name: str | None = None  # "first_name last_name" from personal_information
+    notes: tuple[tuple[str, str], ...] = ()  # (what, how it was read): WhatsApp's order of dates, for stats.json
 
 
 def peer_id(raw: int | str | None) -> str:
@@ -88,7 +89,7 @@ def chat_id(raw: Any) -> int:
 class RawMessage(msgspec.Struct):
     """The fields of a message object that doppel reads (the others are skipped while decoding); `UNSET`: absent."""
 
-    id: Any = 0
+    id: Any = 0  # absent in some converted files: 0 in both readers, which preparing replaces by a content id
     type: Any = None
     date: Any = UNSET
     date_unixtime: Any = UNSET
