@@ -11,6 +11,11 @@ trains doppel's way and the reference recipe's way (pad each micro-batch to its 
 batches grouped by length, no packing) on the same sessions, one after the other in one process,
 and reports target tokens/s, all real tokens/s, step time, peak memory and, on a GPU, the model
 FLOPs utilisation.
+
+    doppel bench recall [--messages N] [--locomo FILE…]
+
+measures the memory's retrieval on the labelled Russian/English fixture, the index of a synthetic export and
+a reply with memory, and the evidence recall over LoCoMo conversations (evaluation/locomo.py).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,7 @@ from pathlib import Path
 from doppel.config import PrepareConfig
 from doppel.preparing.pipeline import prepare
 t = time.perf_counter()
-stats = prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig(memory=False))  # bench memory times that
+stats = prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig(memory=False))  # bench recall times that
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -67,7 +72,7 @@ def bench_prepare(messages: int, chats: int, keep: Path | None,
                   formats: tuple[str, ...] = ("telegram",)) -> dict[str, Any]:
     """Per format: a synthetic export of `messages` messages, then, each in a fresh process, the baseline (Python's
     `json.load` of the file; for WhatsApp's text, reading it into lines) and `doppel prepare` of it (without the
-    memory, which `bench memory` times), with peak memory. One format: its figures; several: {format: figures}."""
+    memory, which `bench recall` times), with peak memory. One format: its figures; several: {format: figures}."""
     from doppel.readers import synthetic
 
     out: dict[str, Any] = {}
@@ -346,9 +351,26 @@ def bench_memory_recall() -> dict[str, Any]:
     return out
 
 
-def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
-    """The fixture's recall; the memory of a `messages`-message synthetic export (build, re-run, search); and a reply
-    of the embedded model with memory against without."""
+def bench_recall(messages: int, keep: Path | None, tokens: int, repeats: int, locomo: Sequence[Path] = (),
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The fixture's recall; with `messages`, the memory of a `messages`-message synthetic export (build, re-run,
+    search) and a reply of the embedded model with memory against without; with `locomo` files, the evidence recall
+    of each retrieval over those LoCoMo conversations (evaluation/locomo.py)."""
+    result: dict[str, Any] = {}
+    if locomo:  # first: a file that is not LoCoMo is told at once
+        from doppel.evaluation import locomo as benchmark
+
+        result["locomo"] = benchmark.measure(locomo, progress=progress)
+    result["recall"] = bench_memory_recall()
+    if messages:
+        result.update(_memory_speed(messages, keep, tokens, repeats))
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    return result
+
+
+def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -> dict[str, Any]:
+    """The memory of a `messages`-message synthetic export (build, re-run, search), and a reply of the embedded model
+    with memory against without."""
     import time
 
     import torch
@@ -363,7 +385,7 @@ def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) ->
     from doppel.run import open_model
     from doppel.serving.chat import Conversation
 
-    result: dict[str, Any] = {"recall": bench_memory_recall()}
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         export = (keep or Path(tmp)) / "result.json"
         if not export.exists():
@@ -415,5 +437,4 @@ def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) ->
                            "with_s": round(times["with"][0], 3), "prompt_tokens_without": times["without"][1],
                            "prompt_tokens_with": times["with"][1],
                            "ratio": round(times["with"][0] / times["without"][0], 2)}
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import click
 from doppel import __version__, config
 from doppel.config import BotConfig, EvalConfig, PrepareConfig, Sampling, ServeConfig, TrainConfig
 from doppel.errors import DoppelError
+from doppel.render import header_name, visible
 
 
 class Failure(click.ClickException):
@@ -312,7 +314,8 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
         found = Run(run) if run is not None and (run / "run.json").is_file() else None
         known = found.speakers if found else []
         if list_:
-            click.echo("\n".join(known) if known else "this model has no speaker list: any name works")
+            click.echo("\n".join(map(header_name, known)) if known else
+                       "this model has no speaker list: any name works")
             return
         _check_exists(run)
         persona, user = chatting.pick_people(known, found.owner if found else None, persona, as_)
@@ -325,7 +328,8 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
                                              memory=recall)
         interactive = sys.stdin.isatty()
         if interactive:
-            click.echo(f"{persona} is listening; you are {user}. One message per line, an empty line sends; "
+            click.echo(f"{header_name(persona)} is listening; you are {header_name(user)}. One message per line, an "
+                       "empty line sends; "
                        "/reset /as NAME /persona NAME /memory /quit"
                        + (f" (memory: {len(recall.memory.entries):,} entries)" if recall else ""))
         for turn in _turns(interactive, f"{user}> "):
@@ -335,8 +339,10 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
                 continue
             try:
                 for message in conversation.reply(turn):
-                    click.echo(click.style(f"{conversation.persona}: ", fg="green", bold=True) + message
-                               if interactive else f"{conversation.persona}: {message}")
+                    speaker = header_name(conversation.persona)
+                    message = visible(message)  # a model can write ESC too: never a terminal's command
+                    click.echo(click.style(f"{speaker}: ", fg="green", bold=True) + message
+                               if interactive else f"{speaker}: {message}")
             except ContextTooLong as exc:  # that turn is left out; the chat goes on
                 click.echo(f"doppel: {exc}; not sent", err=True)
             if not interactive:
@@ -404,7 +410,8 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
         else:
             click.echo("commands: /reset, /as NAME, /persona NAME, /memory, /quit", err=True)
             return True
-        click.echo(f"({conversation.persona} ← {conversation.user}, {len(conversation.history)} turns of history)",
+        click.echo(f"({header_name(conversation.persona)} ← {header_name(conversation.user)}, "
+                   f"{len(conversation.history)} turns of history)",
                    err=True)
     except ChatError as exc:
         click.echo(f"doppel: {exc}", err=True)
@@ -420,7 +427,7 @@ def _show_memory(conversation: Any) -> None:
     elif not conversation.recalled:
         click.echo("(nothing recalled for the last reply)")
     else:
-        click.echo(memory_text(conversation.recalled))
+        click.echo(visible(memory_text(conversation.recalled)))
 
 
 @main.command()
@@ -624,23 +631,51 @@ def bench_train(dataset_dir: Path, model: str | None, mode: str, tokens: int | N
         json_out.write_text(text + "\n", encoding="utf-8")
 
 
-@bench.command("memory")
-@click.option("--messages", type=int, default=1_000_000, show_default=True, help="messages in the synthetic export")
+@bench.command("recall")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--locomo", "locomo", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="LoCoMo conversations, one a file (the files after it too): evidence recall of each retrieval")
+@click.option("--messages", type=int, default=None,
+              help="messages in the synthetic export whose index is timed (default: 1000000; with --locomo: none)")
 @click.option("--keep", type=click.Path(path_type=Path), help="directory to keep (and reuse) the export in")
 @click.option("--tokens", type=int, default=64, show_default=True, help="new tokens per timed reply (at most)")
 @click.option("--repeats", type=int, default=3, show_default=True, help="timed replies each way (after one warm-up)")
-def bench_memory(messages: int, keep: Path | None, tokens: int, repeats: int) -> None:
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the figures as JSON here")
+def bench_recall(files: tuple[Path, ...], locomo: tuple[Path, ...], messages: int | None, keep: Path | None,
+                 tokens: int, repeats: int, json_out: Path | None) -> None:
     """Memory: recall@1/@5 of dense, BM25 and hybrid retrieval on a labelled Russian/English fixture; the time to
-    build the memory of a synthetic export's sessions and to build it again; a reply with memory against without.
+    build the memory of a synthetic export's sessions and to build it again, and a reply with memory against
+    without; with --locomo, the evidence recall over LoCoMo conversations (docs/benchmarks.md): per category, at
+    k entries, at 1,000 and 2,000 characters and in chat's memory block, for doppel's retrieval, plain BM25 and
+    dense alone, as a table.
 
     \b
-    Example:
-        doppel bench memory --messages 1000000
+    Examples:
+        doppel bench recall --messages 1000000
+        doppel bench recall --locomo locomo/26.json locomo/30.json --json locomo.json
     """
-    from doppel.bench import bench_memory as measure
+    from rich.console import Console
 
-    with failures():
-        click.echo(json.dumps(measure(messages, keep, tokens, repeats), indent=2, ensure_ascii=False))
+    from doppel.bench import bench_recall as measure
+    from doppel.evaluation.locomo import table
+
+    if files and not locomo:
+        raise click.UsageError("the files are LoCoMo conversations: give them after --locomo")
+    locomo = locomo + files
+    with failures(), progress_bar("LoCoMo conversations") as bar:
+        result = measure(messages if messages is not None else 0 if locomo else 1_000_000, keep, tokens, repeats,
+                         locomo, bar)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if json_out:
+        json_out.write_text(text + "\n", encoding="utf-8")
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "locomo"}, indent=2, ensure_ascii=False))
+    if locomo:
+        Console(highlight=False, width=None if sys.stdout.isatty() else 110).print(table(result["locomo"]))
+
+
+_memory = copy.copy(bench_recall)  # `bench memory`, the old name: hidden, kept for one release
+_memory.name, _memory.hidden, _memory.deprecated = "memory", True, "Use doppel bench recall."
+bench.add_command(_memory, "memory")
 
 
 @bench.command("chat")
@@ -678,17 +713,20 @@ def _show(dataset_dir: Path, count: int, split: str = "train") -> None:
     console = Console(highlight=False, soft_wrap=True)
     with failures():
         for session in islice(dataset.Dataset.open(dataset_dir).sessions(split), count):  # type: ignore[arg-type]
-            console.rule(f"{session.id} · {session.chat.name} · {len(session.turns)} turns")
+            # the chat's name as text, one line: rich markup (`[red]`) and escape sequences in it are shown as typed
+            console.rule(Text(f"{session.id} · {render.header_name(session.chat.name)} · {len(session.turns)} turns"))
             out = Text()
             for piece, target in render.segments(session):
                 style = "bold green" if target else "dim"
                 if piece in (render.IM_START, render.IM_END):
                     out.append(piece, style=style)
                     continue
-                # a marker typed inside a message is plain text to the model: shown struck through, so that it
-                # does not look like a turn of its own
+                # a marker typed inside a message is plain text to the model: shown escaped and struck through, so
+                # that it does not look like a turn of its own, with colours or without
                 for n, part in enumerate(re.split(r"(<\|im_start\|>|<\|im_end\|>)", piece)):
-                    out.append(part, style=style + (" strike" if n % 2 else ""))
+                    out.append(render.escaped(part) if n % 2 else render.visible(part),
+                               style=style + (" strike" if n % 2 else ""))
             console.print(out, end="")
     if not sys.stdout.isatty():
-        click.echo("(targets are the bodies of trained turns and their <|im_end|>)")
+        click.echo(f"(targets are the bodies of trained turns and their {render.IM_END}; a marker typed in a message "
+                   f"is shown as {render.escaped(render.IM_END)})")

@@ -1,4 +1,4 @@
-"""A labelled retrieval fixture for `doppel bench memory`: questions whose answering snippet is known, in Russian
+"""A labelled retrieval fixture for `doppel bench recall`: questions whose answering snippet is known, in Russian
 and English, among distractors written to confuse (other cats, other trips, other deadlines).
 
 `ACROSS`: the question in one language, the answer told in the other. `SAME`: both in one language, with other
