@@ -276,10 +276,6 @@ def _ios(line):
             f"[30.12.23, 22:00:00] Max Orlov: {line}\n[30.12.23, 22:01:00] Lena Volkova: го))\n")
 
 
-def _open(reason):
-    return pytest.mark.xfail(strict=True, reason=f"issue 28: WhatsApp {reason} (readers/whatsapp.py)")
-
-
 WHATSAPP = [  # (id, chat text, kept besides the dialogue, dropped)
     ("android-media-omitted", _android("<Media omitted>"), [], {"media": 1}),
     ("android-media-omitted-ru", _android("<Медиа отсутствуют>"), [], {"media": 1}),
@@ -302,21 +298,9 @@ WHATSAPP = [  # (id, chat text, kept besides the dialogue, dropped)
     ("android-location", _android("location: https://maps.google.com/?q=52.5,13.4"), [], {"media": 1}),
     ("android-live-location", _android("live location shared"), [], {"media": 1}),
 ]
-# kept as text by readers/whatsapp.py as committed (another change of issue 28 fixes them; strict: each fails once
-# fixed, and its mark is then removed)
-WHATSAPP_OPEN = {
-    "ios-document-omitted": "iOS document placeholder after a file name", "ios-dokument-weggelassen":
-    "iOS document placeholder in German", "android-caption": "Android '(file attached)' line above a caption",
-    "android-media-omitted-caption": "Android '<Media omitted>' line above a caption",
-    "android-datei-angehaengt": "localised '(file attached)'", "android-null": "Android 'null' (view-once media)",
-    "android-missed-voice-call": "Android missed call", "android-waiting": "'Waiting for this message'",
-    "android-location": "shared location", "android-live-location": "live location",
-}
-
 
 @pytest.mark.parametrize(("text", "caption", "dropped"), [
-    pytest.param(text, caption, dropped, id=case, marks=[_open(WHATSAPP_OPEN[case])] if case in WHATSAPP_OPEN else [])
-    for case, text, caption, dropped in WHATSAPP])
+    pytest.param(text, caption, dropped, id=case) for case, text, caption, dropped in WHATSAPP])
 def test_no_whatsapp_placeholder_is_kept(tmp_path, text, caption, dropped):
     path = tmp_path / "WhatsApp Chat with Max Orlov.txt"
     path.write_text(text, encoding="utf-8")

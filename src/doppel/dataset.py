@@ -56,6 +56,7 @@ class DatasetStats:
     excluded_chats: dict[str, int] = field(default_factory=dict)  # chats left out, by reason
     warnings: tuple[str, ...] = ()
     memory: dict[str, Any] = field(default_factory=dict)  # the memory index: entries, embedded, reused
+    reading: dict[str, dict[str, str]] = field(default_factory=dict)  # per export file: how it was read (dates)
 
     @property
     def speaker_names(self) -> list[str]:
@@ -69,7 +70,7 @@ class DatasetStats:
                 "speakers": [{"id": s.id, "name": s.name, "messages": s.messages, "turns": s.turns}
                              for s in self.speakers],
                 "dropped": self.dropped, "excluded_chats": self.excluded_chats, "warnings": list(self.warnings),
-                "memory": self.memory}
+                "memory": self.memory, **({"reading": self.reading} if self.reading else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DatasetStats:
@@ -78,7 +79,7 @@ class DatasetStats:
                    data["sessions"]["eval"], data["turns_per_session"], data["messages_per_session"],
                    data["messages"], tuple(Speaker(**s) for s in data["speakers"]), dict(data.get("dropped", {})),
                    dict(data.get("excluded_chats", {})), tuple(data.get("warnings", ())),
-                   dict(data.get("memory") or {}))
+                   dict(data.get("memory") or {}), dict(data.get("reading") or {}))
 
     @classmethod
     def read(cls, path: Path) -> DatasetStats:

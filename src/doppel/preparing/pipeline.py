@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -70,6 +70,7 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
     try:
         census = _collect_all(sources, cfg, work / "spool.jsonl", progress)
         stats = _write(census, header, cfg, work)
+        stats = replace(stats, reading={s.path.name: dict(s.header.notes) for s in sources if s.header.notes})
         (work / "spool.jsonl").unlink()
         if cfg.memory:
             stats = _memory(work, out, stats, memory_progress)
