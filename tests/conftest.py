@@ -135,3 +135,14 @@ def memorised(tmp_path_factory, tiny):
                                                        warmup=0, lr_scheduler="constant_with_warmup", max_length=256,
                                                        batch_size=2, logging_steps=20, save_steps=1000))
     return folder / "run"
+
+
+def refused(path: Path, tmp_path: Path, line: str) -> None:
+    """`doppel prepare PATH` prints exactly `line` (after `doppel: error: `), exits 2 and writes nothing."""
+    from click.testing import CliRunner
+
+    from doppel.cli import main
+
+    result = CliRunner().invoke(main, ["prepare", str(path), "-o", str(tmp_path / "data")], catch_exceptions=False)
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {line}\n")
+    assert not (tmp_path / "data").exists()

@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 from click.testing import CliRunner
-from conftest import MAX, ME, msg, personal
+from conftest import MAX, ME, msg, personal, refused
 
 from doppel.cli import main
 from doppel.errors import ExportError
@@ -19,13 +19,6 @@ NOT_A_DATE = "is not a time between the years 1 and 9999"
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def refused(path, tmp_path, line):
-    """`prepare` of `path` prints exactly `line` (after `doppel: error: `), exits 2 and writes nothing."""
-    result = run("prepare", path, "-o", tmp_path / "data")
-    assert (result.exit_code, result.output) == (2, f"doppel: error: {line}\n")
-    assert not (tmp_path / "data").exists()
 
 
 def nested(depth: int, kind: str) -> bytes:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import refused
 from test_readers import ANDROID_US, _sessions, run
 
 from doppel.preparing.pipeline import detect
@@ -135,6 +136,4 @@ def test_a_line_file_is_told_from_a_whatsapp_one(tmp_path):
 def test_bad_line_input_is_one_line(tmp_path, content, expected):
     path = tmp_path / "[LINE] Chat with Max.txt"
     path.write_bytes(content.encode() if isinstance(content, str) else content)
-    result = run("prepare", path, "-o", tmp_path / "data")
-    assert result.exit_code == 2 and result.output == f"doppel: error: {path}{expected}\n"
-    assert not (tmp_path / "data").exists()
+    refused(path, tmp_path, f"{path}{expected}")

@@ -5,6 +5,7 @@ import io
 import json
 
 import pytest
+from conftest import refused
 from test_readers import _sessions, run
 
 from doppel.preparing.pipeline import detect
@@ -136,6 +137,4 @@ def test_a_wechat_group_needs_include_groups(tmp_path):
 def test_bad_wechat_input_is_one_line(tmp_path, content, expected):
     path = tmp_path / "wxid_max_0_5000.csv"
     path.write_bytes(content.encode() if isinstance(content, str) else content)
-    result = run("prepare", path, "-o", tmp_path / "data")
-    assert result.exit_code == 2 and result.output == f"doppel: error: {path}{expected}\n"
-    assert not (tmp_path / "data").exists()
+    refused(path, tmp_path, f"{path}{expected}")

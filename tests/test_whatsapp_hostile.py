@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 from click.testing import CliRunner
+from conftest import refused
 
 from doppel.cli import main
 from doppel.readers import whatsapp
@@ -20,13 +21,6 @@ TEXT = "30.12.2023, 21:59 - Max Orlov: yo\n30.12.2023, 22:01 - Lena Volkova: gym
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def refused(path, tmp_path, line):
-    """`prepare` of `path` prints exactly `line` (after `doppel: error: `), exits 2 and writes nothing."""
-    result = run("prepare", path, "-o", tmp_path / "data")
-    assert (result.exit_code, result.output) == (2, f"doppel: error: {line}\n")
-    assert not (tmp_path / "data").exists()
 
 
 def messages(path):
