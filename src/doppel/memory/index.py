@@ -23,14 +23,17 @@ requests without one); the prepared entries by every search.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from array import array
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from doppel.errors import MemoryIndexError
 from doppel.memory.text import DIMENSIONS, ENCODER, Encoder, keywords
@@ -44,6 +47,7 @@ MANIFEST, ENTRIES, VECTORS, KEYWORDS = "memory.json", "entries.jsonl", "vectors.
 KEYWORD_FILES = ("params.index.json", "vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy",
                  "indptr.csc.index.npy")  # what bm25s writes
 REMEMBERED = "remembered.jsonl"
+EMBED_BATCH = 256  # texts embedded at a time (the encoder's own batch)
 FORMAT = "doppel-memory/1"
 WINDOW_CHARS = 500  # a longer session is remembered in windows of about this much text
 LINE_CHARS = 300  # a longer message is cut
@@ -120,83 +124,185 @@ class BuildStats:
 def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path | None = None,
           progress: Callable[[int, int], None] | None = None, encoder: Encoder | None = None) -> BuildStats:
     """Write the memory of `sessions` ((session, split) pairs) into `folder`; vectors of texts that the index in
-    `previous` holds are reused."""
-    import numpy as np
+    `previous` holds are reused.
 
-    entries = [e for session, split in sessions for e in entries_of(session, split)]
-    hashes = [text_hash(e) for e in entries]
-    known = _previous_vectors(previous) if previous is not None else {}
-    vectors = np.empty((len(entries), DIMENSIONS), dtype=np.float32)
-    todo = []
-    for i, key in enumerate(hashes):
-        if key in known:
-            vectors[i] = known[key]
-        else:
-            todo.append(i)
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0], len(todo))
-
-    if todo:
-        vectors[todo] = (encoder or Encoder())([entries[i].text for i in todo], progress=step)
+    It streams, so that its memory does not grow with the export's entries: each entry is written as it is made,
+    keeping only its keywords (ids in one array) and where its vector comes from; the keyword index is built from
+    those; then the entries are read back, a batch at a time, to embed the new ones, each vector written to its row
+    of `vectors.npy` (by file writes, not a memory map, whose written pages would count as the process's memory)."""
     folder.mkdir(parents=True, exist_ok=True)
+    known, old = _previous_rows(previous) if previous is not None else ({}, None)
+    sources = array("q")  # per entry: the row of its vector in the previous index, -1 when it is to be embedded
+    words = _KeywordIds()
     with (folder / ENTRIES).open("w", encoding="utf-8") as handle:
-        for entry, key in zip(entries, hashes, strict=True):
-            handle.write(json.dumps({**entry.to_json(), "hash": key}, ensure_ascii=False) + "\n")
-    np.save(folder / VECTORS, vectors)
-    index = _keyword_index([e.text for e in entries])
+        for session, split in sessions:
+            for entry in entries_of(session, split):
+                key = text_hash(entry)
+                handle.write(json.dumps({**entry.to_json(), "hash": key}, ensure_ascii=False) + "\n")
+                sources.append(known.get(key, -1))
+                words.add(entry.text)
+    del known
+    index = _index(words)
+    del words
     if index is not None:
         index.save(str(folder / KEYWORDS), show_progress=False)
+    has_keywords = index is not None
+    del index
+    todo = sources.count(-1)
+    _write_vectors(folder, sources, old, todo, progress, encoder)
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "encoder": ENCODER, "dimensions": DIMENSIONS,
-                                               "entries": len(entries), "keywords": index is not None}, indent=1)
+                                               "entries": len(sources), "keywords": has_keywords}, indent=1)
                                    + "\n", encoding="utf-8")
-    return BuildStats(len(entries), len(todo), len(entries) - len(todo))
+    return BuildStats(len(sources), todo, len(sources) - todo)
 
 
-def _keyword_index(texts: Sequence[str]) -> Any:
-    """The BM25 index of the texts' keywords; None when not one has a word (all emoji or punctuation), which bm25s
-    cannot index: then the vectors alone search."""
-    import bm25s
-
-    tokens = [keywords(text) for text in texts]
-    if not any(tokens):
-        return None
-    index = bm25s.BM25()
-    index.index(tokens, show_progress=False)
-    return index
-
-
-def _vectors(path: Path, rows: int) -> Any:
-    """The (rows, DIMENSIONS) float32 vectors of `path`; `ValueError` when the file holds anything else. Its header is
-    checked before anything is read: a damaged one can claim terabytes, which `np.load` would try to allocate."""
+def _write_vectors(folder: Path, sources: array[int], old: Path | None, todo: int,
+                   progress: Callable[[int, int], None] | None, encoder: Encoder | None) -> None:
+    """`vectors.npy` (the bytes `np.save` writes) of the entries in `folder`: row i reused from row `sources[i]` of
+    `old`, or, where that is -1, embedded; the texts to embed are read back from `entries.jsonl` and embedded 256 at
+    a time in their order, the batches of embedding them all at once (the vectors the same, bit for bit)."""
     import numpy as np
     from numpy.lib import format as npy
 
+    row = DIMENSIONS * 4
+    encode = encoder or Encoder()
+    batch: list[tuple[int, str]] = []
+    done = 0
+    with (folder / VECTORS).open("wb") as out, (folder / ENTRIES).open(encoding="utf-8") as lines, \
+            (old.open("rb") if old is not None else contextlib.nullcontext()) as previous:
+        npy.write_array_header_1_0(out, {"descr": npy.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                                         "shape": (len(sources), DIMENSIONS)})
+        out.flush()
+        start = out.tell()
+        out.truncate(start + len(sources) * row)
+        skip = _header_end(previous) if previous is not None else 0
+        reused = previous.fileno() if previous is not None else -1  # a row of -1 never points there
+
+        def flush() -> None:
+            nonlocal done
+            vectors = np.ascontiguousarray(encode([text for _, text in batch]), dtype=np.float32)
+            for (i, _), vector in zip(batch, vectors, strict=True):
+                os.pwrite(out.fileno(), vector.tobytes(), start + i * row)
+            done += len(batch)
+            batch.clear()
+            if progress is not None:
+                progress(done, todo)
+
+        for i, (source, line) in enumerate(zip(sources, lines, strict=True)):
+            if source >= 0:
+                os.pwrite(out.fileno(), os.pread(reused, row, skip + source * row), start + i * row)
+                continue
+            batch.append((i, MemoryEntry.from_json(json.loads(line)).text))
+            if len(batch) == EMBED_BATCH:
+                flush()
+        if batch:
+            flush()
+
+
+class _KeywordIds:
+    """Every entry's keywords, as ids of one vocabulary in one flat array, handed to bm25s as its `Tokenized.ids`
+    (which it only measures and iterates): 4 bytes a keyword, where a list of strings per entry costs 8 a keyword
+    and about a hundred more an entry; bm25s's own tokenizer would hold such lists too."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+        self.ids = array("i")
+        self.ends = array("q")
+
+    def add(self, text: str) -> None:
+        vocab = self.vocab
+        self.ids.extend(vocab.setdefault(word, len(vocab)) for word in keywords(text))
+        self.ends.append(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = 0
+        for end in self.ends:
+            yield self.ids[start:end].tolist()
+            start = end
+
+
+def _index(words: _KeywordIds) -> Any:
+    """The BM25 index of the entries' keywords; None when not one has a word (all emoji or punctuation), which bm25s
+    cannot index: then the vectors alone search."""
+    import bm25s
+    from bm25s.tokenization import Tokenized
+
+    if not words.ids:
+        return None
+    index = bm25s.BM25()
+    index.index(Tokenized(ids=words, vocab=words.vocab), show_progress=False)
+    return index
+
+
+def _keyword_index(texts: Iterable[str]) -> Any:
+    """The BM25 index of the texts' keywords (`_index`)."""
+    words = _KeywordIds()
+    for text in texts:
+        words.add(text)
+    return _index(words)
+
+
+def _header_end(handle: BinaryIO) -> int:
+    """Where the vectors of an `.npy` file start, its header read."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(handle)
+    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    header(handle)
+    return handle.tell()
+
+
+def _vector_file(handle: BinaryIO, rows: int) -> int:
+    """Where the (rows, DIMENSIONS) float32 vectors of the open `.npy` file start; `ValueError` when the file holds
+    anything else. Only its header is read: a damaged one can claim terabytes, which `np.load` would try to
+    allocate."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(handle)
+    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran, dtype = header(handle)
+    if shape != (rows, DIMENSIONS) or dtype != np.float32 or fortran:
+        raise ValueError(f"{VECTORS} holds {dtype} of shape {shape}, for {rows} entries")
+    start = handle.tell()
+    size = os.fstat(handle.fileno()).st_size - start
+    if size != rows * DIMENSIONS * 4:
+        raise ValueError(f"{VECTORS} holds {min(size // 4, rows * DIMENSIONS)} of the {rows * DIMENSIONS} vector "
+                         f"numbers it says, for {rows} entries")
+    return start
+
+
+def _vectors(path: Path, rows: int) -> Any:
+    """The (rows, DIMENSIONS) float32 vectors of `path`; `ValueError` when the file holds anything else."""
+    import numpy as np
+
     with path.open("rb") as handle:
-        version = npy.read_magic(handle)
-        header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        shape, fortran, dtype = header(handle)
-        if shape != (rows, DIMENSIONS) or dtype != np.float32 or fortran:
-            raise ValueError(f"{VECTORS} holds {dtype} of shape {shape}, for {rows} entries")
+        _vector_file(handle, rows)
         vectors = np.fromfile(handle, dtype=np.float32, count=rows * DIMENSIONS)
-        if len(vectors) != rows * DIMENSIONS or handle.read(1):
-            raise ValueError(f"{VECTORS} holds {len(vectors)} of the {rows * DIMENSIONS} vector numbers it says, for "
-                             f"{rows} entries")
-    return vectors.reshape(shape)
+    return vectors.reshape(rows, DIMENSIONS)
 
 
-def _previous_vectors(folder: Path) -> dict[str, Any]:
-    """{text hash: vector} of an earlier index; empty when there is none or it is unreadable (nothing to reuse)."""
+def _previous_rows(folder: Path) -> tuple[dict[str, int], Path | None]:
+    """{text hash: row} of an earlier index, and its vectors file; empty and None when there is none or it is
+    unreadable (nothing to reuse). The vectors are read a row at a time as they are reused, not loaded."""
     try:
+        rows: dict[str, int] = {}
+        count = 0
         with (folder / ENTRIES).open(encoding="utf-8") as handle:
-            hashes = [json.loads(line)["hash"] for line in handle]
-        vectors = _vectors(folder / VECTORS, len(hashes))
-        return {key: vectors[i] for i, key in enumerate(hashes)}
+            for line in handle:
+                key = json.loads(line)["hash"]
+                if not isinstance(key, str):
+                    raise TypeError("a hash that is not text")
+                rows[key] = count
+                count += 1
+        with (folder / VECTORS).open("rb") as vectors:
+            _vector_file(vectors, count)
+        return rows, folder / VECTORS
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return {}, None
 
 
 class Memory:
