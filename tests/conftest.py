@@ -146,3 +146,14 @@ def refused(path: Path, tmp_path: Path, line: str) -> None:
     result = CliRunner().invoke(main, ["prepare", str(path), "-o", str(tmp_path / "data")], catch_exceptions=False)
     assert (result.exit_code, result.output) == (2, f"doppel: error: {line}\n")
     assert not (tmp_path / "data").exists()
+
+
+def traced(work: Any) -> tuple[Any, int]:
+    """`work()`'s result and the peak of Python's traced allocations while it ran, in bytes."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return work(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

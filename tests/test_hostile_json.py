@@ -2,11 +2,10 @@
 bounded however deep the nesting."""
 
 import json
-import tracemalloc
 
 import pytest
 from click.testing import CliRunner
-from conftest import MAX, ME, msg, personal, refused
+from conftest import MAX, ME, msg, personal, refused, traced
 
 from doppel.cli import main
 from doppel.errors import ExportError
@@ -62,7 +61,7 @@ def test_discord_embeds_nested_50000_deep_are_skipped_in_bounded_memory(tmp_path
     path = _discord(tmp_path, {"id": "5", "type": "DirectTextChat", "name": "p0"},
                     [_discord_message(1), _discord_message(2, "", embeds="DEEP"), _discord_message(3, "ok")])
     path.write_bytes(path.read_bytes().replace(b'"DEEP"', b"[" + nested(50_000, kind) + b"]"))
-    (key, messages), peak = _traced(lambda: (discord.first_key(path), list(discord.read(path)[1])[1:]))
+    (key, messages), peak = traced(lambda: (discord.first_key(path), list(discord.read(path)[1])[1:]))
     assert key == "guild" and [(m.text, m.kind, m.media) for m in messages] == [
         ("hi", "text", None), ("", "media", "embed"), ("ok", "text", None)]
     assert peak < 16 << 20, peak
@@ -78,15 +77,7 @@ def test_discord_content_nested_deep_is_a_malformed_message_in_bounded_memory(tm
             list(discord.read(path)[1])
         assert str(err.value) == f"{path} has a malformed message (TypeError: content is a list, not text)"
 
-    assert _traced(read)[1] < 16 << 20
-
-
-def _traced(work):
-    tracemalloc.start()
-    try:
-        return work(), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    assert traced(read)[1] < 16 << 20
 
 
 # --- Telegram -----------------------------------------------------------------------------------
@@ -98,7 +89,7 @@ def test_a_telegram_field_doppel_does_not_read_nested_deep_is_skipped_in_bounded
     with pytest.raises(UnusualLayout):  # past the batch decoder's depth
         list(iter_export(path))
     # `prepare` reads the first key to tell Discord's JSON from Telegram's
-    (key, messages), peak = _traced(lambda: (discord.first_key(path), list(iter_export(path, general=True))[1:]))
+    (key, messages), peak = traced(lambda: (discord.first_key(path), list(iter_export(path, general=True))[1:]))
     assert key == "name" and [m.text for m in messages] == ["yo", "го", "ok"]
     assert peak < 16 << 20, peak
 
@@ -108,7 +99,7 @@ def test_telegram_s_header_nested_deep_is_read_in_bounded_memory(write):
                   "chats": {"about": "c", "list": [personal(MAX, [msg(1, 0, MAX, "yo")])]}})
     path.write_bytes(path.read_bytes().replace(b'"DEEP"', nested(5_000, "array")))
     for general in (False, True):
-        texts, peak = _traced(lambda g=general: [m.text for m in list(iter_export(path, general=g))[1:]])
+        texts, peak = traced(lambda g=general: [m.text for m in list(iter_export(path, general=g))[1:]])
         assert texts == ["yo"] and peak < 16 << 20, peak
 
 

@@ -2,13 +2,12 @@
 memory stays bounded however long a message, and a pasted line never re-dates a chat."""
 
 import json
-import tracemalloc
 import zipfile
 from datetime import UTC, datetime
 
 import pytest
 from click.testing import CliRunner
-from conftest import refused
+from conftest import refused, traced
 
 from doppel.cli import main
 from doppel.readers import whatsapp
@@ -133,14 +132,6 @@ def test_a_zip_whose_directory_is_too_large_is_one_line_before_it_is_read(tmp_pa
 
 # --- bounded memory: a message over WhatsApp's cap ----------------------------------------------
 
-def _traced(work):
-    tracemalloc.start()
-    try:
-        return work(), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_messages_over_the_cap_are_dropped_and_a_zip_is_read_in_bounded_memory(tmp_path):
     cap = whatsapp.MESSAGE_CAP
     exact = "x" * 100 + "\n" + "y" * (cap - 103) + "\n"  # and "z": 100 + 1 + (cap - 103) + 1 + 1 characters
@@ -152,7 +143,7 @@ def test_messages_over_the_cap_are_dropped_and_a_zip_is_read_in_bounded_memory(t
              "30.12.2023, 22:04 - Lena Volkova: ok\n",
              "30.12.2023, 22:05 - Max Orlov: " + "c" * (3 << 20)]  # 3 MB and no newline: dropped
     path = _zip(tmp_path, members=((CHAT, "".join(lines)),))
-    got, peak = _traced(lambda: messages(path))
+    got, peak = traced(lambda: messages(path))
     day = ts(2023, 12, 30)
     assert got == [(1, day + 21 * 3600 + 59 * 60, "Max Orlov", "yo", "text", None),
                    (2, day + 22 * 3600, "Lena Volkova", exact + "z", "text", None),
