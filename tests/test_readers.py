@@ -315,3 +315,18 @@ def test_several_exports_make_one_dataset_with_people_matched_by_name(tmp_path, 
     twice = run("prepare", telegram, telegram, "-o", tmp_path / "twice", "--eval-fraction", "0")
     assert twice.exit_code == 0, twice.output
     assert len(read_jsonl(tmp_path / "twice" / "sessions.train.jsonl")) == 1
+
+
+def test_every_format_has_one_reader_of_one_shape_and_a_config_name():
+    import inspect
+    from typing import get_args, get_type_hints
+
+    from doppel.config import PrepareConfig
+    from doppel.preparing.pipeline import DETECTION, READERS
+    from doppel.readers.records import chat_type
+
+    assert set(READERS) == set(get_args(get_type_hints(PrepareConfig)["format"])) - {"auto"}
+    assert {kind for kind, _ in DETECTION} <= set(READERS)
+    assert {str(inspect.signature(read)) for read in READERS.values()} == {
+        "(path: 'Path', on_read: 'OnRead' = None) -> 'tuple[Header, Iterator[Chat | Message]]'"}
+    assert [chat_type(n) for n in (1, 2, 3)] == ["personal_chat", "personal_chat", "private_group"]

@@ -7,7 +7,8 @@ from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 from doppel.config import PrepareConfig
 from doppel.errors import ConfigError
 from doppel.preparing.sessions import SeenIds, collect, eval_counts, exclusion, resolve_owner, unique_labels
-from doppel.readers.telegram import Chat, Header, iter_export
+from doppel.readers.records import Chat, Header
+from doppel.readers.telegram import iter_export
 
 
 def spooled(path, **cfg):
@@ -92,24 +93,24 @@ def test_owner_detection_rules(write):
     cfg = PrepareConfig()
     chats = [personal(MAX, dialogue())]
     census, _ = spooled(write(full_export(chats)))
-    assert resolve_owner(Header("full", "user100"), census, cfg) == "user100"
+    assert resolve_owner(Header("user100"), census, cfg) == "user100"
     # no personal_information: Saved Messages' id is the owner
     saved = {"type": "saved_messages", "id": ME, "messages": []}
     census, _ = spooled(write(full_export([*chats, saved], owner=None)))
-    assert resolve_owner(Header("full", None), census, cfg) == "user100"
+    assert resolve_owner(Header(), census, cfg) == "user100"
     # neither: the only id present in every personal chat
     two = [personal(MAX, dialogue()), personal(ANN, dialogue(peer=ANN, first_id=20), "Ann")]
     census, _ = spooled(write(full_export(two, owner=None)))
-    assert resolve_owner(Header("full", None), census, cfg) == "user100"
+    assert resolve_owner(Header(), census, cfg) == "user100"
     # single personal chat: the sender who is not the peer
     census, _ = spooled(write(personal(MAX, dialogue())))
-    assert resolve_owner(Header("single", None), census, cfg) == "user100"
+    assert resolve_owner(Header(one_chat=True), census, cfg) == "user100"
     # --me wins, with or without the "user" prefix, or by name; someone not in the export is refused
-    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="201")) == "user201"
-    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="user201")) == "user201"
-    assert resolve_owner(Header("full", "user100"), census, PrepareConfig(me="max orlov")) == "user201"
+    assert resolve_owner(Header("user100"), census, PrepareConfig(me="201")) == "user201"
+    assert resolve_owner(Header("user100"), census, PrepareConfig(me="user201")) == "user201"
+    assert resolve_owner(Header("user100"), census, PrepareConfig(me="max orlov")) == "user201"
     with pytest.raises(ConfigError) as err:
-        resolve_owner(Header("full", "user100"), census, PrepareConfig(me="user999"))
+        resolve_owner(Header("user100"), census, PrepareConfig(me="user999"))
     assert str(err.value) == ("me 'user999' is not a speaker in this export; one of: user201 Max Orlov (2 messages); "
                               "user100 Me Owner (1 messages)")
 
@@ -119,7 +120,7 @@ def test_single_group_export_asks_for_me_with_candidates(write):
              "messages": [msg(1, 0, MAX, "a"), msg(2, 5, ANN, "b"), msg(3, 9, MAX, "c")]}
     census, _ = spooled(write(group), include_groups=True)
     with pytest.raises(ConfigError) as err:
-        resolve_owner(Header("single", None), census, PrepareConfig())
+        resolve_owner(Header(one_chat=True), census, PrepareConfig())
     assert str(err.value) == ("cannot tell which member is you in a group export; set me to your id or name, one "
                               "of: user201 Max Orlov (2 messages); user202 Ann Lee (1 messages)")
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import MAX, ME, T0, dialogue, full_export, msg, personal
+from conftest import ANN, MAX, ME, T0, dialogue, full_export, msg, personal
 
 from doppel.readers.synthetic import tdesktop_bytes
 from doppel.readers.telegram import (
@@ -13,9 +13,11 @@ from doppel.readers.telegram import (
     chat_id,
     iter_export,
     peer_id,
+    read,
     read_header,
     to_message,
 )
+from doppel.readers.telegram_ids import chat_ids, sender_ids, speaker, user_id
 
 
 def items(path: Path, general: bool = False) -> list:
@@ -36,13 +38,13 @@ def test_full_export_yields_each_chat_then_its_messages(write):
         Chat(9, "public_channel", "News", left=True),
         Message(7, T0 + 5, f"user{ME}", "Me Owner", "gm", "text"),
     ]
-    assert read_header(path).layout == "full" and read_header(path).owner_id == f"user{ME}"
+    assert not read_header(path).one_chat and read_header(path).owner_id == f"user{ME}"
     assert items(path, general=True) == got
 
 
 def test_single_chat_export(write):
     path = write(personal(MAX, dialogue()))
-    assert read_header(path).layout == "single" and read_header(path).owner_id is None
+    assert read_header(path).one_chat and read_header(path).owner_id is None
     got = items(path)
     assert got[0] == Chat(MAX, "personal_chat", "Max") and [m.text for m in got[1:]] == [
         "yo", "gym later?", "го))"]
@@ -209,7 +211,7 @@ def test_a_message_that_is_not_an_object_is_an_export_error(write):
 
 def test_an_export_folder_is_read_as_its_result_json(write, tmp_path):
     path = write(full_export([personal(MAX, dialogue())]))
-    assert read_header(tmp_path) == read_header(path) == Header("full", f"user{ME}", owner_name="Me Owner")
+    assert read_header(tmp_path) == read_header(path) == Header(f"user{ME}", "Me Owner")
     assert items(tmp_path) == items(path)
 
 
@@ -221,7 +223,7 @@ def test_an_export_folder_is_read_as_its_result_json(write, tmp_path):
 ])
 def test_owner_name_from_personal_information(write, info, name):
     path = write({"about": "x", "personal_information": {"user_id": ME, **info}, "chats": {"about": "c", "list": []}})
-    assert read_header(path) == Header("full", f"user{ME}", owner_name=name)
+    assert read_header(path) == Header(f"user{ME}", name)
 
 
 def test_malformed_owner_id_is_an_export_error(write):
@@ -238,3 +240,37 @@ def test_invalid_utf8_in_a_chat_name_sends_the_fast_reader_to_the_general_one(wr
         items(path)
     with pytest.raises(ExportError, match="invalid bytes in UTF8 string"):
         items(path, general=True)
+
+
+def test_read_goes_on_with_the_general_pass_where_the_fast_one_stopped(write):
+    long = [msg(i, i, MAX, f"{i} " + "x" * 3000) for i in range(1, 401)]  # past a read chunk: batches are given
+    odd = {"id": ANN, "messages": [msg(500, 900, ANN, "hey")], "type": "personal_chat", "name": "Ann"}
+    path = write(full_export([personal(MAX, long), odd]))
+    with pytest.raises(UnusualLayout) as stopped:
+        items(path)
+    assert 1 < stopped.value.done <= 401
+    header, stream = read(path)
+    got = list(stream)
+    assert header == Header(f"user{ME}", "Me Owner") and got == items(path, general=True)
+    assert [m.id for m in got[1:401]] == list(range(1, 401)) and got[401:] == [
+        Chat(ANN, "personal_chat", "Ann"), Message(500, T0 + 900, f"user{ANN}", "Ann Lee", "hey", "text")]
+
+
+def test_a_file_whose_chats_read_differently_the_second_time_is_one_line(write):
+    # a chat-shaped object outside the chats list: the fast scanner takes it for a chat, the general pass does not
+    export = {"about": "x", "extra": {"list": [{"type": "personal_chat", "id": 5, "messages": []}]},
+              **full_export([{"id": MAX, "messages": dialogue(), "type": "personal_chat", "name": "Max"}])}
+    path = write(export)
+    with pytest.raises(ExportError) as err:
+        list(read(path)[1])
+    assert str(err.value) == (f"{path} is not shaped as Telegram Desktop writes it, and its chats read differently "
+                              "when read again; is it a Telegram Desktop JSON export?")
+
+
+def test_a_telegram_user_is_a_number_written_one_way():
+    assert speaker(700100301) == "user700100301" and user_id("user700100301") == 700100301
+    assert [user_id(s) for s in ("name:Max", "channel5", "user", "user12x", "discord12")] == [None] * 5
+    assert sender_ids("201", False) == ["201", "user201"] and sender_ids("Max", True) == ["Max"]
+    assert sender_ids(str(ME + (1 << 32)), True)[-1] == f"user{ME}"
+    assert chat_ids("-5", False) == (-5,) and chat_ids(str(MAX + (1 << 32)), True) == (MAX + (1 << 32), MAX)
+    assert chat_ids("Max", True) == ()

@@ -12,7 +12,7 @@ from conftest import refused, traced
 from doppel.cli import main
 from doppel.readers import whatsapp
 from doppel.readers.files import name_id
-from doppel.readers.telegram import Chat, Message
+from doppel.readers.records import Chat, Message
 
 CHAT = "WhatsApp Chat with Max Orlov.txt"
 TEXT = "30.12.2023, 21:59 - Max Orlov: yo\n30.12.2023, 22:01 - Lena Volkova: gym later?\n"

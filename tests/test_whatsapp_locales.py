@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from doppel.cli import main
 from doppel.readers import whatsapp
-from doppel.readers.telegram import Chat, Message
+from doppel.readers.records import Chat, Message
 
 LRM = "\u200e"
 

@@ -184,6 +184,7 @@ def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) 
         doppel train data -o runs/me --max-steps 60
         doppel train data -o runs/me --resume --max-steps 120
         doppel train data -o runs/me7b --config configs/lora-7b.yaml
+        doppel train data -o runs/me-dpo --from runs/me --mode dpo --pairs 40
         accelerate launch --config_file configs/fsdp.yaml -m doppel train data -o runs/full \\
             --config configs/full-fsdp.yaml
     """
@@ -195,14 +196,27 @@ def train(dataset_dir: Path, out: Path, config_file: Path | None, **flags: Any) 
         saved = out / CONFIG_FILE
         resuming = given.get("resume") and saved.is_file()
         cfg = config.load(TrainConfig, config_file, given, base=saved if resuming else None)
+        if cfg.mode == "dpo" and not resuming:
+            from doppel.tuning.dpo import dpo_config
+
+            cfg = dpo_config(config_file, given, cfg)
         try:
-            info = training.train(dataset_dir, out, cfg)
+            if cfg.mode == "dpo":
+                from doppel.tuning.dpo import train_dpo
+
+                with progress_bar("generating preference pairs") as bar:
+                    info = train_dpo(dataset_dir, out, cfg, progress=bar)
+            else:
+                info = training.train(dataset_dir, out, cfg)
         except KeyboardInterrupt:
             if not out.exists():
                 raise Failure("interrupted before the first checkpoint; nothing was kept") from None
             raise Failure(f"interrupted; continue with: doppel train {dataset_dir} -o {out} --resume") from None
     if int(os.environ.get("RANK", "0")):
         return  # under accelerate launch, one process reports
+    if info.from_run:
+        click.echo(f"{info.plan['pairs']} preference pairs from {info.plan['generated']} generated turns "
+                   f"(see {out / 'preferences.jsonl'})")
     click.echo(f"trained {info.steps} steps ({info.epochs:g} epochs), final train loss {info.train_loss:.4f}"
                + (f", eval loss {info.eval_loss:.4f}" if info.eval_loss else ""))
     click.echo(f"wrote {out}")
@@ -291,14 +305,18 @@ def export(run: Path, out: Path, kinds: tuple[str, ...], personas: tuple[str, ..
 @click.option("--memory", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="recall earlier conversations from the run's memory index (auto: when the run trained with it)")
 @click.option("--remember", is_flag=True, help="remember this conversation, for later chats (RUN/memory/)")
+@click.option("--feedback/--no-feedback", default=True, show_default=True,
+              help="record each /rewrite in RUN/feedback.jsonl, for the preference step (docs/security.md)")
 @engine_options
 @config.click_options(Sampling)
 def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, max_context: int | None, memory: str,
-         remember: bool, engine: str, gguf: Path | None, **flags: Any) -> None:
+         remember: bool, feedback: bool, engine: str, gguf: Path | None, **flags: Any) -> None:
     """Chat with a persona of a trained run (or, with no RUN, the untuned embedded model).
 
     Type one message per line; an empty line sends your turn. The persona answers with one or more
-    messages. Commands: /reset, /as NAME, /persona NAME, /quit. From a pipe, the script's blocks
+    messages. Commands: /reset, /as NAME, /persona NAME, /rewrite TEXT, /memory, /quit. /rewrite puts your
+    text in place of the persona's last reply ("that is not how I'd say it"), one message per line up to an
+    empty line, and records the pair in RUN/feedback.jsonl. From a pipe, the script's blocks
     (separated by empty lines) are your turns and the replies are printed.
 
     \b
@@ -307,6 +325,7 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
         printf 'hey\\nwhat'"'"'s up?\\n' | doppel chat runs/me --as "Max Orlov"
     """
     from doppel.errors import ContextTooLong
+    from doppel.feedback import FEEDBACK_FILE
     from doppel.run import Run, open_model
     from doppel.serving import chat as chatting
 
@@ -326,15 +345,16 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
         loaded = open_model(run, engine, gguf)
         conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context,
                                              memory=recall)
+        recorded = found.path / FEEDBACK_FILE if feedback and found is not None and found.finished else None
         interactive = sys.stdin.isatty()
         if interactive:
             click.echo(f"{header_name(persona)} is listening; you are {header_name(user)}. One message per line, an "
                        "empty line sends; "
-                       "/reset /as NAME /persona NAME /memory /quit"
+                       "/reset /as NAME /persona NAME /rewrite TEXT /memory /quit"
                        + (f" (memory: {len(recall.memory.entries):,} entries)" if recall else ""))
         for turn in _turns(interactive, f"{user}> "):
             if turn[0].startswith("/"):
-                if not _command(conversation, turn[0], known):
+                if not _command(conversation, turn, known, recorded):
                     return
                 continue
             try:
@@ -364,7 +384,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
-    """The user's turns: blocks of lines ended by an empty line (or a lone /command)."""
+    """The user's turns: blocks of lines ended by an empty line (or a lone /command; /rewrite's text is a block)."""
     lines: list[str] = []
 
     def read() -> Iterator[str]:
@@ -376,7 +396,7 @@ def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
 
     try:
         for line in read():
-            if line.startswith("/") and not lines:
+            if line.startswith("/") and not lines and line.split(" ", 1)[0] != "/rewrite":
                 yield [line.strip()]
             elif line.strip():
                 lines.append(line)
@@ -389,17 +409,20 @@ def _turns(interactive: bool, prompt: str) -> Iterator[list[str]]:
         yield lines
 
 
-def _command(conversation: Any, line: str, known: list[str]) -> bool:
-    """Apply a /command; False to quit."""
+def _command(conversation: Any, turn: list[str], known: list[str], feedback: Path | None) -> bool:
+    """Apply a /command (`turn`: its line, and for /rewrite the lines of its text after it); False to quit."""
     from doppel.errors import ChatError
     from doppel.serving.chat import check_name
 
-    name, _, arg = line.partition(" ")
+    name, _, arg = turn[0].strip().partition(" ")
     try:
         if name in ("/quit", "/exit"):
             return False
         if name == "/memory":
             _show_memory(conversation)
+            return True
+        if name == "/rewrite" and (messages := [m.strip() for m in [arg, *turn[1:]] if m.strip()]):
+            _rewrite(conversation, messages, feedback)
             return True
         if name == "/reset":
             conversation.reset()
@@ -408,7 +431,8 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
         elif name == "/persona" and arg:
             conversation.persona = check_name(arg.strip(), known, "persona")
         else:
-            click.echo("commands: /reset, /as NAME, /persona NAME, /memory, /quit", err=True)
+            click.echo("commands: /reset, /as NAME, /persona NAME, /rewrite TEXT (the persona's last reply as you "
+                       "would write it, one message per line), /memory, /quit", err=True)
             return True
         click.echo(f"({header_name(conversation.persona)} ← {header_name(conversation.user)}, "
                    f"{len(conversation.history)} turns of history)",
@@ -416,6 +440,30 @@ def _command(conversation: Any, line: str, known: list[str]) -> bool:
     except ChatError as exc:
         click.echo(f"doppel: {exc}", err=True)
     return True
+
+
+def _rewrite(conversation: Any, messages: list[str], feedback: Path | None) -> None:
+    """Put `messages` in place of the persona's last reply, and record the pair in `feedback` (None: not recorded)."""
+    import time
+
+    from doppel.feedback import FeedbackPair, record
+
+    context = tuple(conversation.history[:-1])
+    replaced = conversation.rewrite(messages)  # a ChatError when there is no reply to rewrite
+    persona = header_name(conversation.persona)
+    if list(replaced.messages) == messages:
+        click.echo(f"({persona}'s last reply is already that; nothing recorded)", err=True)
+        return
+    if feedback is None:
+        click.echo(f"({persona}'s last reply rewritten; not recorded: --no-feedback, or no trained run)", err=True)
+        return
+    try:
+        record(feedback, FeedbackPair(context, conversation.persona, tuple(messages), replaced.messages, "chat",
+                                      int(time.time())))
+    except OSError as exc:  # the chat goes on, with the reply rewritten
+        click.echo(f"doppel: cannot write {feedback} ({exc.strerror or exc}); the rewrite is not recorded", err=True)
+        return
+    click.echo(f"({persona}'s last reply rewritten; recorded in {feedback})", err=True)
 
 
 def _show_memory(conversation: Any) -> None:
@@ -440,7 +488,8 @@ def serve(run: Path | None, as_: str | None, engine: str, gguf: Path | None, **f
 
     The request's `model` is the persona; a user message's `name` says who writes. It binds 127.0.0.1;
     another --host needs --api-key (or --insecure). Requests are limited in size, messages and prompt
-    tokens (the --max-* options).
+    tokens (the --max-* options). The page's "rewrite" on the persona's last reply posts to /doppel/feedback,
+    which records it in RUN/feedback.jsonl (--no-feedback: refused).
 
     \b
     Example:
@@ -450,6 +499,7 @@ def serve(run: Path | None, as_: str | None, engine: str, gguf: Path | None, **f
     """
     import uvicorn
 
+    from doppel.feedback import FEEDBACK_FILE
     from doppel.run import Run, open_model
     from doppel.serving import chat as chatting
     from doppel.serving.server import create_app
@@ -465,7 +515,9 @@ def serve(run: Path | None, as_: str | None, engine: str, gguf: Path | None, **f
         recall = chatting.open_memory(found if found is not None and found.finished else None, cfg.memory,
                                       cfg.remember)
         loaded = open_model(run, engine, gguf)
-        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall)
+        feedback = found.path / FEEDBACK_FILE if cfg.feedback and found is not None and found.finished else None
+        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall,
+                         feedback=feedback)
     if not cfg.loopback and cfg.api_key is None:
         click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
                     "this address can use the model", err=True, fg="red", bold=True)
@@ -490,7 +542,9 @@ def bot(run: Path, token: str, engine: str, gguf: Path | None, **flags: Any) -> 
     Only you may have another persona answer, and only in your own chat with the bot. With --business the bot
     is your Telegram Business chatbot: for each message in your private chats it sends you a suggested reply with
     Send / Edit / Skip, and nothing reaches the contact before you tap Send; --auto answers --allow'ed contacts
-    itself, every message opened with --marker. Commands in the chat: /reset, /as NAME, /persona NAME (you only).
+    itself, every message opened with --marker. What you do with each draft (Send, Edit, Skip and what you wrote
+    instead) goes to RUN/feedback.jsonl, for the preference step (--no-feedback: nothing). Commands in the chat:
+    /reset, /as NAME, /persona NAME (you only).
     Long polling; Ctrl-C stops, and a restart goes on where it stopped (RUN/bot/).
 
     \b

@@ -22,7 +22,7 @@ from doppel.errors import ConfigError
 
 
 def knob(default: Any, help: str, **extra: Any) -> Any:
-    """A config field with its help text (shown by `--help`)."""
+    """A config field with its help text (shown by `--help`); `alias`: a second, shorter flag."""
     if isinstance(default, list | tuple):
         return field(default_factory=lambda: tuple(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -68,7 +68,9 @@ class PrepareConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str | None = knob(None, "base model: Hugging Face id or local path (default: embedded SmolLM2-135M)")
-    mode: Literal["lora", "qlora", "full"] = knob("lora", "lora, qlora (4-bit NF4 base, bitsandbytes) or full")
+    mode: Literal["lora", "qlora", "full", "dpo"] = knob(
+        "lora", "lora, qlora (4-bit NF4 base, bitsandbytes) or full; dpo: preference tuning of the run --from "
+        "names, on its own wrong turns (tuning/dpo.py)")
     max_length: int = knob(1024, "tokens per training row; longer sessions are split at turn boundaries")
     packing: bool = knob(True, "pack short sessions into full rows (they never attend to each other)")
     batch_size: int | None = knob(None, "rows per device per micro-batch (default: 8 on a GPU; 1 on CPU, where "
@@ -105,9 +107,16 @@ class TrainConfig:
         "when the dataset has one)")
     memory_tokens: int | None = knob(None, "tokens of a row the recalled memory may take (default: max_length / 4)")
     report_to: tuple[str, ...] = knob((), "also log to: tensorboard, trackio, wandb (repeatable)")
+    from_run: Path | None = knob(None, "mode dpo: the finished LoRA run whose mistakes it learns from (its model, "
+                                 "max_length and memory settings are kept unless --config or a flag gives them)",
+                                 alias="--from")
+    pairs: int | None = knob(None, "mode dpo: at most this many training turns to generate a pair from (default: all)")
+    feedback: Path | None = knob(None, "mode dpo: also the owner's corrections, a feedback.jsonl (each pair counts "
+                                 "three times)")
+    beta: float = knob(0.1, "mode dpo: how far from the --from run the preferences may pull (DPO's beta)")
 
     def __post_init__(self) -> None:
-        positive = ("max_length", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha",
+        positive = ("max_length", "pairs", "batch_size", "gradient_accumulation", "lora_r", "lora_alpha",
                     "save_steps", "logging_steps", "save_total_limit")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -119,6 +128,12 @@ class TrainConfig:
                               f"got {self.memory_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.mode == "dpo" and self.from_run is None:
+            raise ConfigError("mode dpo needs --from RUN: the finished run whose own turns it learns from")
+        if self.mode != "dpo" and (self.from_run, self.pairs, self.feedback) != (None, None, None):
+            raise ConfigError("from_run, pairs and feedback are options of mode dpo")
+        if not 0 < self.beta <= 10:  # also refuses nan
+            raise ConfigError(f"beta must be in (0, 10], got {self.beta}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         if self.learning_rate is not None and not 0 < self.learning_rate < 1:
@@ -135,7 +150,8 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        return self.learning_rate or (2e-5 if self.mode == "full" else 2e-4)
+        # dpo: a quarter of LoRA's, as preference tuning moves a tuned model, not a base one
+        return self.learning_rate or {"full": 2e-5, "dpo": 5e-5}.get(self.mode, 2e-4)
 
 
 @dataclass(frozen=True)
@@ -208,6 +224,8 @@ class ServeConfig:
     memory: Literal["auto", "on", "off"] = knob("auto", "recall earlier conversations from the run's memory index "
                                                 "(auto: when the run trained with it)")
     remember: bool = knob(False, "remember the conversations served, for later ones (RUN/memory/)")
+    feedback: bool = knob(True, "record the web page's rewrites of the persona's replies in RUN/feedback.jsonl, for "
+                          "the preference step (docs/security.md)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -248,6 +266,8 @@ class BotConfig:
     max_context: int | None = knob(None, "tokens of history kept per chat (default: the model's context)")
     memory: Literal["auto", "on", "off"] = knob("auto", "recall earlier conversations from the run's memory index "
                                                 "(auto: when the run trained with it)")
+    feedback: bool = knob(True, "business mode: record what you do with each draft (Send, Edit, Skip and what you "
+                          "wrote instead) in RUN/feedback.jsonl, for the preference step (docs/security.md)")
     base_url: str = knob("https://api.telegram.org/bot", "the Bot API's address, the token appended (or put where "
                          "{token} is): a local Bot API server")
     poll_timeout: int = knob(30, "seconds one long poll for updates waits")
@@ -356,7 +376,7 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             if kind is bool:
                 decl = [f"{flag}/--no-{flag[2:]}", f.name]
             else:
-                decl = [flag, f.name]
+                decl = [flag, *([f.metadata["alias"]] if "alias" in f.metadata else []), f.name]
                 inner = next((a for a in args if a is not type(None)), kind)
                 if typing.get_origin(kind) is tuple:
                     extra.update(multiple=True, default=())

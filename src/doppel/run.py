@@ -10,6 +10,8 @@
     RUN/eval/                       `doppel eval`'s report
     RUN/memory/remembered.jsonl     conversations held with the model under `--remember` (memory/index.py)
     RUN/gguf.json                   where `doppel export` last wrote its GGUF files (exporting/gguf.py)
+    RUN/feedback.jsonl              the owner's corrections of replies, for preference tuning (feedback.py)
+    RUN/preferences.jsonl           mode dpo: the pairs of real and generated turns (tuning/preferences.py)
 
 `training/` writes it; chat, serve, eval, merge and bench read it through `Run.open` (or `open_model`, which
 also takes a merged or Hugging Face model directory, or nothing for the embedded model).
@@ -40,7 +42,7 @@ class RunInfo:
     """What run.json says about a finished run."""
 
     base: str | None  # the base model as given (None: the embedded one)
-    mode: str  # lora, qlora or full
+    mode: str  # lora, qlora, full, or dpo (a LoRA adapter: the --from run's, with the preference step's stacked on)
     steps: int
     epochs: float
     train_loss: float  # the mean over all of the run's steps
@@ -55,6 +57,7 @@ class RunInfo:
     finished: str = ""
     plan: dict[str, Any] = field(default_factory=dict)  # how it trained here: device, rows, optimizer, …
     memory_tokens: int | None = None  # trained with memory blocks of at most this many tokens; None: without
+    from_run: str | None = None  # mode dpo: the run it was tuned from
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "mode": self.mode, "attention": self.attention, "precision": self.precision,
@@ -62,7 +65,8 @@ class RunInfo:
                 "epochs": self.epochs, "train_loss": self.train_loss, "eval_loss": self.eval_loss,
                 "dataset": self.dataset, "owner": {"id": self.owner_id, "name": self.owner_name},
                 "finished": self.finished, "plan": self.plan,
-                "memory": {"tokens": self.memory_tokens} if self.memory_tokens else None}
+                "memory": {"tokens": self.memory_tokens} if self.memory_tokens else None,
+                **({"from": self.from_run} if self.from_run else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunInfo:
@@ -71,7 +75,7 @@ class RunInfo:
                    data.get("eval_loss"), data.get("dataset", ""), owner.get("id"), owner.get("name"),
                    data.get("attention", "sdpa"), data.get("precision", "fp32"), data.get("processes", 1),
                    data.get("distributed", "no"), data.get("finished", ""), dict(data.get("plan") or {}),
-                   (data.get("memory") or {}).get("tokens"))
+                   (data.get("memory") or {}).get("tokens"), data.get("from"))
 
 
 class Run:

@@ -1,11 +1,17 @@
 """What each update means for the bot's state: a message to answer, a command, a refusal owed, a business chat's
 new word, the owner's tap on a draft. Nothing here waits on the model; the workers (telegram.py) answer later.
+
+What the owner does with a draft is feedback (feedback.py), gathered in `pending` while an update is filed and
+written by `flush` once the state that update brought is saved: a crash may lose the pair of the update it cut short,
+never write one twice.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from telegram import BusinessConnection, Message, Update
 
@@ -14,6 +20,8 @@ from doppel.bot.people import People
 from doppel.bot.state import Chat, Connection, Draft, Op, State
 from doppel.config import BotConfig
 from doppel.errors import ChatError, ContextTooLong
+from doppel.feedback import FeedbackPair, Source, record
+from doppel.records import Turn
 from doppel.serving.chat import check_name, pick_people
 
 SHOWN = 2000  # characters of the contact's messages a draft shows, at most
@@ -28,8 +36,10 @@ class Intake:
     """Files updates into the state, and wakes the chats that have work."""
 
     def __init__(self, api: Api, cfg: BotConfig, people: People, state: State,
-                 wake: Callable[[str, bool], None]) -> None:
+                 wake: Callable[[str, bool], None], feedback: Path | None = None) -> None:
         self.api, self.cfg, self.people, self.state, self.wake = api, cfg, people, state, wake
+        self.feedback = feedback  # RUN/feedback.jsonl; None: nothing recorded
+        self.pending: list[FeedbackPair] = []  # to write once the state is saved
 
     async def file(self, update: Update) -> None:
         """File one update into the state (its answer is the workers' job)."""
@@ -160,6 +170,7 @@ class Intake:
             chat.owner_at = message.date.timestamp()
         text = message.text or message.caption
         if text:
+            self._after_skip(key, text if owner else None)
             chat.inbox.append({"text": text, "owner": owner})
             self.wake(key, not owner)
 
@@ -181,8 +192,13 @@ class Intake:
         if action == "send":
             self._do(key, chat, {"op": "answer", "id": query.id, "text": "sent"})
             self._send_draft(number, draft["messages"], "✓ sent")
+            self._record(draft, draft["messages"], [], "bot-send")
         elif action == "skip":
-            draft["status"] = "skipped"
+            draft["status"] = "skipped"  # its context waits for what the owner writes to the contact instead
+            waiting = [n for n, d in self.state.drafts.items()
+                       if d["chat"] == draft["chat"] and d["status"] == "skipped" and "context" in d]
+            for older in sorted(waiting, key=int)[:-1]:  # the newest answers the contact's words of all of them
+                self.state.drafts[older].pop("context")
             self._do(key, chat, {"op": "answer", "id": query.id, "text": "skipped"})
             self._do(key, chat, self._edit(draft, "✗ skipped"))
         elif action == "edit":
@@ -199,6 +215,8 @@ class Intake:
         lines = [line.strip() for line in (text or "").split("\n") if line.strip()]
         if draft is not None and draft["status"] == "open" and lines and not lines[0].startswith("/"):
             self._send_draft(number or "", lines, "✓ sent as you wrote it")
+            same = lines == draft["messages"]  # an edit that changed nothing approves the draft
+            self._record(draft, lines, [] if same else draft["messages"], "bot-send" if same else "bot-edit")
             self._say(key, chat, f"(sent to {draft['name']})")
         else:
             self._say(key, chat, BUSINESS_HELP)
@@ -220,8 +238,9 @@ class Intake:
         return {"op": "edit", "chat_id": self.state.chats[draft["control"]].chat_id,
                 "message_id": draft["message_id"], "text": f"{draft['text']}\n\n{note}"}
 
-    def draft(self, key: str, chat: Chat, said: list[str], reply: list[str]) -> None:
-        """Offer `reply` to the owner, in the bot's chat, with Send / Edit / Skip."""
+    def draft(self, key: str, chat: Chat, said: list[str], reply: list[str], context: list[Turn]) -> None:
+        """Offer `reply` to the owner, in the bot's chat, with Send / Edit / Skip; `context`: the chat's turns before
+        it, kept with the draft for the feedback."""
         control_id = self.state.connections[chat.business or ""]["chat"]
         control_key = str(control_id)
         number = str(self.state.next_draft)
@@ -235,9 +254,43 @@ class Intake:
             del self.state.drafts[old]
         self.state.drafts[number] = {"chat": key, "control": control_key, "name": name, "messages": reply,
                                      "text": text, "status": "open", "message_id": None}
+        if self.feedback is not None:
+            self.state.drafts[number]["context"] = [(t.speaker, list(t.messages)) for t in context]
         self._do(control_key, self._chat(control_key, control_id), {
             "op": "send", "chat_id": control_id, "text": text, "draft": number,
             "buttons": [["Send", f"send:{number}"], ["Edit", f"edit:{number}"], ["Skip", f"skip:{number}"]]})
+
+    def _after_skip(self, key: str, owner_text: str | None) -> None:
+        """A message in business chat `key` after a skipped draft: the owner's (`owner_text`) is part of the reply they
+        wrote instead; the contact's ends it, and the pair is recorded (or, when the owner wrote nothing, dropped)."""
+        for draft in self.state.drafts.values():
+            if draft["chat"] != key or draft["status"] != "skipped" or "context" not in draft:
+                continue
+            if owner_text is not None:
+                draft.setdefault("answer", []).append(owner_text)
+                return  # the newest skipped draft of the chat: there is only one that keeps its context
+            self._record(draft, draft.pop("answer", []), draft["messages"], "bot-skip")
+
+    def _record(self, draft: Draft, chosen: list[str], rejected: list[str], source: Source) -> None:
+        """What the owner did with `draft`, as a pair to write once the state is saved; the draft's context goes."""
+        context = draft.pop("context", None)
+        persona = self.state.chats[draft["chat"]].persona
+        chosen = [m for m in chosen if m.strip()]
+        if self.feedback is None or context is None or persona is None or not chosen:
+            return
+        turns = tuple(Turn(speaker, "", tuple(messages), False) for speaker, messages in context)
+        self.pending.append(FeedbackPair(turns, persona, tuple(chosen), tuple(rejected), source, int(time.time())))
+
+    def flush(self) -> None:
+        """Write the pairs gathered (called once the state they came with is saved)."""
+        pending, self.pending = self.pending, []
+        try:
+            for pair in pending:
+                assert self.feedback is not None  # nothing is gathered without it
+                record(self.feedback, pair)
+        except OSError as exc:  # the bot goes on: the replies matter more than the record of them
+            log.warning("cannot write %s (%s): what you did with a draft is not recorded", self.feedback,
+                        exc.strerror or exc)
 
     def not_drafted(self, chat: Chat, said: list[str], exc: ChatError) -> None:
         """Tell the owner that `said`, the contact's newest messages, got no suggested reply, and why."""

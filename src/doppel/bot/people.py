@@ -11,7 +11,6 @@ gets no recall.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,13 @@ from doppel.config import BotConfig
 from doppel.errors import BotError
 from doppel.memory.index import TOP, Memory
 from doppel.memory.recall import Recall, chat_query
+from doppel.readers import telegram_ids
 from doppel.records import MemoryEntry, Turn
 from doppel.render import fit_memory
 from doppel.serving.chat import check_name, pick_people
 
 if TYPE_CHECKING:
     from doppel.run import Run
-
-TELEGRAM_SPEAKER = re.compile(r"user(\d+)")  # how a Telegram export names its people (readers/telegram.py)
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ def people_of(run: Run, cfg: BotConfig) -> People:
         raise BotError("nobody may talk with the bot: give --allow ID_OR_USERNAME (or --owner YOUR_ID)")
     ids = frozenset(int(a) for a in cfg.allow if a.isdigit())
     usernames = frozenset(a.lstrip("@").lower() for a in cfg.allow if not a.isdigit())
-    telegram = tuple((int(m.group(1)), s.name) for s in stats.speakers if (m := TELEGRAM_SPEAKER.fullmatch(s.id)))
+    telegram = tuple((n, s.name) for s in stats.speakers if (n := telegram_ids.user_id(s.id)) is not None)
     return People(owner, persona, owner_id, owner_username, ids, usernames, tuple(stats.speaker_names), telegram)
 
 
@@ -95,8 +93,8 @@ def _account(run: Run, cfg: BotConfig) -> tuple[int | None, str | None]:
     """(id, username) of the owner's Telegram account: --owner, else the export owner's id."""
     if cfg.owner is not None:
         return (int(cfg.owner), None) if cfg.owner.isdigit() else (None, cfg.owner.lstrip("@").lower())
-    found = TELEGRAM_SPEAKER.fullmatch((run.stats.owner_id if run.stats else None) or "")
-    return (int(found.group(1)), None) if found else (None, None)
+    found = telegram_ids.user_id((run.stats.owner_id if run.stats else None) or "")
+    return (found, None) if found is not None else (None, None)
 
 
 class OwnRecall(Recall):

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Required, TypedDict
+from typing import Any, Literal, NotRequired, Required, TypedDict
 
 import msgspec
 
@@ -61,7 +61,12 @@ class Contact(TypedDict, total=False):
 
 
 class Draft(TypedDict):
-    """A reply suggested to the owner: for which chat, in which chat it was offered, and what became of it."""
+    """A reply suggested to the owner: for which chat, in which chat it was offered, and what became of it.
+
+    With feedback on (feedback.py), `context` is the chat's turns before the draft, (speaker, messages) each,
+    kept until what the owner did with it is recorded; `answer` is what the owner wrote by hand in that chat after a
+    Skip, recorded when the contact writes next (the owner's turn is whole then).
+    """
 
     chat: str
     control: str
@@ -70,6 +75,8 @@ class Draft(TypedDict):
     text: str
     status: Literal["open", "sent", "skipped"]
     message_id: int | None
+    context: NotRequired[list[tuple[str, list[str]]]]
+    answer: NotRequired[list[str]]
 
 
 class Connection(TypedDict):

@@ -7,7 +7,8 @@ answer, and only in the owner's own chat (people.py).
 Business mode: the bot is the owner's chatbot in Telegram Business and sees the owner's private chats. It suggests a
 reply in the owner's chat with the bot, with Send / Edit / Skip buttons, and nothing reaches the contact before the
 owner's tap; with `auto`, allowed contacts get the reply at once, each message opened by a marker that says it is
-not the owner, unless the owner wrote in that chat lately.
+not the owner, unless the owner wrote in that chat lately. What the owner does with each draft goes to
+RUN/feedback.jsonl (intake.py, feedback.py) unless `feedback` is off; nothing is recorded in bot mode.
 
 One loop long-polls getUpdates and files each update into the state (intake.py, state.py) before acknowledging it; a
 worker per chat answers its inbox and empties its outbox, the Bot API calls waiting out flood limits and outages
@@ -36,6 +37,7 @@ from doppel.bot.people import OwnRecall, People, people_of
 from doppel.bot.state import Chat, Op, State
 from doppel.config import BotConfig, Sampling
 from doppel.errors import BotError, ChatError
+from doppel.feedback import FEEDBACK_FILE
 from doppel.memory.recall import Recall
 from doppel.records import Turn
 from doppel.serving.chat import Conversation, open_memory
@@ -71,7 +73,8 @@ async def serve(run: Run, token: str, cfg: BotConfig, sampling: Sampling, loaded
         recall = open_memory(run, cfg.memory)
         if loaded is None:
             loaded = await asyncio.to_thread(open_model, run.path, engine, gguf)
-        twin = Twin(bot, cfg, sampling, people, state, loaded.model, loaded.tokenizer, recall)
+        feedback = run.path / FEEDBACK_FILE if cfg.business and cfg.feedback else None
+        twin = Twin(bot, cfg, sampling, people, state, loaded.model, loaded.tokenizer, recall, feedback)
         if ready is not None:
             ready(_describe(me.username, people, cfg, recall))
         await twin.run()
@@ -95,10 +98,10 @@ class Twin:
     """The running bot: the poll loop, a worker per chat, the model behind a lock."""
 
     def __init__(self, bot: Bot, cfg: BotConfig, sampling: Sampling, people: People, state: State, model: Any,
-                 tokenizer: Any, recall: Recall | None) -> None:
+                 tokenizer: Any, recall: Recall | None, feedback: Path | None = None) -> None:
         self.bot, self.cfg, self.sampling, self.people, self.state = bot, cfg, sampling, people, state
         self.api = Api(bot)
-        self.intake = Intake(self.api, cfg, people, state, self._wake)
+        self.intake = Intake(self.api, cfg, people, state, self._wake, feedback)
         self.model, self.tokenizer, self.recall = model, tokenizer, recall
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.conversations: dict[str, Conversation] = {}
@@ -145,6 +148,7 @@ class Twin:
                 await self.intake.file(update)
                 self.state.offset = update.update_id + 1
                 self.state.save()  # from here on Telegram may forget it: the next poll acknowledges it
+                self.intake.flush()
 
     # --- the workers --------------------------------------------------------------------------------------------
 
@@ -226,7 +230,7 @@ class Twin:
         if business and not auto:
             if reply:
                 turns.pop()  # not said until the owner sends it
-                self.intake.draft(key, chat, said, reply)
+                self.intake.draft(key, chat, said, reply, turns)
             return turns, []
         marker = self.cfg.marker if business else ""
         return turns, [{"op": "send", "chat_id": chat.chat_id, "business": chat.business, "text": marker + text,

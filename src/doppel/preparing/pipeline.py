@@ -3,8 +3,9 @@
 Readers: Telegram Desktop's JSON (readers/telegram.py), WhatsApp's chat export (whatsapp.py), DiscordChatExporter's
 JSON (discord.py), Messenger and Instagram from Meta's download (meta.py), signal-export's Markdown or JSON of
 Signal Desktop (signal.py), LINE's chat history (line.py), the WeChat CSV of PyWxDump and MemoTrace (wechat.py),
-the Messages chat.db of a Mac (imessage.py) and plain JSONL (jsonl.py) all give the same `Chat` and `Message`
-records; everything after them is one path.
+the Messages chat.db of a Mac (imessage.py) and plain JSONL (jsonl.py) all give the same `Header`, `Chat` and
+`Message` records through one entry point (readers/records.py); everything after them is one path. `DETECTION`
+tells an export's format, `READERS` reads it: a new format is one module and a line in each.
 
 The dataset is built in a temporary sibling directory and swapped into place only when complete,
 so a failed run never leaves a half-written dataset and never damages an existing one. An existing
@@ -42,8 +43,8 @@ from doppel.dataset import (
 from doppel.errors import ConfigError, ExportError
 from doppel.preparing import privacy, sessions
 from doppel.preparing.sessions import Census
-from doppel.readers import discord, imessage, jsonl, line, meta, signal, wechat, whatsapp
-from doppel.readers.telegram import Chat, Header, Message, UnusualLayout, export_file, iter_export, read_header
+from doppel.readers import discord, imessage, jsonl, line, meta, records, signal, telegram, wechat, whatsapp
+from doppel.readers.records import Chat, Header, Message, Reader
 from doppel.records import Session
 
 
@@ -59,16 +60,13 @@ def prepare(export: str | Path | Sequence[str | Path], out: str | Path, cfg: Pre
     if not paths:
         raise ExportError("no export given")
     sources = [_open(path, cfg, progress) for path in paths]
-    header = sources[0].header if len(sources) == 1 else Header(
-        "full", next((s.header.owner_id for s in sources if s.header.owner_id), None),
-        any(s.header.shifted for s in sources),
-        next((s.header.owner_name for s in sources if s.header.owner_id), None))
+    header = sources[0].header if len(sources) == 1 else records.joined([s.header for s in sources])
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     work = work_folder(out)
     try:
-        census = _collect_all(sources, cfg, work / "spool.jsonl", progress)
+        census = _collect_all(sources, cfg, work / "spool.jsonl")
         stats = _write(census, header, cfg, work)
         stats = replace(stats, reading={s.path.name: dict(s.header.notes) for s in sources if s.header.notes})
         (work / "spool.jsonl").unlink()
@@ -105,31 +103,29 @@ class _Source:
     path: Path
     kind: str
     header: Header
-    items: Iterator[Chat | Message] | None  # None: Telegram's, read (and maybe read again) by `_collect`
+    items: Iterator[Chat | Message]
 
 
 def _open(path: Path, cfg: PrepareConfig, progress: Callable[[int, int], None] | None) -> _Source:
     kind = detect(path, cfg.format)
     if kind == "telegram":
-        path = export_file(path)
-        return _Source(path, kind, read_header(path), None)
+        path = telegram.export_file(path)  # a folder's result.json: its size, and its name in stats.json
     size = path.stat().st_size if path.is_file() else 0
     header, items = READERS[kind](path, (lambda n: progress(n, size)) if progress else None)
     return _Source(path, kind, header, items)
 
 
-def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path,
-                 progress: Callable[[int, int], None] | None) -> Census:
+def _collect_all(sources: list[_Source], cfg: PrepareConfig, spool: Path) -> Census:
     """Every export's census, one after the other; their spools joined into `spool`. A session that two exports
     both hold (the same chat and first message: a chat exported twice) is kept once."""
     if len(sources) == 1:
-        return _collect(sources[0].path, sources[0].header, cfg, spool, progress, sources[0].items)
+        return _collect(sources[0], cfg, spool)
     merged = Census()
     seen: set[tuple[int, int]] = set()
     with spool.open("wb") as joined:
         for k, source in enumerate(sources):
             own = spool.with_name(f"spool.{k}.jsonl")
-            census = _collect(source.path, source.header, cfg, own, progress, source.items)
+            census = _collect(source, cfg, own)
             offset = len(merged.chats)
             with own.open("rb") as handle:
                 for line in handle:
@@ -217,81 +213,70 @@ def _swap(work: Path, out: Path) -> None:
                 folder.rmdir()
 
 
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def _text(path: Path) -> bool:
+    return _suffix(path) in (".txt", ".md") and path.is_file()
+
+
+def _folder(path: Path) -> bool:
+    return path.is_dir() and not (path / "result.json").exists()
+
+
+def _json(path: Path) -> bool:
+    return path.is_file() and _suffix(path) == ".json"
+
+
+def _sample(path: Path) -> str:
+    """A text file's first 64 KiB, which tell LINE's chat history (its title, or TABs after the times) and Signal's
+    Markdown (whose dates WhatsApp's year-first layouts would also read) from WhatsApp's chat."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(1 << 16).decode("utf-8", "ignore").removeprefix("\ufeff")
+    except OSError:  # unreadable: the reader says so
+        return ""
+
+
+# (format, whether a path is its export), asked in this order: the first yes is the export's format, else Telegram's
+DETECTION: tuple[tuple[str, Callable[[Path], bool]], ...] = (
+    ("jsonl", lambda p: _suffix(p) == ".jsonl"),
+    ("wechat", lambda p: _suffix(p) == ".csv"),
+    ("imessage", lambda p: _suffix(p) == ".db" or (p.is_dir() and (p / "chat.db").is_file())),
+    ("line", lambda p: _text(p) and _suffix(p) == ".txt" and line.is_history(_sample(p))),
+    ("signal", lambda p: _text(p) and (signal.is_markdown(_sample(p)) or _suffix(p) == ".md")),
+    ("whatsapp", lambda p: _suffix(p) in (".txt", ".zip")),
+    ("meta", lambda p: _folder(p) and meta.is_meta(p)),
+    ("signal", lambda p: _folder(p) and signal.is_export(p)),
+    ("wechat", lambda p: _folder(p) and wechat.is_export(p)),
+    ("signal", lambda p: _json(p) and signal.is_json(p)),
+    ("meta", lambda p: _json(p) and meta.is_meta(p)),
+    ("discord", lambda p: _json(p) and discord.first_key(p) == "guild"),
+)
+READERS: dict[str, Reader] = {
+    "telegram": telegram.read, "whatsapp": whatsapp.read, "discord": discord.read, "meta": meta.read,
+    "jsonl": jsonl.read, "signal": signal.read, "line": line.read, "wechat": wechat.read, "imessage": imessage.read}
+
+
 def detect(export: Path, chosen: str = "auto") -> str:
-    """The export's format: the one chosen, or told by the file's name and suffix, a folder's files, a JSON file's
-    first key or line, and a text file's first 64 KiB (LINE, Signal or WhatsApp: `_by_text`)."""
+    """The export's format: the one chosen, or the first of `DETECTION` that the path is (told by the file's name
+    and suffix, a folder's files, a JSON file's first key or line, a text file's first 64 KiB), else Telegram's."""
     if chosen != "auto":
         return chosen
-    suffix = export.suffix.lower()
-    if suffix == ".jsonl":
-        return "jsonl"
-    if suffix == ".csv":
-        return "wechat"
-    if suffix == ".db" or (export.is_dir() and (export / "chat.db").is_file()):
-        return "imessage"
-    if suffix in (".txt", ".md") and export.is_file():
-        return _by_text(export, suffix)
-    if suffix in (".txt", ".zip"):
-        return "whatsapp"
-    if export.is_dir() and not (export / "result.json").exists() and meta.is_meta(export):
-        return "meta"
-    if export.is_dir() and not (export / "result.json").exists() and signal.is_export(export):
-        return "signal"
-    if export.is_dir() and not (export / "result.json").exists() and wechat.is_export(export):
-        return "wechat"
-    if export.is_file() and suffix == ".json":
-        if signal.is_json(export):
-            return "signal"
-        if meta.is_meta(export):
-            return "meta"
-        if discord.first_key(export) == "guild":
-            return "discord"
-    return "telegram"
+    return next((kind for kind, test in DETECTION if test(export)), "telegram")
 
 
-def _by_text(export: Path, suffix: str) -> str:
-    """A text file's format, told by its first 64 KiB: LINE's chat history (its title, or TABs after the times),
-    Signal's Markdown (whose dates WhatsApp's year-first layouts would also read), else WhatsApp's chat (a `.md`
-    file: Signal's, whatever it holds)."""
-    try:
-        with export.open("rb") as handle:
-            sample = handle.read(1 << 16).decode("utf-8", "ignore").removeprefix("\ufeff")
-    except OSError:  # unreadable: the reader says so
-        sample = ""
-    if suffix == ".txt" and line.is_history(sample):
-        return "line"
-    if signal.is_markdown(sample) or suffix == ".md":
-        return "signal"
-    return "whatsapp"
-
-
-READERS: dict[str, Callable[..., tuple[Header, Iterator[Chat | Message]]]] = {
-    "whatsapp": whatsapp.read, "discord": discord.read, "meta": meta.read, "jsonl": jsonl.read,
-    "signal": signal.read, "line": line.read, "wechat": wechat.read, "imessage": imessage.read}
-
-
-def _collect(export: Path, header: Header, cfg: PrepareConfig, spool: Path,
-             progress: Callable[[int, int], None] | None, items: Iterator[Chat | Message] | None = None) -> Census:
-    if items is not None:  # a reader of one pass
-        with spool.open("wb") as handle:
-            return sessions.collect(items, cfg, handle)
-    size = export.stat().st_size
-    for general in (False, True):
-        with spool.open("wb") as handle:
-            try:
-                items = iter_export(export, general=general,
-                                    on_read=(lambda n: progress(n, size)) if progress else None)
-                return sessions.collect(items, cfg, handle, header.shifted)
-            except UnusualLayout:
-                continue  # the general reader starts over from the first byte
-    raise AssertionError("unreachable: the general reader does not raise UnusualLayout")
+def _collect(source: _Source, cfg: PrepareConfig, spool: Path) -> Census:
+    with spool.open("wb") as handle:
+        return sessions.collect(source.items, cfg, handle, source.header.shifted)
 
 
 def _write(census: Census, header: Header, cfg: PrepareConfig, work: Path) -> DatasetStats:
     unmatched = [v for v in cfg.chat if v not in census.matched]
     if unmatched:
         raise ConfigError(f"chat {unmatched[0]!r} matched no chat in the export")
-    if header.layout == "single":
+    if header.one_chat:
         _check_single_chat(census)
     same = sessions.same_people(census, cfg.same_person)
     owner = sessions.resolve_owner(header, census, cfg)

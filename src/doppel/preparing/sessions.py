@@ -22,7 +22,8 @@ import msgspec
 from doppel.config import PrepareConfig
 from doppel.errors import ConfigError
 from doppel.preparing import privacy
-from doppel.readers.telegram import Chat, Header, Message, chat_id, peer_id
+from doppel.readers import telegram_ids
+from doppel.readers.records import Chat, Header, Message
 from doppel.records import ChatRef, Session, Turn
 
 SERVICE_CHAT = 777000  # "Telegram" notifications: login codes
@@ -92,8 +93,7 @@ class SeenIds:
 
 def _matches(chat: Chat, wanted: Iterable[str], shifted: bool = False) -> str | None:
     for value in wanted:
-        # an id as the file shows it: in a v1.4.8-v2.7.1 export, shifted by 2^32 or 2^33
-        if value.lstrip("-").isdigit() and (int(value) == chat.id or (shifted and chat_id(int(value)) == chat.id)):
+        if chat.id in telegram_ids.chat_ids(value, shifted):  # an id as the file shows it
             return value
         name = chat.name or ("Saved Messages" if chat.type == "saved_messages" else None)
         if name is not None and value.casefold() == name.casefold():
@@ -246,10 +246,7 @@ def _candidates(census: Census) -> str:
 def sender_id(value: str, census: Census, shifted: bool) -> str | None:
     """The id of the sender that `value` names: an id ("user123", or 123, or an old export's shifted number) or a
     name; None when nobody in the export is that."""
-    forms = [value]
-    if value.isdigit():
-        forms += [f"user{value}"] + ([peer_id(int(value))] if shifted else [])
-    found = next((f for f in forms if f in census.names), None)
+    found = next((f for f in telegram_ids.sender_ids(value, shifted) if f in census.names), None)
     if found is None:
         named = [sid for sid, name in census.names.items() if name and name.casefold() == value.casefold()]
         found = named[0] if len(named) == 1 else None
@@ -260,7 +257,7 @@ def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | N
     """The owner's id by the rules of the export format; `--me` overrides (and must name someone in the export)."""
     if cfg.me:
         me = sender_id(cfg.me, census, header.shifted)
-        if me is None and header.owner_id and cfg.me in (header.owner_id, header.owner_id.removeprefix("user")):
+        if me is None and header.owner_id and header.owner_id in telegram_ids.sender_ids(cfg.me, False):
             return header.owner_id  # the account owner, whose messages may all have been left out
         if me is None:
             raise ConfigError(f"me {cfg.me!r} is not a speaker in this export; one of: {_candidates(census)}")
@@ -268,13 +265,13 @@ def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | N
     if header.owner_id:
         return header.owner_id
     saved = next((c for c in census.chats if c.type == "saved_messages"), None)
-    if saved is not None:
-        return f"user{saved.id}"
+    if saved is not None:  # Saved Messages: its id is the owner's
+        return telegram_ids.speaker(saved.id)
     personal = [(c, s) for c, s in zip(census.chats, census.senders, strict=True)
                 if c.type in ("personal_chat", "bot_chat") and s]
-    if header.layout == "single" and personal:
+    if header.one_chat and personal:
         chat, senders = personal[0]
-        peer = f"user{chat.id}"
+        peer = telegram_ids.speaker(chat.id)  # a personal chat's id is the other person's
         if peer not in senders:  # the chat's name is the peer's (first) name
             named = [sid for sid in senders if _is_named(census.names.get(sid), chat.name)]
             peer = named[0] if len(named) == 1 else ""
@@ -283,11 +280,11 @@ def resolve_owner(header: Header, census: Census, cfg: PrepareConfig) -> str | N
             raise ConfigError(f"cannot tell which of the people of this personal chat is you; set me to your id or "
                               f"name, one of: {_candidates(census)}")
         return others[0] if others else None
-    if header.layout == "full" and personal:
+    if not header.one_chat and personal:
         common = set.intersection(*(set(s) for _, s in personal))
         if len(common) == 1:
             return common.pop()
-    if header.layout == "single":
+    if header.one_chat:
         raise ConfigError(f"cannot tell which member is you in a group export; set me to your id or name, one of: "
                           f"{_candidates(census)}")
     return None
@@ -330,10 +327,8 @@ def trained_ids(cfg: PrepareConfig, owner: str | None, labels: dict[str, str], s
             if owner is None:
                 raise ConfigError("train_on me needs to know who you are; set me to your id")
             chosen.add(owner)
-        elif value in labels or (value.isdigit() and f"user{value}" in labels):
-            chosen.add(value if value in labels else f"user{value}")
-        elif shifted and value.isdigit() and peer_id(int(value)) in labels:  # as an old export's file shows it
-            chosen.add(peer_id(int(value)))
+        elif (found := next((f for f in telegram_ids.sender_ids(value, shifted) if f in labels), None)) is not None:
+            chosen.add(found)
         elif value.casefold() in by_label:
             chosen.add(by_label[value.casefold()])
         else:
@@ -417,7 +412,7 @@ def _roles(census: Census) -> tuple[dict[str, str], dict[str, str]]:
     for chat, senders in zip(census.chats, census.senders, strict=True):
         if chat.type != "personal_chat" or not senders:
             continue
-        peer = f"user{chat.id}"
+        peer = telegram_ids.speaker(chat.id)
         if peer not in senders:  # the chat's name is the peer's (first) name
             named = [sid for sid in senders if _is_named(census.names.get(sid), chat.name)]
             peer = named[0] if len(named) == 1 else ""
@@ -470,7 +465,7 @@ def sessions(spool: Iterable[bytes], census: Census, labels: dict[str, str],
         if trained is not None and not any(t.train for t in turns[1:]):
             continue  # a reply needs context: some trained turn must follow another turn
         chat = census.chats[chat_index]
-        name = chat.name if chat.type != "personal_chat" else labels.get(f"user{chat.id}", chat.name)
+        name = chat.name if chat.type != "personal_chat" else labels.get(telegram_ids.speaker(chat.id), chat.name)
         if chat.type == "saved_messages":
             name = name or "Saved Messages"
         yield Session(f"{chat.id}:{first_id}", ChatRef(chat.id, rename(name or ""), chat.type), start, end, turns)

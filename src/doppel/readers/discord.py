@@ -29,7 +29,7 @@ from doppel.readers import jsonevents
 from doppel.readers.files import name_id, regular_file, shown, unix_time
 from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
 from doppel.readers.notices import is_location
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import GROUP, PERSONAL, Chat, Header, Message, OnRead
 
 PEOPLE = frozenset({"Default", "Reply"})
 
@@ -67,13 +67,13 @@ def _channel(path: Path) -> dict[str, Any]:
     raise ExportError(f"{path} has no channel before its messages; is it a DiscordChatExporter JSON export?")
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     regular_file(path)
     channel = _channel(path)
-    kind = {"DirectTextChat": "personal_chat"}.get(str(channel.get("type")), "private_group")
+    kind = PERSONAL if channel.get("type") == "DirectTextChat" else GROUP
     name = str(channel.get("name") or channel.get("id") or path.stem)
     chat = Chat(_id(channel.get("id"), name), kind, name)
-    return Header("single", None), _messages(path, chat, on_read)
+    return Header(one_chat=True), _messages(path, chat, on_read)
 
 
 def _id(raw: Any, name: str) -> int:

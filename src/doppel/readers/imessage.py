@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file, unix_time
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import GROUP, Chat, Header, Message, OnRead, chat_type
 
 OWNER = "imessage:me"
 _EPOCH = 978_307_200  # 2001-01-01 in unix seconds
@@ -54,7 +54,7 @@ def database(path: Path) -> Path:
     return path / "chat.db" if path.is_dir() else path
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The database's header (the owner is "Me") and its chats with their messages, a chat at a time."""
     path = database(path)
     regular_file(path, "point doppel at ~/Library/Messages/chat.db (or a copy of it)")
@@ -71,7 +71,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
     sql = ("SELECT m.ROWID, m.date, m.is_from_me, m.text, h.id, " + picked + " FROM chat_message_join j "
            "JOIN message m ON m.ROWID = j.message_id LEFT JOIN handle h ON h.ROWID = m.handle_id "
            "WHERE j.chat_id = ? ORDER BY m.date, m.ROWID")
-    return Header("single" if len(chats) == 1 else "full", OWNER), _items(db, path, chats, sql, on_read)
+    return Header(OWNER, one_chat=len(chats) == 1), _items(db, path, chats, sql, on_read)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -112,12 +112,12 @@ def _items(db: sqlite3.Connection, path: Path, chats: list[tuple], sql: str,
     try:
         for rowid, guid, identifier, display, style, people in chats:
             name = display or identifier or str(rowid)
-            kind = "private_group" if style == _GROUP or people > 1 else "personal_chat"
+            kind = GROUP if style == _GROUP else chat_type(people + 1)  # `people`: besides you
             yield Chat(name_id(f"imessage:{guid or rowid}"), kind, name)
             cursor = _query(db, path, sql, rowid)
             while rows := _fetch(cursor, path):
                 for row in rows:
-                    yield _message(row, identifier if kind == "personal_chat" else None)
+                    yield _message(row, identifier if kind != GROUP else None)
         if on_read is not None:
             on_read(path.stat().st_size)
     finally:

@@ -13,14 +13,14 @@ Lines may come in any order: each chat's messages are sorted by time (the file i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file, unix_time
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
 
 
 def _time(value: Any) -> int:
@@ -32,7 +32,7 @@ def _time(value: Any) -> int:
     raise ValueError(f"time must be ISO 8601 text or unix seconds, got {value!r}")
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The file's header (the owner, when lines say `"me": true`) and its chats with their messages."""
     regular_file(path)
     chats: dict[str, list[tuple[int, int, str, str]]] = {}
@@ -63,14 +63,14 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
                 owner = owner or (sender, number)
     if not chats:
         raise ExportError(f"{path} holds no messages")
-    return Header("full", f"name:{owner[0]}" if owner else None), _items(chats, types, path.stat().st_size, on_read)
+    return Header(f"name:{owner[0]}" if owner else None), _items(chats, types, path.stat().st_size, on_read)
 
 
 def _items(chats: dict[str, list[tuple[int, int, str, str]]], types: dict[str, str], size: int,
-           on_read: Callable[[int], None] | None) -> Iterator[Chat | Message]:
+           on_read: OnRead) -> Iterator[Chat | Message]:
     for name, rows in chats.items():
         people = {sender for _, _, sender, _ in rows}
-        kind = types.get(name) or ("personal_chat" if len(people) <= 2 else "private_group")
+        kind = types.get(name) or chat_type(len(people))
         yield Chat(name_id(name), kind, name)
         for ts, number, sender, text in sorted(rows):
             yield Message(number, ts, f"name:{sender}", sender, text, "text" if text.strip() else "empty")

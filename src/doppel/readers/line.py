@@ -29,7 +29,7 @@ from pathlib import Path
 from doppel.errors import ExportError
 from doppel.readers import text as textfile
 from doppel.readers.files import name_id, regular_file
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
 
 _TITLE = re.compile(r"^\[LINE\] (?:Chat history (?:with|in) (?P<en>.+)|(?P<ja>.+?)(?:との|の)トーク履歴"
                     r"|ประวัติการ(?:แชท|สนทนา)กับ (?P<th>.+)|與(?P<zh>.+)的聊天記錄)$")
@@ -113,13 +113,13 @@ def _readable(match: re.Match[str], day_first: bool) -> bool:
     return weekday is None or day.weekday() == weekday
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The export's header (one chat, no owner id) and its chat and messages, in order."""
     regular_file(path, "point doppel at the chat history's .txt")
     survey = _Survey(path)
     name = survey.name or path.stem.removeprefix("[LINE] ").removeprefix("Chat with ")
-    chat = Chat(name_id(f"line:{name}"), "personal_chat" if len(survey.people) <= 2 else "private_group", name)
-    return Header("single", None), _messages(path, chat, bool(survey.day_first), on_read)
+    chat = Chat(name_id(f"line:{name}"), chat_type(len(survey.people)), name)
+    return Header(one_chat=True), _messages(path, chat, bool(survey.day_first), on_read)
 
 
 def _messages(path: Path, chat: Chat, day_first: bool, on_read: Callable[[int], None] | None

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from doppel.errors import ExportError
-from doppel.readers.files import name_id, shown, unix_time
+from doppel.readers.files import name_id, regular_file, shown, unix_time
 from doppel.readers.notices import is_location, meta_notice, subjects
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
 
 _FILE = re.compile(r"^message_(\d+)\.json$")
 _MEDIA = ("photos", "videos", "audio_files", "gifs", "files", "sticker")
@@ -77,22 +77,22 @@ def _load(path: Path) -> dict[str, Any]:
     return data
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
+    if not path.is_dir():
+        regular_file(path, "point doppel at a conversation's folder or one of its message_N.json")
     threads = _threads(path)
     if not threads:
         raise ExportError(f"{path} holds no message_N.json; point doppel at a conversation's folder or the inbox")
-    return Header("single" if len(threads) == 1 else "full", None), _items(threads, on_read)
+    return Header(one_chat=len(threads) == 1), _items(threads, on_read)
 
 
-def _items(threads: list[list[Path]], on_read: Callable[[int], None] | None) -> Iterator[Chat | Message]:
+def _items(threads: list[list[Path]], on_read: OnRead) -> Iterator[Chat | Message]:
     done = 0
     for files in threads:
         first = _load(files[-1])  # message_1: the newest, with the conversation's title and participants
         people = [repair(str(p.get("name", ""))) for p in first.get("participants") or [] if isinstance(p, dict)]
         title = repair(str(first.get("title") or ", ".join(people) or files[0].parent.name))
-        kind = "personal_chat" if len(people) <= 2 else "private_group"
+        kind = chat_type(len(people))
         yield Chat(name_id(str(first.get("thread_path") or files[0].parent)), kind, title)
         about = subjects(people)
         number = 0

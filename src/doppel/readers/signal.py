@@ -34,7 +34,7 @@ from typing import Any
 from doppel.errors import ExportError
 from doppel.readers import text as textfile
 from doppel.readers.files import name_id, regular_file
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
 
 OWNER = "Me"  # the sender signal-export writes on your messages
 _SYSTEM = "No-Sender"  # a message without a sender: a group change, a safety-number notice
@@ -96,7 +96,7 @@ def _folders(path: Path) -> list[Path]:
         return []
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The export's header (the owner is "Me") and its chats with their messages, in order."""
     if path.is_dir():
         own = chat_file(path)
@@ -108,7 +108,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
         regular_file(path, "point doppel at a chat's chat.md or data.json, or the export's folder")
         files = [path]
     chats = [(file, _people(file)) for file in files]
-    return Header("single" if len(files) == 1 else "full", f"name:{OWNER}"), _items(chats, on_read)
+    return Header(f"name:{OWNER}", one_chat=len(files) == 1), _items(chats, on_read)
 
 
 def _people(file: Path) -> set[str]:
@@ -132,7 +132,7 @@ def _items(chats: list[tuple[Path, set[str]]], on_read: Callable[[int], None] | 
     done = 0
     for file, people in chats:
         name = (file.parent.name or file.stem) if file.name.lower() in CHAT_FILES else file.stem
-        yield Chat(name_id(f"signal:{name}"), "personal_chat" if len(people) <= 2 else "private_group", name)
+        yield Chat(name_id(f"signal:{name}"), chat_type(len(people)), name)
         progress = (lambda n, base=done: on_read(base + n)) if on_read else None
         yield from (_json if file.suffix.lower() == ".json" else _markdown)(file, progress)
         done += file.stat().st_size

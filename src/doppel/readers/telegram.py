@@ -1,36 +1,35 @@
-"""Streaming reader for Telegram Desktop JSON exports (both layouts) → `Chat` and `Message` records.
+"""Telegram Desktop JSON exports (both layouts: a full export, one chat's) → `Chat` and `Message` records.
 
-Facts about the format (field shapes, quirks, owner rules) are in docs/telegram-format.md.
-Memory stays constant in the file size: chat boundaries are found by scanning the byte stream for chat headers
-(`_pieces`), each chat's messages are decoded a batch at a time by msgspec (readers/jsonarray.py), and the bytes
-around them are checked by ijson as they come. A file shaped otherwise is read by the general reader, two ijson
-passes that accept any key order.
+Facts about the format (field shapes, quirks, owner rules) are in docs/telegram-format.md. `read` is the reader's
+entry point: the fast streaming pass of readers/telegram_scan.py, and where the file surprises it, the general pass
+reading on from the item where the fast one stopped. Memory stays constant in the file size. Ids (users as
+`user123`, the shifted ids of old exports) follow readers/telegram_ids.py.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import re
-import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import ijson
 import msgspec
 from msgspec import UNSET
 
 from doppel.errors import ExportError
-from doppel.readers import jsonevents
-from doppel.readers.files import unix_time
-from doppel.readers.jsonarray import JSON_STRING, ArrayItems, Skeleton, Unusual
+from doppel.readers import jsonevents, telegram_scan
+from doppel.readers.files import regular_file, unix_time
+from doppel.readers.records import Chat, Header, Message, OnRead
 from doppel.readers.repair import RepairingReader
+from doppel.readers.telegram_ids import chat_id, peer_id, speaker
+from doppel.readers.telegram_scan import RawMessage, UnusualLayout
 
-Layout = Literal["full", "single"]
-OnRead = Callable[[int], None] | None  # told the number of bytes read so far
-_USER_SHIFT = 1 << 32  # v1.4.8-v2.7.1 exports wrote peer ids shifted by 2^32 (users) / 2^33 (chats)
+__all__ = ["Chat", "ExportError", "Header", "Message", "RawMessage", "UnusualLayout", "chat_id", "export_file",
+           "iter_export", "open_export", "peer_id", "read", "read_header", "to_message"]
 _SENSITIVE = frozenset({"phone", "email", "bank_card"})
 _MEDIA_KEYS = (
     "photo", "file", "contact_information", "location_information", "poll", "todo_list",
@@ -38,82 +37,6 @@ _MEDIA_KEYS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Chat:
-    id: int
-    type: str | None
-    name: str | None
-    left: bool = False  # from the `left_chats` section of a full export
-
-
-class Message(msgspec.Struct, frozen=True):
-    id: int  # 0: the export gives none (preparing/sessions.py `content_id`)
-    ts: int  # unix seconds, UTC
-    sender_id: str  # "user123", "channel123", "chat123"
-    sender_name: str | None  # display name at export time; None for deleted accounts
-    text: str  # plain text: caption for media, the emoji for a sticker
-    kind: Literal["text", "sticker", "media", "service", "empty", "unsupported", "bot"]
-    media: str | None = None  # service action, or media type of a message without text
-    forwarded: bool = False
-    sensitive: tuple[tuple[str, str], ...] = ()  # (type, text) of phone/e-mail/bank-card entities
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    layout: Layout
-    owner_id: str | None  # from personal_information (full export) or None
-    shifted: bool = False  # chat ids are v1.4.8-v2.7.1 shifted peer ids (integer from_id values)
-    owner_name: str | None = None  # "first_name last_name" from personal_information
-    notes: tuple[tuple[str, str], ...] = ()  # (what, how it was read): WhatsApp's order of dates, for stats.json
-
-
-def peer_id(raw: int | str | None) -> str:
-    """Normalise a `from_id` of any format version to the "user123" form."""
-    if isinstance(raw, str):
-        return raw
-    if raw is None:
-        return "unknown"
-    if raw >= 2 * _USER_SHIFT:
-        return f"chat{raw - 2 * _USER_SHIFT}"
-    return f"user{raw - _USER_SHIFT if raw >= _USER_SHIFT else raw}"
-
-
-def chat_id(raw: Any) -> int:
-    """Bare chat id; undoes the shift of v1.4.8-v2.7.1 exports."""
-    value = int(raw)
-    if value >= 2 * _USER_SHIFT:
-        return value - 2 * _USER_SHIFT
-    return value - _USER_SHIFT if value >= _USER_SHIFT else value
-
-
-class RawMessage(msgspec.Struct):
-    """The fields of a message object that doppel reads (the others are skipped while decoding); `UNSET`: absent."""
-
-    id: Any = 0  # absent in some converted files: 0 in both readers, which preparing replaces by a content id
-    type: Any = None
-    date: Any = UNSET
-    date_unixtime: Any = UNSET
-    from_: Any = msgspec.field(default=UNSET, name="from")
-    from_id: Any = UNSET
-    actor: Any = UNSET
-    actor_id: Any = UNSET
-    action: Any = None
-    text: Any = ""
-    forwarded_from: Any = UNSET
-    media_type: Any = None
-    sticker_emoji: Any = None
-    self_destruct_period_seconds: Any = UNSET
-    poll: Any = UNSET
-    photo: Any = UNSET
-    file: Any = UNSET
-    contact_information: Any = UNSET
-    location_information: Any = UNSET
-    todo_list: Any = UNSET
-    game_title: Any = UNSET
-    invoice_information: Any = UNSET
-    giveaway_information: Any = UNSET
-    paid_stars_amount: Any = UNSET
-    place_name: Any = UNSET
 
 
 def _timestamp(m: RawMessage) -> int:
@@ -200,16 +123,13 @@ def export_file(path: Path) -> Path:
 
     Anything but a regular file is refused before it is opened: a FIFO without a writer would block.
     """
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
     if path.is_dir():
         if not (path / "result.json").exists():
             html = (path / "export_results.html").exists() or (path / "messages.html").exists()
             raise ExportError(f"{path} is an HTML export; re-export with 'Machine-readable JSON'" if html
                               else f"{path} has no result.json; point doppel at a Telegram JSON export")
         path = path / "result.json"
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise ExportError(f"{path} is not a regular file; point doppel at the export's result.json")
+    regular_file(path, "point doppel at the export's result.json")
     return path
 
 
@@ -229,7 +149,7 @@ def open_export(path: Path) -> BinaryIO:
 
 
 def read_header(path: Path) -> Header:
-    """Layout and owner, from the keys written before the first chat."""
+    """Whether the file is one chat's export, and the owner (a full export's), from the keys before the first chat."""
     path = export_file(path)
     with open_export(path) as raw:
         keys: set[str] = set()
@@ -246,9 +166,9 @@ def read_header(path: Path) -> Header:
             hint = "; is the file truncated?" if isinstance(exc, ijson.IncompleteJSONError) else ""
             raise ExportError(f"{path} is not valid JSON ({_short(exc)}){hint}") from None
     if "messages" in keys:
-        return Header("single", None, _shifted_ids(path))
+        return Header(one_chat=True, shifted=_shifted_ids(path))
     if keys & {"chats", "left_chats", "personal_information", "about"}:
-        return Header("full", _owner_id(path, me.get("user_id")), _shifted_ids(path), _owner_name(me))
+        return Header(_owner_id(path, me.get("user_id")), _owner_name(me), shifted=_shifted_ids(path))
     if {"info.json", "msgsCount"} & keys:
         raise ExportError(f"{path} looks like an exteraGram export; use Telegram Desktop's JSON export")
     raise ExportError(f"{path} is not a Telegram Desktop export (no 'messages' or 'chats' key)")
@@ -258,7 +178,7 @@ def _owner_id(path: Path, raw: Any) -> str | None:
     if raw is None:
         return None
     try:
-        return f"user{int(raw)}"  # always the plain id, even above 2^32
+        return speaker(int(raw))  # always the plain id, even above 2^32
     except (ValueError, TypeError):
         raise ExportError(f"{path} has a malformed personal_information.user_id ({raw!r})") from None
 
@@ -294,145 +214,52 @@ def _short(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
 
 
-# --- the fast streaming pass --------------------------------------------------------------------
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
+    """The reader's entry point (readers/records.py): the export's header, and its chats with their messages.
 
-# A chat object as Telegram Desktop writes it: optional name, then type, id, messages.
-_HEADER = re.compile(
-    rb'(?:"name"\s*:\s*(null|' + JSON_STRING + rb')\s*,\s*)?"type"\s*:\s*(null|' + JSON_STRING
-    + rb')\s*,\s*"id"\s*:\s*(-?\d+)\s*,\s*"messages"\s*:\s*\[\Z'
-)
-_KEY = re.compile(rb'"(messages|chats|left_chats)"\s*:\s*([\[{])')
-_LOOKBACK = 4096  # a chat header (name of at most 255 characters, escaped) fits in this
-_CHUNK = 1 << 20
-
-
-class UnusualLayout(Exception):
-    """The fast byte scanner met a layout it does not know; read again with `general=True`."""
-
-
-def _escaped(buf: bytes, quote: int) -> bool:
-    """Whether the quote at `quote` is preceded by an odd run of backslashes (inside a string)."""
-    run = 0
-    while quote - run > 0 and buf[quote - run - 1] == 0x5C:
-        run += 1
-    return run % 2 == 1
-
-
-def _json_string(raw: bytes) -> str:
-    try:
-        return str(json.loads(raw))
-    except ValueError:  # e.g. invalid UTF-8: the general reader gives the error
-        raise UnusualLayout("unreadable chat header") from None
-
-
-def _pieces(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[bytes | Chat | str]:
-    """Repaired bytes cut at anchors: a `Chat` after each chat header (just past `"messages": [`),
-    a list name ("chats" / "left_chats") just past `"chats": {`, with byte pieces in between."""
-    reader = RepairingReader(raw, _CHUNK, on_read)
-    tail = b""  # already handed-out bytes, kept as look-behind for chat headers
-    pending = b""
-    left = False
-    while True:
-        chunk = reader.read()
-        eof = not chunk
-        buf = tail + pending + chunk
-        # keep 64 bytes back so that no key is cut in half, except at the end of the file
-        limit = len(buf) if eof else max(len(tail), len(buf) - 64)
-        given = len(tail)
-        for match in _KEY.finditer(buf, len(tail), limit):
-            if _escaped(buf, match.start()):
-                continue
-            key = match.group(1).decode()
-            if key == "messages":
-                header = _HEADER.search(buf, max(0, match.end() - _LOOKBACK), match.end())
-                if header is None:
-                    raise UnusualLayout(f"unexpected 'messages' key at byte ~{reader.consumed}")
-                name = None if header.group(1) in (None, b"null") else _json_string(header.group(1))
-                kind = None if header.group(2) == b"null" else _json_string(header.group(2))
-                yield buf[given:match.end()]
-                yield Chat(int(header.group(3)), kind, name, left)
-            elif match.group(2) == b"{" and layout == "full":
-                left = key == "left_chats"
-                yield buf[given:match.end()]
-                yield key
-            given = match.end()
-        if given < limit:
-            yield buf[given:limit]
-        if eof:
-            return
-        tail = buf[max(0, limit - _LOOKBACK):limit]
-        pending = buf[limit:]
-
-
-def _fast(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | RawMessage]:
-    """Each chat, then its messages decoded in batches (see jsonarray.py). The bytes outside the message arrays,
-    with each array emptied, must make one valid JSON document: a truncated or damaged file is `UnusualLayout`,
-    and the general reader gives the error."""
-    skeleton = Skeleton()
-    array: ArrayItems[RawMessage] | None = None
-    try:
-        for piece in _pieces(raw, layout, on_read):
-            if isinstance(piece, bytes):
-                if array is None:
-                    skeleton.feed(piece)
-                else:
-                    yield from array.feed(piece)
-            elif isinstance(piece, Chat):
-                if array is not None:
-                    yield from skeleton.end_array(array)
-                array = array or ArrayItems(RawMessage)
-                yield piece
-        if array is not None:
-            yield from skeleton.end_array(array)
-        skeleton.close()
-    except Unusual as exc:
-        raise UnusualLayout(str(exc)) from None
-
-
-# --- the general pass (any key order), used when the scanner is surprised ------------------------
-
-def _general(raw: BinaryIO, layout: Layout, on_read: OnRead) -> Iterator[Chat | dict[str, Any]]:
-    """Two ijson passes: chat metadata first, then messages; slower but independent of key order. The events
-    are `jsonevents`': memory stays bounded however deep a field nests."""
-    lists = ("",) if layout == "single" else ("chats.list.item", "left_chats.list.item")
-    chats: list[Chat] = []
-    meta: dict[str, Any] = {}
-    for prefix, event, value in jsonevents.parse(RepairingReader(raw)):
-        base = prefix.rsplit(".", 1)[0] if "." in prefix else ""
-        if base in lists and event in ("string", "number", "null") and prefix != base:
-            meta[prefix.rsplit(".", 1)[-1]] = value
-        elif prefix in lists and event == "end_map":
-            chats.append(Chat(int(meta.get("id", 0)), meta.get("type"), meta.get("name"),
-                              prefix.startswith("left_chats")))
-            meta = {}
-    raw.seek(0)
-    index = -1
-    item_prefixes = {f"{p}.messages.item" if p else "messages.item" for p in lists}
-    events = jsonevents.parse(RepairingReader(raw, on_read=on_read))
-    for prefix, event, value in events:
-        if prefix in lists and event == "start_map":
-            index += 1
-            yield chats[index]
-        elif prefix in item_prefixes:  # a message's first event (not an object: `to_message` says so)
-            yield jsonevents.build(events, event, value)
-
-
-def iter_export(path: Path, general: bool = False,
-                on_read: OnRead = None) -> Iterator[Chat | Message]:
-    """Yield each chat, then its messages, in file order.
-
-    Raises `ExportError` on bad input. The fast path raises `UnusualLayout` (possibly after
-    yielding) when the file is not shaped as Telegram Desktop writes it; the caller then starts
-    over with `general=True`, which reads any key order and gives the authoritative error.
+    The fast pass reads the file as Telegram Desktop writes it. Where the file surprises it (`UnusualLayout`), the
+    general pass, which reads any key order and gives the authoritative error, reads the file again and gives what
+    comes after the items the fast pass gave: the caller sees one stream and never starts over.
     """
     path = export_file(path)
     header = read_header(path)
+    return header, _fast_then_general(path, header, on_read)
+
+
+def _fast_then_general(path: Path, header: Header, on_read: OnRead) -> Iterator[Chat | Message]:
+    chats: list[Chat] = []  # the chats the fast pass gave: the general pass must give them again
+    try:
+        yield from _items(path, header, False, on_read, chats)
+        return
+    except UnusualLayout as exc:
+        done = exc.done
+    again = _items(path, header, True, on_read)
+    given = [item for item in itertools.islice(again, done) if isinstance(item, Chat)]
+    if given != chats:  # a file the two passes read differently (never one Telegram Desktop wrote)
+        raise ExportError(f"{path} is not shaped as Telegram Desktop writes it, and its chats read differently "
+                          "when read again; is it a Telegram Desktop JSON export?")
+    yield from again
+
+
+def iter_export(path: Path, general: bool = False, on_read: OnRead = None) -> Iterator[Chat | Message]:
+    """Yield each chat, then its messages, in file order: one pass (`read` runs both).
+
+    Raises `ExportError` on bad input. The fast path raises `UnusualLayout` (possibly after
+    yielding) when the file is not shaped as Telegram Desktop writes it; `general=True` reads any key order
+    and gives the authoritative error.
+    """
+    path = export_file(path)
+    yield from _items(path, read_header(path), general, on_read)
+
+
+def _items(path: Path, header: Header, general: bool, on_read: OnRead,
+           chats: list[Chat] | None = None) -> Iterator[Chat | Message]:
     with open_export(path) as raw:
         if not general:
-            yield from _normalised(_fast(raw, header.layout, on_read), header, path)
+            yield from _normalised(telegram_scan.fast(raw, header.one_chat, on_read), header, path, chats)
             return
         try:
-            yield from _normalised(_general(raw, header.layout, on_read), header, path)
+            yield from _normalised(telegram_scan.general(raw, header.one_chat, on_read), header, path)
         except ijson.IncompleteJSONError as exc:
             raise ExportError(f"{path} ends early ({_short(exc)}); the export looks truncated") from None
         except ijson.JSONError as exc:
@@ -444,21 +271,31 @@ def iter_export(path: Path, general: bool = False,
 _BROADCAST = frozenset({"private_channel", "public_channel", "private_supergroup", "public_supergroup"})
 
 
-def _normalised(items: Iterator[Chat | Any], header: Header, path: Path) -> Iterator[Chat | Message]:
+def _normalised(items: Iterator[Chat | Any], header: Header, path: Path,
+                chats: list[Chat] | None = None) -> Iterator[Chat | Message]:
     """Bare chat ids and `Message` records; a message that cannot be read is an `ExportError`. In a shifted
-    (v1.4.8-v2.7.1) export a channel's own posts come as `chat<id>`: they are `channel<id>`, as newer exports say."""
+    (v1.4.8-v2.7.1) export a channel's own posts come as `chat<id>`: they are `channel<id>`, as newer exports say.
+    The chats are appended to `chats`, and an `UnusualLayout` of `items` is told how many items were given."""
     chat: Chat | None = None
-    for item in items:
-        if isinstance(item, Chat):
-            chat = _bare(item, header.shifted)
-            yield chat
-            continue
-        try:
-            message = to_message(item)
-        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, msgspec.ValidationError) as exc:
-            mid = item.get("id", "?") if isinstance(item, dict) else getattr(item, "id", "?")
-            raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
-                              f"message {mid}: {_short(exc)})") from None
-        if header.shifted and chat is not None and chat.type in _BROADCAST and message.sender_id == f"chat{chat.id}":
-            message = msgspec.structs.replace(message, sender_id=f"channel{chat.id}")
-        yield message
+    done = 0
+    try:
+        for done, item in enumerate(items, 1):  # noqa: B007 (`done` is read when the loop is cut short)
+            if isinstance(item, Chat):
+                chat = _bare(item, header.shifted)
+                if chats is not None:
+                    chats.append(chat)
+                yield chat
+                continue
+            try:
+                message = to_message(item)
+            except (KeyError, ValueError, TypeError, AttributeError, OverflowError, msgspec.ValidationError) as exc:
+                mid = item.get("id", "?") if isinstance(item, dict) else getattr(item, "id", "?")
+                raise ExportError(f"{path} has a malformed message (chat {chat.id if chat else '?'}, "
+                                  f"message {mid}: {_short(exc)})") from None
+            if header.shifted and chat is not None and chat.type in _BROADCAST \
+                    and message.sender_id == f"chat{chat.id}":
+                message = msgspec.structs.replace(message, sender_id=f"channel{chat.id}")
+            yield message
+    except UnusualLayout as exc:
+        exc.done = done  # each item taken was given
+        raise

@@ -33,7 +33,7 @@ from typing import Any
 
 from doppel.errors import ExportError
 from doppel.readers.files import name_id, regular_file, unix_time
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.records import GROUP, Chat, Header, Message, OnRead, chat_type
 
 OWNER = "wechat:me"
 # the columns each layout needs (a file has all of one of them), and which column holds what
@@ -75,7 +75,7 @@ def _csvs(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: (int(m[1]) if (m := _PAGE.search(p.stem)) else 0, p.name))
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The export's header (the owner: `wechat:me`) and its chats with their messages, in order."""
     if path.is_dir():
         chats = [files] if (files := _csvs(path)) else [f for f in map(_csvs, _folders(path)) if f]
@@ -85,7 +85,7 @@ def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Head
         regular_file(path, "point doppel at a chat's .csv or the folder of its .csv files")
         chats = [[path]]
     layouts = [[_layout(file) for file in files] for files in chats]
-    return Header("single" if len(chats) == 1 else "full", OWNER), _items(chats, layouts, on_read)
+    return Header(OWNER, one_chat=len(chats) == 1), _items(chats, layouts, on_read)
 
 
 def _open(file: Path) -> Iterator[tuple[int, list[str]]]:
@@ -149,10 +149,10 @@ def _items(chats: list[list[Path]], layouts: list[list[tuple[str, dict[str, int]
                 peer = message.sender_name
         if not room:
             continue  # a header without rows
-        group = room.endswith("@chatroom") or len(people) > 2
+        kind = GROUP if room.endswith("@chatroom") else chat_type(len(people))
         memo = files[0].stem.removesuffix("_utf8") if files[0].stem.endswith("_utf8") else None  # MemoTrace's name
-        name = names.get(room) or memo or (room if group else peer or room)
-        yield Chat(name_id(f"wechat:{room}"), "private_group" if group else "personal_chat", name)
+        name = names.get(room) or memo or (room if kind == GROUP else peer or room)
+        yield Chat(name_id(f"wechat:{room}"), kind, name)
         for _, message in rows():
             yield message
         done += sum(file.stat().st_size for file in files)

@@ -31,7 +31,8 @@ time, read as UTC: gaps between messages are right except across a DST change.
 
 A message longer than 65,536 characters (WhatsApp's own limit) is dropped, as "unsupported". Memory stays bounded
 whatever the file holds: a line is read 65,536 characters (and a header) at most and the rest of a longer one
-skipped, a message's lines are kept only while within the limit, and a zip's text is inflated as it is read.
+skipped, a message's lines are kept only while within the limit, and a zip's text is inflated as it is read
+(whatsapp_text.py, which also reads the chat's name and finds the chat's text in a zip).
 
 System lines (the encryption notice, "X added Y", a changed subject) have no sender on Android; on iOS they are
 written under the group's name or, in a personal chat, the other person's, and start with U+200E. A name that
@@ -41,37 +42,25 @@ Placeholders, deleted messages, missed calls and shared locations, in the phones
 `whatsapp_notices.classify`. There are no user ids: a person is their name, and the owner is told by the chat's
 name (from the file name, in the phone's language: "WhatsApp Chat with Max Orlov.txt", "WhatsApp-chat met …",
 "Чат WhatsApp с …") or given with `--me`.
-
-In a zip the chat's text is `_chat.txt` (iOS) or "WhatsApp Chat with NAME.txt" (Android), else its only `.txt`;
-several candidates, an encrypted member, a compression Python's zipfile cannot inflate (Deflate64), damaged data
-or a central directory of more than 8 MiB (some 100,000 members) are one line. Members are read from the zip by
-name, never extracted, so a member named `../x.txt` is only a name.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
-import lzma
 import re
-import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import IO
 
 from doppel.errors import ExportError
 from doppel.readers import whatsapp_notices
-from doppel.readers.files import name_id, regular_file
-from doppel.readers.telegram import Chat, Header, Message
+from doppel.readers.files import name_id
+from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
+from doppel.readers.whatsapp_text import MESSAGE_CAP, ChatText, chat_name
 
-_INVISIBLE = str.maketrans({"\u200e": None, "\u200f": None, "\u202a": None, "\u202c": None, "\ufeff": None,
-                            "\u202f": " ", "\u00a0": " "})
-_MARKS = re.compile("[" + "".join(map(chr, _INVISIBLE)) + "]")  # a line holding none needs no cleaning
+__all__ = ["MESSAGE_CAP", "chat_name", "read"]
+
 # the clock's half of the day: "PM", "p. m.", "ПП", Arabic "م"; English "in the morning" …
 _AMPM = r"[AaPp]\.? ?[Mm]\.?|ДП|ПП|дп|пп|م|ص|in the (?:morning|afternoon|evening)|at night"
 _PM = frozenset({"pm", "пп", "م", "intheafternoon", "intheevening"})
@@ -85,127 +74,8 @@ _TIME_FIRST = re.compile(
     rf"^(?P<open>\[?)(?P<h>\d{{1,2}})[:.](?P<m>\d{{2}})(?:[:.](?P<s>\d{{2}}))?(?: ?(?P<ampm>{_AMPM}))?(?P<comma>,?) "
     r"(?P<a>\d{1,4})(?P<sep>[./-])(?P<b>\d{1,2})(?P=sep)(?P<c>\d{1,4})(?P<era>)(?P<close>\]?(?: -|:)?) (?P<rest>.*)$")
 _SENDER = re.compile(r"^(?P<name>[^:]{1,80}?): (?P<text>.*)$", re.S)
-# "WhatsApp Chat with NAME" in the phone's language (Turkish and Japanese put the name first)
-_NAME = re.compile(
-    r"^(?:(?:WhatsApp[- ](?:Chat|chat|Konversation)|Chat (?:de )?WhatsApp|Чат WhatsApp|Conversa do WhatsApp|"
-    r"Discussion WhatsApp|Czat WhatsApp|Konverzace WhatsApp|Chat WhatsApp|WhatsApp Sohbeti|WhatsApp) "
-    r"(?:with|-|с|mit|met|avec|con|com|s|z|med|ile) (?P<name>.+?)|(?P<first>.+?) ile WhatsApp Sohbeti)"
-    r"(?: \(\d+\))?$", re.I)
-MESSAGE_CAP = 65_536  # characters of one message, WhatsApp's own limit; a longer message is dropped
-# a line is read this far at most: a header (date, time, a name of at most 80 characters) is shorter than 256,
-# so a line cut here holds a message over the cap, which is dropped whatever the rest of the line says
-_LINE_CAP = MESSAGE_CAP + 256
 _YEARS = range(2009, 2100)
 _MIXED = 0.1  # the share of message lines an order of dates may leave unread before the file is refused
-_DIRECTORY = 8 << 20  # bytes of a zip's central directory, which zipfile holds in memory (~550 bytes a member)
-_DAMAGED = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError)  # what reading a zip member raises
-
-
-def chat_name(path: Path) -> str | None:
-    match = _NAME.match(path.stem)
-    return (match.group("name") or match.group("first")) if match else None
-
-
-def _directory_size(path: Path) -> int:
-    """The size of a zip's central directory by its end record, found as zipfile finds it (0 without one: zipfile
-    then says what is wrong); read before zipfile, which reads the whole directory into memory."""
-    with path.open("rb") as handle:
-        end = handle.seek(0, io.SEEK_END)
-        handle.seek(max(0, end - 22 - 65_535))
-        tail = handle.read()
-    at = len(tail) - 22
-    # a record without a comment ends the file; one with a comment is the last signature
-    if not (at >= 0 and tail[at:at + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0"):
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or len(tail) < at + 22:
-            return 0
-    size = int.from_bytes(tail[at + 12:at + 16], "little")
-    # zip64: the sizes are in a record right before its locator, right before the end record
-    if at >= 76 and tail[at - 20:at - 16] == b"PK\x06\x07" and tail[at - 76:at - 72] == b"PK\x06\x06":
-        size = int.from_bytes(tail[at - 36:at - 28], "little")
-    return size
-
-
-def _chat_member(path: Path) -> zipfile.ZipInfo:
-    """The member of a zip that holds the chat's text; `ExportError` for anything doppel cannot read from it."""
-    listed = _directory_size(path)
-    if listed > _DIRECTORY:
-        raise ExportError(f"{path} lists too many members ({listed:,} bytes of zip directory, more than "
-                          f"{_DIRECTORY:,}); extract the chat's .txt and give doppel that")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            texts = [i for i in archive.infolist() if i.filename.lower().endswith(".txt")]
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # ValueError: a name that is not its UTF-8
-        raise ExportError(f"{path} is not a readable zip ({exc})") from None
-    if not texts:
-        raise ExportError(f"{path} holds no chat text (.txt); is it a WhatsApp export?")
-    base = [i.filename.rsplit("/", 1)[-1] for i in texts]
-    chats = [i for i, name in zip(texts, base, strict=True) if name == "_chat.txt" or _NAME.match(name[:-4])]
-    if len(chats) == 1 or (not chats and len(texts) == 1):
-        info = (chats or texts)[0]
-    else:
-        shown = ", ".join(repr(i.filename) for i in (chats or texts)[:3]) + (", …" if len(chats or texts) > 3 else "")
-        what = "the texts of several chats" if chats else "several .txt files, none named like a chat's text " \
-            "(_chat.txt, 'WhatsApp Chat with NAME.txt')"
-        raise ExportError(f"{path} holds {what}: {shown}; extract the chat's .txt and give doppel that")
-    if info.flag_bits & 0x1:
-        raise ExportError(f"{path}: {info.filename!r} is encrypted; extract it with its password and give doppel the "
-                          ".txt")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
-        method = "Deflate64" if info.compress_type == 9 else f"compression method {info.compress_type}"
-        raise ExportError(f"{path}: {info.filename!r} is compressed with {method}, which Python's zipfile cannot "
-                          "read; extract it with another tool (7-Zip, unzip) and give doppel the .txt")
-    return info
-
-
-class _Text:
-    """The chat's text, a `.txt` or the `.txt` inside a `.zip`, read as lines as often as needed (never whole)."""
-
-    def __init__(self, path: Path) -> None:
-        regular_file(path, "point doppel at the chat's .txt or .zip")
-        self.path, self.inner, self.name = path, None, chat_name(path)
-        self.position = 0  # bytes of the file read so far (inside a zip: in proportion to the text read)
-        self._scale = 1.0
-        if path.suffix.lower() == ".zip":
-            info = _chat_member(path)
-            self.inner = info.filename
-            self._scale = path.stat().st_size / max(1, info.file_size)
-            self.name = self.name or chat_name(Path(self.inner))
-
-    def lines(self) -> Iterator[tuple[str, bool]]:
-        """(the line without invisible marks, whether its text after "Name: " began with U+200E, which iOS puts
-        before system lines and placeholders). A line is read `_LINE_CAP` characters at most; the rest of a longer
-        one is read past and left out."""
-        with contextlib.ExitStack() as stack:
-            if self.inner is None:
-                raw: IO[bytes] = stack.enter_context(self.path.open("rb"))
-            else:
-                archive = stack.enter_context(zipfile.ZipFile(self.path))
-                try:
-                    raw = stack.enter_context(archive.open(self.inner))
-                except (*_DAMAGED, RuntimeError, NotImplementedError) as exc:
-                    raise ExportError(f"{self.path}: {self.inner!r} cannot be read ({exc})") from None
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
-            read = functools.partial(text.readline, _LINE_CAP)
-            try:
-                for n, line in enumerate(iter(read, "")):
-                    if n % 4096 == 0:
-                        self.position = int(raw.tell() * self._scale)
-                    if len(line) == _LINE_CAP and line[-1] != "\n":
-                        for rest in iter(read, ""):
-                            if rest[-1] == "\n":
-                                break
-                    line = line.rstrip("\r\n")
-                    if line.isascii() or _MARKS.search(line) is None:  # most lines: nothing to clean
-                        yield line, False
-                    else:
-                        yield line.translate(_INVISIBLE), ": \u200e" in line
-            except UnicodeDecodeError as exc:
-                raise ExportError(f"{self.path} is not UTF-8 text (byte {exc.start} of a block); is it a WhatsApp "
-                                  "export?") from None
-            except _DAMAGED as exc:
-                raise ExportError(f"{self.path} is damaged: {self.inner!r} cannot be read ({exc}); export the "
-                                  "chat again") from None
 
 
 def _layout(m: re.Match[str]) -> re.Pattern[str]:
@@ -251,7 +121,7 @@ def _ordinals(a: str, b: str, c: str, buddhist: bool) -> tuple[int, int] | None:
         return None
 
 
-def _survey(text: _Text) -> _Survey | None:
+def _survey(text: ChatText) -> _Survey | None:
     """The layout of message lines, the order of dates and the people, from the message lines alone (None: no
     message line); see the module's docstring for the rule, and `ExportError` when no order reads nine tenths of
     them."""
@@ -392,19 +262,18 @@ class _Clock:
         return int(datetime(year, month, day, tzinfo=UTC).timestamp())
 
 
-def read(path: Path, on_read: Callable[[int], None] | None = None) -> tuple[Header, Iterator[Chat | Message]]:
+def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Message]]:
     """The export's header (one chat, no owner id, how its dates were read) and its chat and messages, in order.
     The text is read twice, a line at a time: first for the layout, the order of dates and the people, then for the
     messages."""
-    text = _Text(path)
+    text = ChatText(path)
     survey = _survey(text)
     if survey is None or not survey.senders:
         raise ExportError(f"{path} has no WhatsApp message lines (like '31/12/2023, 23:59 - Name: text'); is it "
                           "a WhatsApp chat export?")
-    kind = "personal_chat" if len(survey.senders) <= 2 else "private_group"
     name = text.name or path.stem
-    return Header("single", None, notes=(("dates", survey.dates),)), _messages(
-        text, Chat(name_id(name), kind, name), survey, path.stat().st_size, on_read)
+    return Header(one_chat=True, notes=(("dates", survey.dates),)), _messages(
+        text, Chat(name_id(name), chat_type(len(survey.senders)), name), survey, path.stat().st_size, on_read)
 
 
 def _message(number: int, head: tuple[str | None, int | None, bool], body: str, length: int,
@@ -428,7 +297,7 @@ def _message(number: int, head: tuple[str | None, int | None, bool], body: str, 
     return Message(number, ts, sid, sender, "", kind, what)
 
 
-def _messages(text: _Text, chat: Chat, survey: _Survey, size: int, on_read: Callable[[int], None] | None
+def _messages(text: ChatText, chat: Chat, survey: _Survey, size: int, on_read: Callable[[int], None] | None
               ) -> Iterator[Chat | Message]:
     yield chat
     pattern, system = survey.pattern, survey.system

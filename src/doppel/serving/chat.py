@@ -192,6 +192,17 @@ class Conversation:
         self._check_fits(len(turn_ids(self.tokenizer, turn)[0]), self._budget(self._head()))  # the rest: `_fit`
         self.history.append(turn)
 
+    def rewrite(self, messages: list[str]) -> Turn:
+        """Put `messages` in place of the persona's last reply, as if the persona had written them (the owner's "that
+        is not how I'd say it"); the reply replaced. `ChatError` when the last turn is not the persona's."""
+        if not self.history or self.history[-1].speaker != self.persona:
+            raise ChatError(f"nothing to rewrite: {header_name(self.persona)} has not answered the last turn")
+        replaced = self.history[-1]
+        self.history[-1] = Turn(self.persona, "", tuple(messages), False)
+        if self.memory is not None:
+            self.memory.keep(self.history)
+        return replaced
+
     def answer(self, cancel: threading.Event | None = None) -> Reply:
         """Generate the persona's turn after the history: a `Reply` that streams its messages as each is complete.
 

@@ -7,6 +7,10 @@ reply opens with what it recalls, and the response says what in an extension fie
 on the first chunk); clients that do not know it ignore it. With `--remember`, a request's `user` (OpenAI's id of the
 end user) is the scope of the conversation remembered: it is recalled only for requests of the same `user`.
 
+One endpoint is doppel's own: POST /doppel/feedback takes a conversation that ends with the persona's reply and
+`content`, that reply as the owner would have written it, and records the pair in the run's feedback.jsonl
+(feedback.py); the web page's "rewrite" sends it. It asks for the API key as /v1/ does.
+
 No request can hold the model for good: a failed generation becomes an error in OpenAI's shape and frees
 the model, a client that leaves stops its generation (waiting or running), and the body size, the number of
 messages and the prompt's tokens are limited (`ServeConfig`). docs/security.md says what is promised.
@@ -35,6 +39,7 @@ from starlette.exceptions import HTTPException
 
 from doppel.config import LOOPBACK, Sampling, ServeConfig
 from doppel.errors import ChatError, ContextTooLong, DoppelError, GenerationFailed
+from doppel.feedback import FeedbackPair, record
 from doppel.memory.recall import Recall
 from doppel.records import MemoryEntry, Turn
 from doppel.render import header_name
@@ -88,6 +93,12 @@ class ChatRequest(BaseModel):
                         self.max_completion_tokens or self.max_tokens or DEFAULTS.max_new_tokens, self.seed)
 
 
+class FeedbackRequest(BaseModel):
+    model: str  # the persona
+    messages: list[Message] = Field(min_length=1)  # the conversation, the persona's reply last
+    content: str  # that reply as the owner would write it, one message per line
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error") -> None:
@@ -114,10 +125,17 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list[Turn], Turn]:
-    """(earlier turns, the user's turn to answer); consecutive messages of one writer form one turn,
-    like a burst in a messenger."""
+    """(earlier turns, the user's turn to answer)."""
+    turns = turns_of(request.messages, persona, default_user)
+    if not turns or turns[-1].speaker == persona:
+        raise ApiError(400, "The last message must be a user message with content", "messages")
+    return turns[:-1], turns[-1]
+
+
+def turns_of(messages: list[Message], persona: str, default_user: str) -> list[Turn]:
+    """The messages as turns; consecutive messages of one writer form one turn, like a burst in a messenger."""
     turns: list[Turn] = []
-    for message in request.messages:
+    for message in messages:
         if message.role in ("system", "developer"):
             continue  # personas have no system prompt: who speaks is in the headers
         if message.role not in ("user", "assistant"):
@@ -133,14 +151,13 @@ def history(request: ChatRequest, persona: str, default_user: str) -> tuple[list
             turns[-1] = Turn(speaker, "", turns[-1].messages + lines, False)
         else:
             turns.append(Turn(speaker, "", lines, False))
-    if not turns or turns[-1].speaker == persona:
-        raise ApiError(400, "The last message must be a user message with content", "messages")
-    return turns[:-1], turns[-1]
+    return turns
 
 
 def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: str,
                cfg: ServeConfig | None = None, default_persona: str | None = None,
-               memory: Recall | None = None) -> FastAPI:
+               memory: Recall | None = None, feedback: Path | None = None) -> FastAPI:
+    """The app; `feedback`: the run's feedback.jsonl that POST /doppel/feedback writes (None: it refuses)."""
     cfg = cfg or ServeConfig()
     app = FastAPI(title="doppel", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one generation at a time on the one model; the others wait their turn
@@ -178,19 +195,22 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "doppel"}
                                            for name in names]}
 
-    def conversation(request: ChatRequest) -> Conversation:
-        """The request's conversation with the user's turn added; raises `ApiError` for what cannot run."""
-        if request.n not in (None, 1):
-            raise ApiError(400, "Only n=1 is supported", "n")
+    def writer(request: ChatRequest | FeedbackRequest) -> str:
+        """Who writes a user message without a name; `ApiError` for a persona or a conversation not served."""
         if personas and request.model not in personas:
             raise ApiError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
         if len(request.messages) > cfg.max_messages:
             raise ApiError(400, f"Too many messages: {len(request.messages)}, at most {cfg.max_messages}",
                            "messages", "too_many_messages")
         # the default writer cannot be the persona asked for: then it is the next person
-        writer = default_user if default_user != request.model else next(
+        return default_user if default_user != request.model else next(
             (p for p in personas if p != request.model), "Friend")
-        earlier, last = history(request, request.model, writer)
+
+    def conversation(request: ChatRequest) -> Conversation:
+        """The request's conversation with the user's turn added; raises `ApiError` for what cannot run."""
+        if request.n not in (None, 1):
+            raise ApiError(400, "Only n=1 is supported", "n")
+        earlier, last = history(request, request.model, writer(request))
         try:
             recall = None
             if memory is not None:  # a conversation that goes on opens with the same turn: the same remembered id
@@ -261,6 +281,30 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                 "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                           "total_tokens": reply.prompt_tokens + reply.completion_tokens}, **extension}
 
+    @app.post("/doppel/feedback")
+    async def rewrite(body: FeedbackRequest) -> dict[str, Any]:
+        """Record the owner's rewrite of the persona's last reply (a JSON body only: a form another site posts is
+        refused before it gets here)."""
+        if feedback is None:
+            raise ApiError(403, "This server records no feedback: it was started without a trained run, or with "
+                                "--no-feedback", code="feedback_off")
+        turns = turns_of(body.messages, body.model, writer(body))
+        if not turns or turns[-1].speaker != body.model:
+            raise ApiError(400, "The last message must be the persona's reply (role assistant) to rewrite", "messages")
+        chosen = tuple(line.strip() for line in body.content.split("\n") if line.strip())
+        if not chosen:
+            raise ApiError(400, "content must hold the reply as you would write it, one message per line", "content")
+        recorded = chosen != turns[-1].messages
+        pair = FeedbackPair(tuple(turns[:-1]), body.model, chosen, turns[-1].messages, "page", int(time.time()))
+        try:
+            if recorded:
+                await asyncio.to_thread(record, feedback, pair)
+        except OSError as exc:
+            raise ApiError(500, f"Cannot write the feedback file ({exc.strerror or exc})",
+                           kind="server_error") from None
+        return {"object": "doppel.feedback", "recorded": recorded, "chosen": list(chosen),
+                "rejected": list(turns[-1].messages)}
+
     return app
 
 
@@ -313,7 +357,7 @@ class Guard:
         if not _host_allowed(headers.get("host", ""), self.cfg):
             return _error(400, "Invalid Host header (doppel answers only to the address it is bound to; see "
                                "--allowed-host)", code="invalid_host")
-        if self.cfg.api_key and scope["path"].startswith("/v1/") and not hmac.compare_digest(
+        if self.cfg.api_key and scope["path"].startswith(("/v1/", "/doppel/")) and not hmac.compare_digest(
                 headers.get("authorization", "").encode(), f"Bearer {self.cfg.api_key}".encode()):
             return _error(401, "Incorrect API key provided", code="invalid_api_key")
         length = headers.get("content-length")

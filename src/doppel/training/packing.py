@@ -19,6 +19,7 @@ from doppel.render import IGNORE
 
 if TYPE_CHECKING:
     from doppel.memory.index import Memory
+    from doppel.records import Session
 
 
 def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: int, memory: Memory | None = None,
@@ -28,19 +29,28 @@ def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: 
     that ended before it; for held-out ones, from any session that did."""
     from datasets import Dataset
 
-    from doppel.memory.recall import for_sessions
     from doppel.render import encode
 
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     sessions = list(dataset.sessions(split))
-    blocks = for_sessions(memory, sessions, tokenizer, memory_tokens, {"train"} if split == "train" else None) \
-        if memory is not None else [([], [])] * len(sessions)
-    for session, (block, _) in zip(sessions, blocks, strict=True):
+    for session, block in zip(sessions, memory_blocks(sessions, split, tokenizer, memory, memory_tokens), strict=True):
         for sample_ids, sample_labels in encode(session, tokenizer, max_length, block):
             ids.append(sample_ids)
             labels.append(sample_labels)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def memory_blocks(sessions: list[Session], split: Split, tokenizer: Any, memory: Memory | None,
+                  memory_tokens: int) -> list[list[int]]:
+    """Each session's memory block ids as training gives them (empty without a `memory`); the preference step
+    (tuning/preferences.py) opens its prompts with the same."""
+    from doppel.memory.recall import for_sessions
+
+    if memory is None:
+        return [[] for _ in sessions]
+    return [block for block, _ in
+            for_sessions(memory, sessions, tokenizer, memory_tokens, {"train"} if split == "train" else None)]
 
 
 def cached(path: Path, build: Any) -> Any:
