@@ -232,10 +232,13 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
         blocks = [ids for ids, _ in for_sessions(memory.memory, sessions, tokenizer, memory.budget, None)]
         recall = recall_turns(memory.memory, sessions)
     results: dict[str, Any] = {}
+    # a run compared with is measured as it chats too: with memory when it trained with it (the base never did)
+    trained_with = {"tuned": info.memory_tokens,
+                    "base": Run.open(cfg.compare).info.memory_tokens if cfg.compare != "base" else None}
     for name, model in (("base", other), ("tuned", tuned)):
         with use_base() if name == "base" else nullcontext():
             # the tuned model as it chats: with memory when it trained with it
-            recalls = memory if name == "tuned" and info.memory_tokens else None
+            recalls = memory if trained_with[name] else None
             per_session: list[dict[str, tuple[float, int]]] = []
             sources: dict[str, list[int]] = {}
             losses = speaker_losses(model, tokenizer, sessions, max_length, blocks if recalls else None, recall,

@@ -183,25 +183,59 @@ def _memory(losses: dict[str, dict[str, tuple[float, int]]], name: str, turns: i
 
 def headline(result: dict[str, Any], name: Callable[[str], str] = header_name) -> list[str]:
     """The owner's held-out loss, the style distance and the judge's verdict, before → after; each says when the
-    difference is within noise (its 95% interval over held-out sessions holds 0). A name is written by `name`: one
-    line for the terminal, Markdown text in report.md."""
+    difference is within noise (its 95% interval over held-out sessions holds 0). Against another run (`--compare
+    RUN`) the two are named by their paths, and a last line says plainly whether this run did better. A name is
+    written by `name`: one line for the terminal, Markdown text in report.md."""
     owner = next((s for s in result["speakers"] if s["is_owner"]), None)
     noise = result.get("noise", {})
+    before, after = labels(result)
     lines = []
     if owner and owner["tuned"]["loss"] is not None and owner["base"]["loss"] is not None:
-        lines.append(f"{name(owner['name'])} (you), held-out loss: base {owner['base']['loss']:.3f} → tuned "
+        lines.append(f"{name(owner['name'])} (you), held-out loss: {before} {owner['base']['loss']:.3f} → {after} "
                      f"{owner['tuned']['loss']:.3f} (perplexity {owner['base']['perplexity']:.1f} → "
                      f"{owner['tuned']['perplexity']:.1f}){_noise_note(noise.get('owner_loss'))}")
     base, tuned = result["overall"]["base"]["style_distance"], result["overall"]["tuned"]["style_distance"]
     if base is not None and tuned is not None:
-        lines.append(f"style distance to the real turns (0 = same): base {base:.3f} → tuned {tuned:.3f}"
+        lines.append(f"style distance to the real turns (0 = same): {before} {base:.3f} → {after} {tuned:.3f}"
                      f"{_noise_note(noise.get('style_distance'))}")
     judged = result.get("judge")
     if judged and judged["base"] is not None and judged["tuned"] is not None:
-        lines.append(f"sounds like them (authorship judge): base {judged['base']:.0%} → tuned {judged['tuned']:.0%} "
-                     f"(real turns {judged['real']:.0%}){_noise_note(judged['difference_ci'])}")
+        lines.append(f"sounds like them (authorship judge): {before} {judged['base']:.0%} → {after} "
+                     f"{judged['tuned']:.0%} (real turns {judged['real']:.0%}){_noise_note(judged['difference_ci'])}")
     lines += memory_lines(result, name)
+    if result.get("compare", "base") != "base":
+        lines.append(verdict(result))
     return lines
+
+
+def labels(result: dict[str, Any]) -> tuple[str, str]:
+    """What the report calls the two models: base and tuned, or the run compared with and this run."""
+    compare = result.get("compare", "base")
+    return ("base", "tuned") if compare == "base" else (str(compare), str(result["run"]))
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """Whether this run did better than the one compared with, on the three headline measures, each counted only
+    when its 95% interval of the difference leaves out 0."""
+    judged = result.get("judge") or {}
+    noise = result.get("noise", {})
+    better, worse, same = [], [], []
+    for label, difference, lower_is_better in (("the owner's held-out loss", noise.get("owner_loss"), True),
+                                               ("style distance", noise.get("style_distance"), True),
+                                               ("the judge's share", judged.get("difference_ci"), False)):
+        if difference is None:
+            continue
+        if judge.within_noise(difference):
+            same.append(label)
+        elif (difference[1] < 0) == lower_is_better:
+            better.append(label)
+        else:
+            worse.append(label)
+    said = "it helped" if better and not worse else "it did worse" if worse and not better else \
+        "mixed" if better else "no difference outside the noise"
+    parts = [f"{kind}: {', '.join(found)}" for kind, found in (("better", better), ("worse", worse),
+                                                                ("within noise", same)) if found]
+    return f"against {result['compare']}: {said}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _noise_note(difference: list[float] | None) -> str:
@@ -236,7 +270,9 @@ def write(folder: Path, result: dict[str, Any], metrics: list[dict[str, Any]]) -
 def markdown(result: dict[str, Any]) -> str:
     out = [f"# doppel eval: {result['run']}", "", *headline(result, markdown_name), "",
            f"Held-out sessions of {result['dataset']} (at most {result['sessions']}); compared with: "
-           f"{result['compare']}; seed {result['seed']}.", "",
+           f"{result['compare']}; seed {result['seed']}."
+           + ("" if result.get("compare", "base") == "base" else
+              f" In the tables, base is {result['compare']} and tuned is {result['run']}."), "",
            "Intervals are 95% bootstrap intervals over the held-out sessions (drawn with replacement); a difference "
            "whose interval holds 0 is within noise.", "",
            "## Held-out loss per speaker (training targets only)", "",

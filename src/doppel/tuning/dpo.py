@@ -57,13 +57,14 @@ def train_dpo(dataset_dir: str | Path, run_dir: str | Path, cfg: TrainConfig,
                                    models.parameter_count(cfg.model)), attention="sdpa")
     if cfg.feedback is not None and not cfg.feedback.is_file():
         raise TrainError(f"{cfg.feedback}: no such feedback file")
+    sessions = {s.id: s for s in dataset.sessions("train")}  # never the held-out split
+    preferences.read(run.path / preferences.PREFERENCES_FILE, sessions)  # a bad line is refused before the model loads
     set_seed(cfg.seed)
     model, tokenizer = source.load()
     memory = _memory(cfg, dataset)
     run.path.mkdir(parents=True, exist_ok=True)
     config.dump(cfg, run.path / CONFIG_FILE)
     shutil.copyfile(dataset.path / STATS_FILE, run.path / RUN_STATS_FILE)
-    sessions = {s.id: s for s in dataset.sessions("train")}  # never the held-out split
     chosen = preferences.contexts(list(sessions.values()), cfg.pairs, cfg.seed)
     picked = list({s.id: s for s, _ in chosen}.values())
     blocks = dict(zip((s.id for s in picked),
