@@ -21,7 +21,7 @@ def _turns(session: int, turns: list[tuple[str, str]]) -> list[dict]:
 
 
 def conversation() -> dict:
-    """Two sessions (the first long enough for two entries, the second one), and questions of every category."""
+    """Two sessions (of eight entries: a long turn, or two short ones, each), and questions of every category."""
     first = _turns(1, [
         ("Ada", "Guess what, I adopted a kitten yesterday! Her name is Pixel and she is grey with white paws."),
         ("Ben", "No way, congratulations! Where did you find her?"),
@@ -78,21 +78,21 @@ def test_a_conversation_becomes_the_jsonl_readers_input(conversation_file, tmp_p
 def test_evidence_recall_of_each_retrieval(conversation_file):
     result = locomo.measure([conversation_file], budget=64, ks=(1, 2), chars=(150, 400))
     assert {k: v for k, v in result.items() if k != "recall"} == {
-        "conversations": 1, "entries": 3, "block_tokens": 64, "evidence_in_index": "6/6",
+        "conversations": 1, "entries": 8, "block_tokens": 64, "evidence_in_index": "6/6",
         "questions": {"multi-hop": 2, "temporal": 1, "open-domain": 1, "single-hop": 2, "overall": 6}, "not_asked": 2}
     # per retrieval, per category: (@1, @2, 150 characters, 400 characters, the block of 64 tokens)
     figures = {name: {category: tuple(row.values()) for category, row in rows.items()}
                for name, rows in result["recall"].items()}
     assert figures == {
-        "doppel": {"multi-hop": (0.5, 1.0, 0.25, 0.5, 0.25), "temporal": (0.0, 1.0, 0.0, 0.0, 0.0),
-                   "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (1.0, 1.0, 0.5, 1.0, 0.5),
-                   "overall": (0.667, 1.0, 0.417, 0.667, 0.417)},
-        "bm25": {"multi-hop": (0.5, 1.0, 0.0, 0.5, 0.0), "temporal": (1.0, 1.0, 0.0, 1.0, 0.0),
-                 "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (1.0, 1.0, 0.5, 1.0, 0.5),
-                 "overall": (0.833, 1.0, 0.333, 0.833, 0.333)},
-        "dense": {"multi-hop": (0.5, 1.0, 0.0, 0.5, 0.0), "temporal": (0.0, 1.0, 0.0, 0.0, 0.0),
-                  "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (1.0, 1.0, 0.5, 1.0, 0.5),
-                  "overall": (0.667, 1.0, 0.333, 0.667, 0.333)}}
+        "doppel": {"multi-hop": (0.25, 0.5, 0.25, 1.0, 0.25), "temporal": (0.0, 1.0, 1.0, 1.0, 1.0),
+                   "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (0.5, 1.0, 0.5, 1.0, 0.5),
+                   "overall": (0.417, 0.833, 0.583, 1.0, 0.583)},
+        "bm25": {"multi-hop": (0.25, 0.5, 0.25, 0.75, 0.25), "temporal": (1.0, 1.0, 1.0, 1.0, 1.0),
+                 "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (0.5, 1.0, 0.5, 1.0, 0.5),
+                 "overall": (0.583, 0.833, 0.583, 0.917, 0.583)},
+        "dense": {"multi-hop": (0.0, 0.5, 0.0, 0.5, 0.0), "temporal": (0.0, 0.0, 0.0, 0.0, 0.0),
+                  "open-domain": (1.0, 1.0, 1.0, 1.0, 1.0), "single-hop": (0.5, 1.0, 0.5, 1.0, 0.5),
+                  "overall": (0.333, 0.667, 0.333, 0.667, 0.333)}}
     assert list(result["recall"]["doppel"]["overall"]) == ["at_1", "at_2", "chars_150", "chars_400", "block"]
 
 
@@ -110,7 +110,7 @@ def test_the_command_prints_the_table_and_writes_json(conversation_file, tmp_pat
     figures = json.loads(out.read_text())
     assert sorted(figures) == ["locomo", "machine", "recall"]  # no --messages: no synthetic export timed
     assert figures["locomo"]["block_tokens"] == 256
-    assert "LoCoMo evidence recall: 1 conversation, 6 questions, 3 entries, block 256 tokens" in run.output
+    assert "LoCoMo evidence recall: 1 conversation, 6 questions, 8 entries, block 256 tokens" in run.output
     assert "│ overall     │         6 │ doppel    │" in run.output
 
 

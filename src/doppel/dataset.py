@@ -108,8 +108,9 @@ class DatasetStats:
             lines.append("messages dropped: " + ", ".join(f"{k} {v:,}" for k, v in self.dropped.items()))
         lines.extend(f"warning: {header_name(w)}" for w in self.warnings)
         if self.memory:
-            lines.append(f"memory: {self.memory['entries']:,} entries of past sessions ({self.memory['embedded']:,} "
-                         f"embedded, {self.memory['reused']:,} reused)")
+            windows = self.memory.get("windows", self.memory["entries"])
+            lines.append(f"memory: {self.memory['entries']:,} entries of past sessions in {windows:,} windows "
+                         f"({self.memory['embedded']:,} embedded, {self.memory['reused']:,} reused)")
         if self.excluded_chats:
             lines.append("chats not used: " + ", ".join(f"{k} {v:,}" for k, v in self.excluded_chats.items()))
         return lines

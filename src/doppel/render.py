@@ -94,15 +94,33 @@ def is_time(value: object) -> bool:
     return type(value) is int and FIRST_TIME <= value <= LAST_TIME
 
 
+def memory_order(entry: MemoryEntry) -> tuple[int, str, int]:
+    """Where an entry was said: its session's start, the session, its place in the session (`id` "SESSION#k")."""
+    _, mark, place = entry.id.rpartition("#")
+    return entry.start, entry.session, int(place) if mark and place.isdigit() else 0
+
+
+def memory_heading(entry: MemoryEntry) -> str:
+    """The line that opens a session in the memory block: its date and its people."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(entry.start))
+    return f"{day} · {', '.join(header_name(s) for s in entry.speakers)}"
+
+
+def memory_line(speaker: str, message: str) -> str:
+    return f"{header_name(speaker)}: {' '.join(message.split())}"
+
+
 def memory_text(entries: Sequence[MemoryEntry]) -> str:
-    """The memory block's body: each entry's date and speakers, then its lines, the entries oldest first."""
-    parts = []
-    for entry in sorted(entries, key=lambda e: (e.start, e.id)):
-        day = time.strftime("%Y-%m-%d", time.gmtime(entry.start))
-        lines = [f"{day} · {', '.join(header_name(s) for s in entry.speakers)}"]
-        lines += [f"{header_name(speaker)}: {' '.join(message.split())}" for speaker, message in entry.lines]
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+    """The memory block's body: for each session, oldest first, its date and people once, then the lines of its
+    entries in the order they were said."""
+    parts: list[list[str]] = []
+    session = None
+    for entry in sorted(entries, key=memory_order):
+        if entry.session != session:
+            parts.append([memory_heading(entry)])
+            session = entry.session
+        parts[-1] += [memory_line(speaker, message) for speaker, message in entry.lines]
+    return "\n\n".join("\n".join(lines) for lines in parts)
 
 
 def memory_segments(entries: Sequence[MemoryEntry]) -> list[tuple[str, bool]]:
@@ -170,18 +188,41 @@ def memory_ids(tokenizer: Any, entries: Sequence[MemoryEntry]) -> list[int]:
 
 
 def fit_memory(tokenizer: Any, ranked: Sequence[MemoryEntry], budget: int) -> tuple[list[int], list[MemoryEntry]]:
-    """(the block's ids, the entries in it): the best-ranked entries whose block fits in `budget` tokens. An entry
-    that does not fit whole keeps its first lines that do; one that cannot keep a line is left out."""
-    chosen: list[MemoryEntry] = []
-    ids: list[int] = []
+    """(the block's ids, the entries in it): the best-ranked entries whose block fits in `budget` tokens, an entry
+    that does not fit whole with its first lines that do, one that cannot keep a line left out.
+
+    What fits is counted line by line (each line's tokens and its line break, a session's heading once, two line
+    breaks between sessions), in one tokenizer call; the block chosen is then tokenized whole, and while it is
+    longer than the count (a merge across lines), the last entry taken goes, a line at a time."""
+    if budget <= 0 or not ranked:
+        return [], []
+    frame = len(memory_ids(tokenizer, [replace(ranked[0], lines=())])) - len(segment_ids(
+        tokenizer, memory_heading(ranked[0])))  # the markers, the header and its line break
+    headings = {e.session: memory_heading(e) for e in ranked}
+    texts = list(headings.values()) + [memory_line(s, m) for e in ranked for s, m in e.lines]
+    counts = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"]]
+    heading_cost = dict(zip(headings, counts, strict=False))
+    line_costs = iter(counts[len(headings):])
+    used = frame - 1  # the first heading needs no blank line before it, the last line no break after it
+    taken: list[MemoryEntry] = []
+    sessions: set[str] = set()
     for entry in ranked:
-        for keep in range(len(entry.lines), 0, -1):
-            trial = [*chosen, replace(entry, lines=entry.lines[:keep])]
-            trial_ids = memory_ids(tokenizer, trial)
-            if len(trial_ids) <= budget:
-                chosen, ids = trial, trial_ids
-                break
-    return ids, sorted(chosen, key=lambda e: (e.start, e.id))
+        costs = [next(line_costs) for _ in entry.lines]
+        opening = 0 if entry.session in sessions else heading_cost[entry.session] + (1 if sessions else 0)
+        keep = 0
+        while keep < len(costs) and used + opening + sum(costs[:keep + 1]) <= budget:
+            keep += 1
+        if keep:
+            used += opening + sum(costs[:keep])
+            taken.append(replace(entry, lines=entry.lines[:keep]))
+            sessions.add(entry.session)
+    ids = memory_ids(tokenizer, taken)
+    while len(ids) > budget and taken:
+        last = taken[-1]
+        taken[-1:] = [replace(last, lines=last.lines[:-1])] if len(last.lines) > 1 else []
+        ids = memory_ids(tokenizer, taken)
+    return ids, sorted(taken, key=memory_order)
 
 
 def encode(session: Session, tokenizer: Any, max_length: int,

@@ -161,7 +161,7 @@ def rankings(memory: Any, queries: Sequence[str], people: Collection[str], depth
     position = {id(entry): i for i, entry in enumerate(memory.entries)}
     out: dict[str, list[list[int]]] = {
         "doppel": [[position[id(e)] for e in memory.search(q, people=people, top=depth)] for q in queries]}
-    dense = memory.vectors @ Encoder()(list(queries)).T
+    dense = (memory.vectors @ Encoder()(list(queries)).T)[memory.rows]
     out["dense"] = [[int(i) for i in np.argsort(-dense[:, j], kind="stable")[:depth]] for j in range(len(queries))]
     tokens = [_words(e.text) for e in memory.entries]
     index = None

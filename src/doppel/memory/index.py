@@ -1,21 +1,26 @@
-"""The memory index: every past session (a long one in windows), searched by meaning and by keywords.
+"""The memory index: every past session, in small entries, searched by meaning and by keywords.
 
-    DATASET/memory/memory.json      what it is: format, encoder, entries, when built
-    DATASET/memory/entries.jsonl    one entry a line (records.MemoryEntry, and its text's hash)
-    DATASET/memory/vectors.npy      (entries, 512) float32 sentence vectors, row i for line i
+    DATASET/memory/memory.json      what it is: format, encoder, entries, windows
+    DATASET/memory/entries.jsonl    one entry a line (records.MemoryEntry, its window's row and text hash)
+    DATASET/memory/vectors.npy      (windows, 512) float32 sentence vectors, a row a window
     DATASET/memory/keywords/        the BM25 index of the entries' stemmed keywords (bm25s); none when no entry has
                                     a word (an export of emoji): then the vectors alone search
     RUN/memory/remembered.jsonl     conversations held with the model (`--remember`, memory/remembered.py)
 
-`prepare` builds it from the sessions it writes, so `--redact` and `--pseudonymize` apply to it as to training. A
-vector is reused, not computed again, for an entry whose text the directory's previous index already held.
+An entry is a turn, or a few short ones, of about `UNIT_CHARS` (what the memory block shows); a window is the
+consecutive entries of a session of about `WINDOW_CHARS` (what a vector embeds, so that a short answer is found by
+its question around it). `prepare` builds it from the sessions it writes, so `--redact` and `--pseudonymize`
+apply to it as to training. A vector is reused, not computed again, for a window whose text the directory's
+previous index already held.
 
 A search scores the entries allowed (ended before a time, of some splits, not excluded) by the cosine similarity of
-their vectors to the query's, plus a share of BM25 over the stemmed keywords (the best keyword match adds 0.15); an
-entry whose people include all of the conversation's gains a little (same partner, same chat), and among equals the
-newer comes first. Fusing by scores rather than by reciprocal rank keeps a keyword match from outranking the entry
-that answers in another language (docs/benchmarks.md has both measured). At a person's scale (a hundred thousand
-entries) a brute-force search over the vectors takes milliseconds, so there is no vector database.
+their window's vector to the query's, plus `KEYWORD_WEIGHT` of BM25 over the stemmed keywords of the entry and its
+neighbours (as a share of the best match); an entry said by a person the query names gains `NAMED_BONUS`, one whose
+people include all of the conversation's a little (same partner, same chat), and among equals the newer comes
+first. Fusing by scores rather than by reciprocal rank keeps a keyword match from outranking the entry that
+answers in another language (docs/benchmarks.md has both measured, and the LoCoMo figures of each choice). At a
+person's scale (a hundred thousand entries) a brute-force search over the vectors takes milliseconds, so there is
+no vector database.
 
 A remembered conversation is found only by the searches of its scope (the API's `user`; None: `doppel chat` and the
 requests without one); the prepared entries by every search.
@@ -27,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from array import array
@@ -40,6 +46,8 @@ from doppel.memory.text import DIMENSIONS, ENCODER, Encoder, keywords
 from doppel.records import MemoryEntry, Session, Turn
 from doppel.render import is_time
 
+_WORDS = re.compile(r"\w+")
+
 if TYPE_CHECKING:
     from doppel.memory.remembered import Held
 
@@ -48,41 +56,80 @@ KEYWORD_FILES = ("params.index.json", "vocab.index.json", "data.csc.index.npy", 
                  "indptr.csc.index.npy")  # what bm25s writes
 REMEMBERED = "remembered.jsonl"
 EMBED_BATCH = 256  # texts embedded at a time (the encoder's own batch)
-FORMAT = "doppel-memory/1"
-WINDOW_CHARS = 500  # a longer session is remembered in windows of about this much text
+FORMAT = "doppel-memory/2"  # entries are small pieces of a session, each window of them one vector
+FORMATS = (FORMAT, "doppel-memory/1")  # 1: an entry a window, a vector an entry (read as windows of one entry)
+UNIT_CHARS = 160  # an entry: a turn, or a few short ones, of about this much text (what the block shows)
+WINDOW_CHARS = 500  # a window: consecutive entries of a session of about this much text (what the vectors embed)
 LINE_CHARS = 300  # a longer message is cut
-TOP = 4  # entries offered to the memory block, best first; its token budget decides how many go in
+TOP = 40  # entries offered to the memory block, best first; its token budget decides how many go in
 CANDIDATES = 50  # taken from each ranking into the fusion
-KEYWORD_WEIGHT = 0.15  # the best BM25 match adds this much to its cosine similarity (docs/benchmarks.md)
+KEYWORD_WEIGHT = 0.3  # the best BM25 match adds this much to its cosine similarity (docs/benchmarks.md)
 PEOPLE_BONUS = 0.05  # an entry of the conversation's own people: ahead of others about as relevant
+NAMED_BONUS = 0.3  # an entry said by a person the query names ("what did Lena say about …")
 SCOPE_CHARS = 200  # a longer scope is kept as its hash
 
 
-def entries_of(session: Session, split: str) -> list[MemoryEntry]:
-    """A session's memory entries: one, or windows of about `WINDOW_CHARS` for a long session."""
+def windows_of(session: Session, split: str) -> list[list[MemoryEntry]]:
+    """A session's memory entries, in windows: each entry holds messages of about `UNIT_CHARS` (a turn, or a few
+    short turns; a message is never split), each window consecutive entries of about `WINDOW_CHARS`. An entry is
+    what the memory block shows; a window is what its sentence vector is of, so that a short turn is found by what
+    was said around it."""
     lines = [(turn.speaker, clip(m)) for turn in session.turns for m in turn.messages if m.strip()]
     speakers = tuple(dict.fromkeys(turn.speaker for turn in session.turns))
-    windows: list[list[tuple[str, str]]] = []
+    units: list[list[tuple[str, str]]] = []
     size = 0
     for line in lines:
-        if not windows or size + len(line[1]) > WINDOW_CHARS:
+        if not units or size + len(line[1]) > UNIT_CHARS:
+            units.append([])
+            size = 0
+        units[-1].append(line)
+        size += len(line[1]) + 1
+    entries = [MemoryEntry(session.id if len(units) == 1 else f"{session.id}#{k}", session.id, session.chat.id,
+                           session.chat.name, speakers, session.start, session.end, split, tuple(unit))
+               for k, unit in enumerate(units)]
+    windows: list[list[MemoryEntry]] = []
+    size = 0
+    for entry in entries:
+        length = sum(len(m) + 1 for _, m in entry.lines)
+        if not windows or size + length > WINDOW_CHARS:
             windows.append([])
             size = 0
-        windows[-1].append(line)
-        size += len(line[1]) + 1
-    return [MemoryEntry(session.id if len(windows) == 1 else f"{session.id}#{k}", session.id, session.chat.id,
-                        session.chat.name, speakers, session.start, session.end, split, tuple(window))
-            for k, window in enumerate(windows)]
+        windows[-1].append(entry)
+        size += length
+    return windows
+
+
+def entries_of(session: Session, split: str) -> list[MemoryEntry]:
+    """A session's memory entries (`windows_of`, the windows joined)."""
+    return [entry for window in windows_of(session, split) for entry in window]
+
+
+def window_text(window: Sequence[MemoryEntry]) -> str:
+    """What a window's vector embeds: its entries' messages, one a line."""
+    return "\n".join(entry.text for entry in window)
+
+
+def window_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def search_texts(entries: Sequence[MemoryEntry]) -> list[str]:
+    """What each entry's keywords are taken from: its messages and those of the entries before and after it in its
+    session (entries of a session are consecutive), so that an answer is found by the words of its question."""
+    out = []
+    for i, entry in enumerate(entries):
+        parts = [entries[i - 1].text] if i > 0 and entries[i - 1].session == entry.session else []
+        parts.append(entry.text)
+        if i + 1 < len(entries) and entries[i + 1].session == entry.session:
+            parts.append(entries[i + 1].text)
+        out.append("\n".join(parts))
+    return out
 
 
 def clip(message: str, size: int = LINE_CHARS) -> str:
     """`message` on one line, cut to `size` characters."""
     message = " ".join(message.split())
     return message if len(message) <= size else message[:size - 1] + "…"
-
-
-def text_hash(entry: MemoryEntry) -> str:
-    return hashlib.sha1(entry.text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def scope_key(scope: str | None) -> str | None:
@@ -117,8 +164,9 @@ def problem(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class BuildStats:
     entries: int
-    embedded: int  # vectors computed
-    reused: int  # vectors taken from the previous index
+    embedded: int  # windows whose vector was computed
+    reused: int  # windows whose vector was taken from the previous index
+    windows: int = 0  # embedded + reused
 
 
 def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path | None = None,
@@ -132,15 +180,21 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
     of `vectors.npy` (by file writes, not a memory map, whose written pages would count as the process's memory)."""
     folder.mkdir(parents=True, exist_ok=True)
     known, old = _previous_rows(previous) if previous is not None else ({}, None)
-    sources = array("q")  # per entry: the row of its vector in the previous index, -1 when it is to be embedded
+    sources = array("q")  # per window: the row of its vector in the previous index, -1 when it is to be embedded
     words = _KeywordIds()
+    count = 0
     with (folder / ENTRIES).open("w", encoding="utf-8") as handle:
         for session, split in sessions:
-            for entry in entries_of(session, split):
-                key = text_hash(entry)
-                handle.write(json.dumps({**entry.to_json(), "hash": key}, ensure_ascii=False) + "\n")
+            windows = windows_of(session, split)
+            texts = iter(search_texts([entry for window in windows for entry in window]))
+            for window in windows:
+                key = window_hash(window_text(window))
+                for entry in window:
+                    handle.write(json.dumps({**entry.to_json(), "window": len(sources), "hash": key},
+                                            ensure_ascii=False) + "\n")
+                    words.add(next(texts))
+                    count += 1
                 sources.append(known.get(key, -1))
-                words.add(entry.text)
     del known
     index = _index(words)
     del words
@@ -151,16 +205,16 @@ def build(sessions: Iterable[tuple[Session, str]], folder: Path, previous: Path 
     todo = sources.count(-1)
     _write_vectors(folder, sources, old, todo, progress, encoder)
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "encoder": ENCODER, "dimensions": DIMENSIONS,
-                                               "entries": len(sources), "keywords": has_keywords}, indent=1)
-                                   + "\n", encoding="utf-8")
-    return BuildStats(len(sources), todo, len(sources) - todo)
+                                               "entries": count, "windows": len(sources),
+                                               "keywords": has_keywords}, indent=1) + "\n", encoding="utf-8")
+    return BuildStats(count, todo, len(sources) - todo, len(sources))
 
 
 def _write_vectors(folder: Path, sources: array[int], old: Path | None, todo: int,
                    progress: Callable[[int, int], None] | None, encoder: Encoder | None) -> None:
-    """`vectors.npy` (the bytes `np.save` writes) of the entries in `folder`: row i reused from row `sources[i]` of
-    `old`, or, where that is -1, embedded; the texts to embed are read back from `entries.jsonl` and embedded 256 at
-    a time in their order, the batches of embedding them all at once (the vectors the same, bit for bit)."""
+    """`vectors.npy` (the bytes `np.save` writes) of the windows in `folder`: row i reused from row `sources[i]` of
+    `old`, or, where that is -1, embedded; the windows' texts are read back from `entries.jsonl` and embedded 256
+    at a time in their order, the batches of embedding them all at once (the vectors the same, bit for bit)."""
     import numpy as np
     from numpy.lib import format as npy
 
@@ -188,15 +242,31 @@ def _write_vectors(folder: Path, sources: array[int], old: Path | None, todo: in
             if progress is not None:
                 progress(done, todo)
 
-        for i, (source, line) in enumerate(zip(sources, lines, strict=True)):
+        for i, window in _windows_read(lines):
+            source = sources[i]
             if source >= 0:
                 os.pwrite(out.fileno(), os.pread(reused, row, skip + source * row), start + i * row)
                 continue
-            batch.append((i, MemoryEntry.from_json(json.loads(line)).text))
+            batch.append((i, window_text(window)))
             if len(batch) == EMBED_BATCH:
                 flush()
         if batch:
             flush()
+
+
+def _windows_read(lines: Iterable[str]) -> Iterator[tuple[int, list[MemoryEntry]]]:
+    """(row, its entries) of each window of the entry lines `build` wrote, in order."""
+    current: list[MemoryEntry] = []
+    row = -1
+    for line in lines:
+        data = json.loads(line)
+        if data["window"] != row and current:
+            yield row, current
+            current = []
+        row = data["window"]
+        current.append(MemoryEntry.from_json(data))
+    if current:
+        yield row, current
 
 
 class _KeywordIds:
@@ -286,22 +356,26 @@ def _vectors(path: Path, rows: int) -> Any:
 
 
 def _previous_rows(folder: Path) -> tuple[dict[str, int], Path | None]:
-    """{text hash: row} of an earlier index, and its vectors file; empty and None when there is none or it is
-    unreadable (nothing to reuse). The vectors are read a row at a time as they are reused, not loaded."""
+    """{window text hash: row} of an earlier index, and its vectors file; empty and None when there is none, it is
+    unreadable or of another format (nothing to reuse). The vectors are read a row at a time as reused, not loaded."""
     try:
+        if json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("format") != FORMAT:
+            return {}, None
         rows: dict[str, int] = {}
         count = 0
         with (folder / ENTRIES).open(encoding="utf-8") as handle:
             for line in handle:
-                key = json.loads(line)["hash"]
-                if not isinstance(key, str):
-                    raise TypeError("a hash that is not text")
-                rows[key] = count
-                count += 1
+                data = json.loads(line)
+                key, row = data["hash"], data["window"]
+                if not isinstance(key, str) or not (row == count or (count and row == count - 1)):
+                    raise TypeError("a hash that is not text, or windows out of order")
+                if row == count:
+                    rows[key] = count
+                    count += 1
         with (folder / VECTORS).open("rb") as vectors:
             _vector_file(vectors, count)
         return rows, folder / VECTORS
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, None
 
 
@@ -309,11 +383,13 @@ class Memory:
     """The index, loaded: its entries, their vectors and keywords, and the remembered conversations, if any."""
 
     def __init__(self, entries: list[MemoryEntry], vectors: Any, keyword_index: Any,
-                 remembered: Path | None = None, encoder: Encoder | None = None) -> None:
+                 remembered: Path | None = None, encoder: Encoder | None = None, rows: Any = None) -> None:
         import numpy as np
 
         self.entries = entries
-        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.vectors = np.asarray(vectors, dtype=np.float32)  # a row a window
+        # the window (row of `vectors`) of each entry; None: a row an entry
+        self.rows = np.arange(len(entries), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         self._keywords = keyword_index  # covers entries[:self._covered]; None: no entry has a word
         self._covered = len(entries)
         self._moves = 0  # how often entries moved (a remembered conversation replaced): an older reindex is stale
@@ -336,24 +412,32 @@ class Memory:
             raise MemoryIndexError(f"{folder}: no memory index (build it with doppel prepare)")
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            if manifest.get("format") != FORMAT:
+            if manifest.get("format") not in FORMATS:
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
-            entries = []
+            windowed = manifest["format"] == FORMAT
+            entries: list[MemoryEntry] = []
+            rows: list[int] = []
             with (folder / ENTRIES).open(encoding="utf-8") as handle:
                 for number, line in enumerate(handle, 1):
                     try:
-                        entries.append(checked_entry(json.loads(line)))
+                        data = json.loads(line)
+                        entries.append(checked_entry(data))
+                        row = data["window"] if windowed else number - 1
+                        expected = (rows[-1], rows[-1] + 1) if rows else (0,)
+                        if type(row) is not int or row not in expected:
+                            raise ValueError(f"window {row!r} out of order")
+                        rows.append(row)
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         raise ValueError(f"{ENTRIES}, line {number}: {problem(exc)}") from None
             if len(entries) != manifest["entries"]:
                 raise ValueError(f"{len(entries)} entries, the manifest says {manifest['entries']}")
-            vectors = _vectors(folder / VECTORS, len(entries))
+            vectors = _vectors(folder / VECTORS, rows[-1] + 1 if rows else 0)
             index = bm25s.BM25.load(str(folder / KEYWORDS), show_progress=False) if manifest.get(
                 "keywords", True) else None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MemoryIndexError(f"{folder}: the memory index is damaged ({_reason(exc)}); build it again with "
                                    "doppel prepare, or go on without it (--memory off)") from None
-        memory = cls(entries, vectors, index, remembered)
+        memory = cls(entries, vectors, index, remembered, rows=rows)
         if remembered is not None and remembered.is_file():
             memory._load_remembered(remembered)
         return memory
@@ -370,14 +454,18 @@ class Memory:
         except (OSError, ValueError) as exc:
             raise MemoryIndexError(f"{path}: the remembered conversations are damaged ({_reason(exc)}); move the "
                                    "file away to start a new memory of conversations") from None
-        vectors = [vector for _, vector in read.entries]
+        vectors = [vector for _, vector in read.windows]
         missing = [i for i, vector in enumerate(vectors) if vector is None]  # only where a line was lost
         if missing:
-            for i, vector in zip(missing, self.encoder([read.entries[i][0].text for i in missing]), strict=True):
+            texts = [window_text(read.windows[i][0]) for i in missing]
+            for i, vector in zip(missing, self.encoder(texts), strict=True):
                 vectors[i] = vector
         self._held, self._scopes = read.held, read.scopes
-        if read.entries:
-            self.entries = self.entries + [e for e, _ in read.entries]
+        if read.windows:
+            first = len(self.vectors)
+            self.entries = self.entries + [e for window, _ in read.windows for e in window]
+            self.rows = np.concatenate([self.rows, np.array(
+                [first + k for k, (window, _) in enumerate(read.windows) for _ in window], dtype=np.int64)])
             self.vectors = np.vstack([self.vectors, np.stack(vectors)])
             self._reindex()  # the saved keyword index covers the prepared entries only
         self._refresh()
@@ -401,21 +489,32 @@ class Memory:
             if changed is None:
                 return
             held, first = changed
-            entries = entries_of(held.session(conversation), "remembered")
+            windows = windows_of(held.session(conversation), "remembered")
             with self._lock:
-                known = {text_hash(self.entries[i]): self.vectors[i] for i in self._sessions.get(conversation, ())}
-            hashes = [text_hash(e) for e in entries]
+                mine = self._sessions.get(conversation, [])
+                known = {}
+                for row in dict.fromkeys(int(self.rows[i]) for i in mine):
+                    of_row = [self.entries[i] for i in mine if self.rows[i] == row]
+                    known[window_hash(window_text(of_row))] = self.vectors[row]
+            hashes = [window_hash(window_text(w)) for w in windows]
             todo = [i for i, key in enumerate(hashes) if key not in known]
-            new = dict(zip([hashes[i] for i in todo], self.encoder([entries[i].text for i in todo]),
+            new = dict(zip([hashes[i] for i in todo], self.encoder([window_text(windows[i]) for i in todo]),
                            strict=True)) if todo else {}
             known.update(new)
-            remembered.append(self.remembered, conversation, held, first, entries, new)
-            vectors = np.stack([known[key] for key in hashes]) if entries else np.zeros((0, DIMENSIONS), np.float32)
+            remembered.append(self.remembered, conversation, held, first, windows, new)
+            vectors = np.stack([known[key] for key in hashes]) if windows else np.zeros((0, DIMENSIONS), np.float32)
             with self._lock:
                 drop = self._sessions.get(conversation, [])
                 gone = set(drop)
-                self.entries = [e for i, e in enumerate(self.entries) if i not in gone] + entries
-                self.vectors = np.concatenate([np.delete(self.vectors, drop, axis=0), vectors])
+                kept = [i for i in range(len(self.entries)) if i not in gone]
+                old_rows = np.unique(self.rows[kept]) if kept else np.zeros(0, np.int64)
+                renumber = np.full(len(self.vectors), -1, dtype=np.int64)
+                renumber[old_rows] = np.arange(len(old_rows))
+                added = [e for w in windows for e in w]
+                self.entries = [self.entries[i] for i in kept] + added
+                self.rows = np.concatenate([renumber[self.rows[kept]], np.array(
+                    [len(old_rows) + k for k, w in enumerate(windows) for _ in w], dtype=np.int64)])
+                self.vectors = np.concatenate([self.vectors[old_rows], vectors])
                 if drop:
                     self._covered, self._moves = min(self._covered, drop[0]), self._moves + 1
                 self._held[conversation], self._scopes[conversation] = held, scope
@@ -425,7 +524,7 @@ class Memory:
     def _reindex(self) -> None:
         with self._lock:
             entries, moves = list(self.entries), self._moves
-        index = _keyword_index([e.text for e in entries])
+        index = _keyword_index(search_texts(entries))
         with self._lock:
             if moves == self._moves and len(entries) >= self._covered:
                 self._keywords, self._covered = index, len(entries)
@@ -440,6 +539,13 @@ class Memory:
         for i, entry in enumerate(self.entries):
             self._sessions.setdefault(entry.session, []).append(i)
         self._people = [frozenset(e.speakers) for e in self.entries]
+        self._said = [frozenset(speaker for speaker, _ in e.lines) for e in self.entries]
+        by_speaker: dict[str, list[int]] = {}
+        for i, said in enumerate(self._said):
+            for speaker in said:
+                by_speaker.setdefault(speaker, []).append(i)
+        self._by_speaker = {k: np.array(v, dtype=np.int64) for k, v in by_speaker.items()}
+        self._names = _names(by_speaker)
         # who may find an entry: 0 every search (the prepared ones), k the searches of the k-th scope
         self._scope_codes: dict[str | None, int] = {}
         self._owners = np.zeros(len(self.entries), dtype=np.int64)
@@ -468,6 +574,7 @@ class Memory:
             entries, vectors, ends, keyword_index, covered = (self.entries, self.vectors, self._ends,
                                                               self._keywords, self._covered)
             entry_splits, sessions, entry_people = self._splits, self._sessions, self._people
+            rows, said, names, by_speaker = self.rows, self._said, self._names, self._by_speaker
             owners, code = self._owners, self._scope_codes.get(scope_key(scope), -1)
         allowed = (owners == 0) | (owners == code)
         if splits is not None:
@@ -484,12 +591,12 @@ class Memory:
             encoder = self._batch_encoder = self._batch_encoder or Encoder()
         for start in range(0, len(queries), block):
             chunk = list(queries[start:start + block])
-            dense = vectors @ encoder(chunk).T if len(entries) else np.zeros((0, len(chunk)), np.float32)
+            dense = (vectors @ encoder(chunk).T)[rows] if len(entries) else np.zeros((0, len(chunk)), np.float32)
             for j, query in enumerate(chunk):
                 limit = before[start + j]
                 mask = allowed if limit is None else allowed & (ends < limit)
                 ranked = _fuse(dense[:, j], _keyword_scores(keyword_index, covered, query, len(entries)), mask,
-                               entry_people, frozenset(people[start + j]), ends)
+                               entry_people, frozenset(people[start + j]), ends, said, named(names, query), by_speaker)
                 out.append([entries[i] for i in ranked[:top]])
             if progress is not None:
                 progress(len(chunk))
@@ -519,11 +626,35 @@ def _keyword_scores(index: Any, covered: int, query: str, size: int) -> Any:
     return scores
 
 
+def _names(speakers: Collection[str]) -> dict[str, frozenset[str]]:
+    """{a word or words that name a person, lowercased: the speakers it names}: each speaker's full name and, of a
+    name of several words, its first (a question says "Lena", the export "Lena Volkova")."""
+    out: dict[str, set[str]] = {}
+    for speaker in speakers:
+        words = _WORDS.findall(speaker.lower())
+        for key in {" ".join(words), *words[:1]} - {""}:
+            if len(key) > 1:
+                out.setdefault(key, set()).add(speaker)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def named(names: dict[str, frozenset[str]], query: str) -> frozenset[str]:
+    """The speakers `query` names, by their first or full name as whole words."""
+    words = _WORDS.findall(query.lower())
+    found: set[str] = set()
+    for size in (1, 2, 3):
+        for k in range(len(words) - size + 1):
+            found |= names.get(" ".join(words[k:k + size]), frozenset())
+    return frozenset(found)
+
+
 def _fuse(dense: Any, keyword: Any, mask: Any, entry_people: list[frozenset[str]], people: frozenset[str],
-          ends: Any) -> list[int]:
-    """The best allowed entries, best first: cosine similarity, plus `KEYWORD_WEIGHT` times the BM25 score as a share
-    of the best allowed one, plus `PEOPLE_BONUS` for the conversation's people; among equals the newer. The
-    candidates are the `CANDIDATES` best of each ranking."""
+          ends: Any, said: list[frozenset[str]] | None = None, named: frozenset[str] = frozenset(),
+          by_speaker: dict[str, Any] | None = None) -> list[int]:
+    """The best allowed entries, best first: cosine similarity (of the entry's window), plus `KEYWORD_WEIGHT` times
+    the BM25 score as a share of the best allowed one, plus `PEOPLE_BONUS` for the conversation's people and
+    `NAMED_BONUS` for an entry said by a person the query names; among equals the newer. The candidates are the
+    `CANDIDATES` best of each ranking, and those said by the people named."""
     import numpy as np
 
     keyword = np.where(mask, keyword, 0.0)
@@ -531,11 +662,20 @@ def _fuse(dense: Any, keyword: Any, mask: Any, entry_people: list[frozenset[str]
     candidates = _best(dense, mask)
     if best > 0:
         candidates = np.union1d(candidates, _best(keyword, keyword > 0))
+    if by_speaker and named:
+        of_named = np.zeros(len(dense), dtype=bool)
+        for speaker in named:
+            of_named[by_speaker.get(speaker, [])] = True
+        fused = dense + KEYWORD_WEIGHT * keyword / best if best > 0 else dense
+        candidates = np.union1d(candidates, _best(fused, mask & of_named))
+    if best > 0:
         score = dense[candidates] + KEYWORD_WEIGHT * keyword[candidates] / best
     else:
         score = dense[candidates].astype(np.float64)
     if people:
         score = score + PEOPLE_BONUS * np.array([people <= entry_people[i] for i in candidates.tolist()])
+    if named and said is not None:
+        score = score + NAMED_BONUS * np.array([bool(named & said[i]) for i in candidates.tolist()])
     order = np.lexsort((candidates, -ends[candidates], -score))
     return [int(i) for i in candidates[order]]
 

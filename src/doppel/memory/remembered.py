@@ -5,10 +5,10 @@
 
 A line is one turn of a conversation at its place (`turn`); a line for a place already held replaces that turn and
 every one after it (a client that edited a message or regenerated a reply). A conversation is remembered as the index
-remembers a session (memory/index.py `entries_of`: one entry, or windows of a long one); `vectors` are those of the
-windows that changed with this turn, found again by the hash of their text, so a reply embeds one or two windows,
-never the whole conversation. `scope` is who may recall it: the API's `user`, or null for `doppel chat` and requests
-without one (docs/security.md).
+remembers a session (memory/index.py `windows_of`: entries of a turn or a few, in windows of a few entries);
+`vectors` are those of the windows that changed with this turn, found again by the hash of their text, so a reply
+embeds one or two windows, never the whole conversation. `scope` is who may recall it: the API's `user`, or null for
+`doppel chat` and requests without one (docs/security.md).
 
 Older versions wrote entry lines (a window and its `vector`), every window again after each reply: they are read
 too, the latest line of an entry winning, and a conversation that goes on replaces them.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doppel.memory.index import DIMENSIONS, checked_entry, clip, entries_of, problem, text_hash
+from doppel.memory.index import DIMENSIONS, checked_entry, clip, problem, window_hash, window_text, windows_of
 from doppel.records import ChatRef, MemoryEntry, Session, Turn
 from doppel.render import is_time
 
@@ -66,16 +66,16 @@ def change(held: Held | None, turns: Sequence[Turn], scope: str | None, now: int
     return Held(scope, old[:same] + [(now, t) for t in turns[same:]]), same
 
 
-def append(path: Path, conversation: str, held: Held, first: int, entries: Sequence[MemoryEntry],
+def append(path: Path, conversation: str, held: Held, first: int, windows: Sequence[Sequence[MemoryEntry]],
            vectors: dict[str, Any]) -> None:
-    """Write the turns from `first` on, each with the vectors (text hash → vector) of the windows whose last line it
-    holds; a changed window that ends in an earlier turn goes with the last."""
+    """Write the turns from `first` on, each with the vectors (window text hash → vector) of the windows whose last
+    line it holds; a changed window that ends in an earlier turn goes with the last."""
     ends = [n for n, (_, turn) in enumerate(held.turns) for _ in turn.messages]  # the turn of each line
     given: dict[int, dict[str, str]] = {}
     line = -1
-    for entry in entries:
-        line += len(entry.lines)
-        key = text_hash(entry)
+    for window in windows:
+        line += sum(len(entry.lines) for entry in window)
+        key = window_hash(window_text(window))
         if key in vectors:
             holder = ends[line] if ends[line] >= first else len(held.turns) - 1
             given.setdefault(holder, {})[key] = base64.b64encode(vectors[key].tobytes()).decode()
@@ -94,7 +94,7 @@ def append(path: Path, conversation: str, held: Held, first: int, entries: Seque
 class Read:
     """What a remembered file holds: its conversations' entries (with vectors where the file has them) and turns."""
 
-    entries: list[tuple[MemoryEntry, Any]]  # a vector, or None: to embed
+    windows: list[tuple[list[MemoryEntry], Any]]  # a window's entries and its vector, or None: to embed
     held: dict[str, Held]
     scopes: dict[str, str | None]  # every remembered session's scope, old entries' too
 
@@ -136,13 +136,13 @@ def read(path: Path) -> Read:
                 vectors.setdefault(conversation, {}).update({k: _vector(v) for k, v in data["vectors"].items()})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"line {number}: {problem(exc)}") from None
-    entries = [pair for pair in old.values() if pair[0].session not in held]
+    windows = [([entry], vector) for entry, vector in old.values() if entry.session not in held]
     for conversation, conversation_held in held.items():
         known = vectors.get(conversation, {})
-        entries += [(e, known.get(text_hash(e))) for e in entries_of(conversation_held.session(conversation),
-                                                                      "remembered")]
-    scopes = {entry.session: None for entry, _ in entries} | {c: h.scope for c, h in held.items()}
-    return Read(entries, held, scopes)
+        windows += [(w, known.get(window_hash(window_text(w))))
+                    for w in windows_of(conversation_held.session(conversation), "remembered")]
+    scopes = {w[0].session: None for w, _ in windows} | {c: h.scope for c, h in held.items()}
+    return Read(windows, held, scopes)
 
 
 def _vector(text: Any) -> Any:
