@@ -7,7 +7,9 @@ import pytest
 from test_readers import _sessions, run
 
 from doppel.preparing.pipeline import detect
+from doppel.readers import imessage
 from doppel.readers.imessage import attributed_text
+from doppel.readers.records import Message
 
 SCHEMA = """
 CREATE TABLE handle (ROWID INTEGER PRIMARY KEY AUTOINCREMENT UNIQUE, id TEXT NOT NULL, country TEXT,
@@ -175,3 +177,24 @@ def test_a_chat_db_that_is_locked_or_no_chat_db_is_one_line(tmp_path):
     assert outputs[2] == (f"doppel: error: {truncated} is damaged (database disk image is malformed); copy chat.db "
                           "again, with its chat.db-wal beside it\n")
     assert not (tmp_path / "data").exists()
+
+
+TAPBACKS = ("Loved", "Liked", "Disliked", "Laughed at", "Emphasized", "Questioned")
+
+
+def test_every_tapback_and_its_removal_is_a_reaction_not_a_message(tmp_path):
+    """`associated_message_type` 2000–2005 (a tapback) and 3000–3005 (its removal): each row is dropped as the
+    service message "reaction", whatever its text says; the edited message around them is its last text."""
+    rows = [(0, MAX, {"text": "yo"})]
+    rows += [(1 + n, None, {"text": f"{word} “yo”", "associated_message_type": 2000 + n})
+             for n, word in enumerate(TAPBACKS)]
+    rows += [(10 + n, MAX, {"text": f"Removed a {word.lower()} from “yo”", "associated_message_type": 3000 + n})
+             for n, word in enumerate(TAPBACKS)]
+    rows += [(20, None, {"text": "see you at 9", "attributedBody": typedstream("see you at 9"),
+                         "date_edited": apple(1703973600)})]
+    items = imessage.read(chat_db(tmp_path, rows))[1]
+    got = [(m.ts - 1703973541, m.sender_name, m.text, m.kind, m.media) for m in items if isinstance(m, Message)]
+    assert got == [(0, MAX, "yo", "text", None),
+                   *[(1 + n, "Me", "", "service", "reaction") for n in range(6)],
+                   *[(10 + n, MAX, "", "service", "reaction") for n in range(6)],
+                   (20, "Me", "see you at 9", "text", None)]

@@ -4,6 +4,8 @@ order of day and month comes from the file's own evidence (and stats.json says w
 file name in the phone's language. The fixtures are this project's own lines, in the layouts the apps write."""
 
 import json
+import os
+import zipfile
 from datetime import UTC, datetime
 
 import pytest
@@ -146,12 +148,90 @@ def test_a_message_that_begins_with_u200e_is_kept(tmp_path):
     ("13.06.18 21.25.15:", "14.06.18 08.05.00:", (ts(2018, 6, 13, 21, 25, 15), ts(2018, 6, 14, 8, 5))),
     ("[21:41:35, 27/3/22]", "[08:05:00, 28/3/22]", (ts(2022, 3, 27, 21, 41, 35), ts(2022, 3, 28, 8, 5))),
     ("[3/27/R4, 21:41:35]", "[3/28/R4, 8:05:00]", (ts(2022, 3, 27, 21, 41, 35), ts(2022, 3, 28, 8, 5))),
+    # the month as a word: the time first, day first, month first, in other languages, in brackets
+    ("19:07, 20 Sep 2013 -", "08:05, 21 Sep 2013 -", (ts(2013, 9, 20, 19, 7), ts(2013, 9, 21, 8, 5))),
+    ("20 Sep 2013, 19:07 -", "1 Oct 2013, 08:05 -", (ts(2013, 9, 20, 19, 7), ts(2013, 10, 1, 8, 5))),
+    ("Mar 5, 2013, 8:29 PM -", "Mar 6, 2013, 9:05 AM -", (ts(2013, 3, 5, 20, 29), ts(2013, 3, 6, 9, 5))),
+    ("[20 sept. 2013, 19:07:12]", "[21 sept. 2013, 08:05:00]", (ts(2013, 9, 20, 19, 7, 12), ts(2013, 9, 21, 8, 5))),
+    ("20. März 2013, 19:07 -", "2. Mai 2013, 08:05 -", (ts(2013, 3, 20, 19, 7), ts(2013, 5, 2, 8, 5))),
+    ("20 мар. 2013, 19:07 -", "21 мая 2013, 08:05 -", (ts(2013, 3, 20, 19, 7), ts(2013, 5, 21, 8, 5))),
+    ("20 févr. 2013 19:07 -", "21 août 2013 08:05 -", (ts(2013, 2, 20, 19, 7), ts(2013, 8, 21, 8, 5))),
 ], ids=["arabic-indic", "arabic-western", "finnish", "croatian", "year-first-dot", "year-first-unpadded",
-        "buddhist", "clock-words", "no-comma", "time-first", "japanese-era"])
+        "buddhist", "clock-words", "no-comma", "time-first", "japanese-era", "named-time-first", "named-day-first",
+        "named-month-first", "named-brackets", "named-german", "named-russian", "named-french"])
 def test_more_header_layouts_are_read(tmp_path, first, second, times):
     path = write(tmp_path, f"{first} Max Orlov: yo\n{second} Lena Volkova: hi\nsecond line\n")
     assert read(path) == ("personal_chat", [(times[0], "Max Orlov", "yo", "text", None),
                                             (times[1], "Lena Volkova", "hi\nsecond line", "text", None)])
+
+
+def written(path, *day):
+    """`path`, modified on `day` (the day the export was written, for a file whose lines have no year)."""
+    os.utime(path, (ts(*day),) * 2)
+    return path
+
+
+def test_years_not_written_are_counted_back_from_the_exports_date(tmp_path):
+    """`18 Mar 12:14 -`: the last message is of the export's year; each time the dates go back (more than a day)
+    a year begins; a date a day back (a clock set back) is the same year."""
+    path = written(write(tmp_path, "Chat exported by hand\n"
+                                   "30 Dec 23:14 - Max Orlov: yo\n2 Jan 08:05 - Lena Volkova: happy new year\n"
+                                   "1 Jan 09:05 - Max Orlov: same\n18 Mar 12:14 - Lena Volkova: hi\nsecond line\n"
+                                   "17 Feb 10:00 - Max Orlov: a year on\n"), 2025, 5, 3)
+    assert read(path)[1] == [(0, None, "", "unsupported", "before the first message line"),
+                             (ts(2023, 12, 30, 23, 14), "Max Orlov", "yo", "text", None),
+                             (ts(2024, 1, 2, 8, 5), "Lena Volkova", "happy new year", "text", None),
+                             (ts(2024, 1, 1, 9, 5), "Max Orlov", "same", "text", None),
+                             (ts(2024, 3, 18, 12, 14), "Lena Volkova", "hi\nsecond line", "text", None),
+                             (ts(2025, 2, 17, 10), "Max Orlov", "a year on", "text", None)]
+    stats = prepared(path, tmp_path)
+    assert stats["reading"] == {"WhatsApp Chat with Max Orlov.txt": {
+        "dates": "the month is written as a word ('Dec')",
+        "years": "not written: 2023 to 2025 assumed, the last message taken to be of 2025, the year the export was "
+                 "written (2025-05-03); the dates go back 2 times, each a new year"}}
+    # the pasted line, and the three sessions of one message each (days and months apart)
+    assert stats["dropped"] == {"unsupported": 1, "single-speaker session": 3}
+
+
+def test_a_last_day_after_the_exports_day_is_of_the_year_before(tmp_path):
+    path = written(write(tmp_path, "Mar 5, 8:29 PM - Max Orlov: yo\nMar 6, 9:05 AM - Lena Volkova: hi\n"), 2025, 3, 1)
+    header, items = whatsapp.read(path)
+    assert [(m.ts, m.sender_name, m.text) for m in items if isinstance(m, Message)] == [
+        (ts(2024, 3, 5, 20, 29), "Max Orlov", "yo"), (ts(2024, 3, 6, 9, 5), "Lena Volkova", "hi")]
+    assert header.notes == (("dates", "the month is written as a word ('Mar')"),
+                            ("years", "not written: 2024 assumed, the last message taken to be of 2024, the year "
+                                      "before the export's (2025-03-01)"))
+
+
+def test_a_zip_without_years_is_dated_by_its_member(tmp_path):
+    path = tmp_path / "WhatsApp Chat with Max Orlov.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("WhatsApp Chat with Max Orlov.txt", (2016, 1, 10, 12, 0, 0)),
+                         "30 Dec 23:14 - Max Orlov: yo\n2 Jan 08:05 - Lena Volkova: hi\n")
+    written(path, 2026, 7, 1)  # the zip's own time: when it was copied, not when it was written
+    assert [m[:3] for m in read(path)[1]] == [(ts(2015, 12, 30, 23, 14), "Max Orlov", "yo"),
+                                              (ts(2016, 1, 2, 8, 5), "Lena Volkova", "hi")]
+
+
+def test_a_line_that_only_looks_like_a_named_date_is_text(tmp_path):
+    path = write(tmp_path, "18 Mar 12:14 - Max Orlov: yo\n31 Feb 12:15 - Max Orlov: not a day\n"
+                           "18 Foo 12:16 - Max Orlov: not a month\n18 Mar 12:17 - Lena Volkova: hi\n")
+    assert [m[1:3] for m in read(path)[1]] == [
+        ("Max Orlov", "yo\n31 Feb 12:15 - Max Orlov: not a day\n18 Foo 12:16 - Max Orlov: not a month"),
+        ("Lena Volkova", "hi")]
+
+
+def test_clock_words_are_not_the_speakers_name(tmp_path):
+    path = write(tmp_path, "12/03/2024, 9:15 in the morning - Wolfgang: Guten Morgen\n"
+                           "12/03/2024, 12:30 in the afternoon - Lena Volkova: lunch?\n"
+                           "12/03/2024, 7:05 in the evening - Wolfgang: dinner\n"
+                           "12/03/2024, 11:40 at night - Lena Volkova: night\n"
+                           "13/03/2024, 1:10 at night - Wolfgang: still up\n")
+    assert read(path)[1] == [(ts(2024, 3, 12, 9, 15), "Wolfgang", "Guten Morgen", "text", None),
+                             (ts(2024, 3, 12, 12, 30), "Lena Volkova", "lunch?", "text", None),
+                             (ts(2024, 3, 12, 19, 5), "Wolfgang", "dinner", "text", None),
+                             (ts(2024, 3, 12, 23, 40), "Lena Volkova", "night", "text", None),
+                             (ts(2024, 3, 13, 1, 10), "Wolfgang", "still up", "text", None)]
 
 
 def test_text_before_the_first_message_line_is_counted(tmp_path):

@@ -13,6 +13,9 @@ Each message starts a line with its date and time in the phone's locale, then th
     [12/31/R5, 23:59:59] Max Orlov: text                iOS, Japanese era years (Reiwa 5 is 2023, Heisei H)
     31/12/2023, 11:59 in the evening - Max Orlov: text  the clock in words
     [23:59:59, 31/12/23] Max Orlov: text                iOS, Vietnamese (the time first)
+    19:07, 20 Sep 2013 - Max Orlov: text                the month as a word (whatsapp_dates.py), the time first
+    18 Mar 12:14 - Max Orlov: text                      … without the year, told by the order of lines
+    Mar 5, 8:29 PM - Max Orlov: text                    … month first, without the year
 
 Lines without a date continue the message before. The file's layout is the shape of its first message line
 (brackets, separators, year first or last and its digits, seconds, clock): every message line of one export has
@@ -26,8 +29,10 @@ consecutive dates tell: a chat moves by days, so the order that puts them fewer 
 `p. m.`, `a.m.`, Arabic `م`, "in the evening" are written where the day comes first; else a 12-hour clock means
 month first (the US), a 24-hour clock day first. `stats.json` says which order was read and why. A two-digit year
 is 20YY, a four-digit one as written; a message dated before 2009 (WhatsApp's first year; it does not run on a
-phone whose clock is wrong) or after 2099 is dropped, as "unsupported". Times are the phone's local
-time, read as UTC: gaps between messages are right except across a DST change.
+phone whose clock is wrong) or after 2099 is dropped, as "unsupported". A layout whose month is a word has no
+order to decide; where it writes no year, the years are counted back from the export's date (whatsapp_dates.py)
+and `stats.json` says which were assumed. Times are the phone's local time, read as UTC: gaps between messages are
+right except across a DST change.
 
 A message longer than 65,536 characters (WhatsApp's own limit) is dropped, as "unsupported". Memory stays bounded
 whatever the file holds: a line is read 65,536 characters (and a header) at most and the rest of a longer one
@@ -54,17 +59,14 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from doppel.errors import ExportError
-from doppel.readers import whatsapp_notices
+from doppel.readers import whatsapp_dates, whatsapp_notices
 from doppel.readers.files import name_id
 from doppel.readers.records import Chat, Header, Message, OnRead, chat_type
 from doppel.readers.whatsapp_text import MESSAGE_CAP, ChatText, chat_name
 
 __all__ = ["MESSAGE_CAP", "chat_name", "read"]
 
-# the clock's half of the day: "PM", "p. m.", "ПП", Arabic "م"; English "in the morning" …
-_AMPM = r"[AaPp]\.? ?[Mm]\.?|ДП|ПП|дп|пп|م|ص|in the (?:morning|afternoon|evening)|at night"
-_PM = frozenset({"pm", "пп", "م", "intheafternoon", "intheevening"})
-_AM = frozenset({"am", "дп", "ص", "inthemorning"})
+_AMPM, _PM, _AM = whatsapp_dates.AMPM, whatsapp_dates.PM, whatsapp_dates.AM
 _LINE = re.compile(
     r"^(?P<open>\[?)(?P<a>\d{1,4})(?P<sep>\. |[./-])(?P<b>\d{1,2})(?P=sep)(?P<c>\d{1,4}|[RH]\d{1,2})(?P<era> BE)?"
     r"(?P<comma>\.?,?|،| klo) (?P<h>\d{1,2})[:.](?P<m>\d{2})(?:[:.](?P<s>\d{2}))?"
@@ -74,7 +76,7 @@ _TIME_FIRST = re.compile(
     rf"^(?P<open>\[?)(?P<h>\d{{1,2}})[:.](?P<m>\d{{2}})(?:[:.](?P<s>\d{{2}}))?(?: ?(?P<ampm>{_AMPM}))?(?P<comma>,?) "
     r"(?P<a>\d{1,4})(?P<sep>[./-])(?P<b>\d{1,2})(?P=sep)(?P<c>\d{1,4})(?P<era>)(?P<close>\]?(?: -|:)?) (?P<rest>.*)$")
 _SENDER = re.compile(r"^(?P<name>[^:]{1,80}?): (?P<text>.*)$", re.S)
-_YEARS = range(2009, 2100)
+_YEARS = whatsapp_dates.YEARS
 _MIXED = 0.1  # the share of message lines an order of dates may leave unread before the file is refused
 
 
@@ -101,7 +103,9 @@ class _Survey:
     buddhist: bool  # years of the Buddhist era ("2565 BE"), 543 ahead
     senders: Counter[str]  # messages per person
     system: frozenset[str]  # names that write only the chat's notices (a group's name, on iOS)
-    dates: str  # how the order of the date was read, for stats.json
+    notes: tuple[tuple[str, str], ...]  # how the order of the date (and the years) were read, for stats.json
+    named: bool = False  # the month is a word (whatsapp_dates.py)
+    first_year: int = 0  # the first message's year, where the lines write none
 
 
 def _year(c: str, buddhist: bool) -> int:
@@ -136,28 +140,40 @@ def _survey(text: ChatText) -> _Survey | None:
     gaps = [0, 0]  # days between consecutive ambiguous dates, read month first and day first
     last = ""  # the date of the last ambiguous line, as written
     before: tuple[int, int] | None = None
+    named: whatsapp_dates.Clock | None = None  # the clock of a layout whose month is a word
+    word = ""  # the first line's month
     for n, (line, marked) in enumerate(text.lines(), 1):
         match = pattern.match(line)
         if match is None and pattern is _LINE:
-            match = _TIME_FIRST.match(line)
+            match = _TIME_FIRST.match(line) or whatsapp_dates.first_line(line)
         if match is None:
             continue
         if pattern is _LINE:
-            if len(match["c"]) not in ((1, 2) if len(match["a"]) == 4 else (2, 3, 4)) or (
+            if match.re in whatsapp_dates.CANDIDATES:
+                pattern, named, word = whatsapp_dates.layout(match), whatsapp_dates.Clock(), match["mon"]
+            elif len(match["c"]) not in ((1, 2) if len(match["a"]) == 4 else (2, 3, 4)) or (
                     len(match["c"]) == 3 and match["c"][0] not in "RH"):
                 continue  # "1.2.3 4:56": a year of one digit, not a message line
-            pattern, year_first, twelve_hour = _layout(match), len(match["a"]) == 4, match["ampm"] is not None
-            buddhist, ampm = bool(match["era"]), match["ampm"] or ""
-        day, month = int(match["a"]) > 12, int(match["b"]) > 12
-        if day and month:  # a date neither way (13/13): text, like 31 February
-            continue
+            else:
+                pattern, year_first, twelve_hour = _layout(match), len(match["a"]) == 4, match["ampm"] is not None
+                buddhist, ampm = bool(match["era"]), match["ampm"] or ""
+        if named is not None:
+            try:
+                named(match)
+            except ValueError:  # not a date after all ("18 Mars 12:14", 31 February): text, as the reader reads it
+                continue
+            day = month = False
+        else:
+            day, month = int(match["a"]) > 12, int(match["b"]) > 12
+            if day and month:  # a date neither way (13/13): text, like 31 February
+                continue
         lines += 1
         senders = only[1] if day else only[0] if month else either
         if day:
             days, day_at = days + 1, day_at or n
         elif month:
             months, month_at = months + 1, month_at or n
-        elif not (days or months or year_first) and (found := line[:match.end("c")]) != last:
+        elif named is None and not (days or months or year_first) and (found := line[:match.end("c")]) != last:
             # a new day, while no date has told the order: its numbers read both ways
             last, now = found, _ordinals(match["a"], match["b"], match["c"], buddhist)
             if now is not None and before is not None:
@@ -180,15 +196,27 @@ def _survey(text: ChatText) -> _Survey | None:
         raise ExportError(f"{text.path} has dates that read only day first (line {day_at}) and dates that read only "
                           f"month first (line {month_at}): {min(days, months):,} of its {lines:,} message lines would "
                           "be lost either way; is it one WhatsApp chat's export?")
+    if named is not None:
+        notes: tuple[tuple[str, str], ...] = (("dates", f"the month is written as a word ({word!r})"),)
+        first_year = 0
+        if named.last is not None:  # lines without a year
+            first_year, years = whatsapp_dates.first_year(named, text.written)
+            notes += (("years", years),)
+        return _Survey(pattern, False, False, either, frozenset(_groups(notices, either, text.name)), notes, True,
+                       first_year)
     day_first, dates = _order(year_first, days, months, gaps, twelve_hour, ampm)
     people = either + (only[1] if year_first else only[day_first])
-    # a name that writes only notices, beside two people or more, is the group's (its own name when the file says)
+    return _Survey(pattern, day_first, buddhist, people, frozenset(_groups(notices, people, text.name)),
+                   (("dates", dates),))
+
+
+def _groups(notices: Counter[str], people: Counter[str], name: str | None) -> set[str]:
+    """The names that write only the chat's notices beside two people or more: the group's (its own name when the
+    file says it)."""
     system = notices.keys() - people.keys()
     if len(people) < 2:  # a personal chat: both names are people's, whatever their lines begin with
-        system = set()
-    elif text.name in system:
-        system = {text.name}
-    return _Survey(pattern, day_first, buddhist, people, frozenset(system), dates)
+        return set()
+    return {name} if name in system else system
 
 
 def _is_notice(text: str, marked: bool) -> bool:
@@ -272,7 +300,7 @@ def read(path: Path, on_read: OnRead = None) -> tuple[Header, Iterator[Chat | Me
         raise ExportError(f"{path} has no WhatsApp message lines (like '31/12/2023, 23:59 - Name: text'); is it "
                           "a WhatsApp chat export?")
     name = text.name or path.stem
-    return Header(one_chat=True, notes=(("dates", survey.dates),)), _messages(
+    return Header(one_chat=True, notes=survey.notes), _messages(
         text, Chat(name_id(name), chat_type(len(survey.senders)), name), survey, path.stat().st_size, on_read)
 
 
@@ -301,7 +329,8 @@ def _messages(text: ChatText, chat: Chat, survey: _Survey, size: int, on_read: C
               ) -> Iterator[Chat | Message]:
     yield chat
     pattern, system = survey.pattern, survey.system
-    clock = _Clock(survey.day_first, survey.buddhist)
+    clock: Callable[[re.Match[str]], int | None] = (
+        whatsapp_dates.Clock(survey.first_year) if survey.named else _Clock(survey.day_first, survey.buddhist))
     pending: list[str] = []  # the message's lines, while they are within MESSAGE_CAP
     length = 0  # the message's characters, lines joined by newlines
     head: tuple[str | None, int | None, bool] | None = None  # sender (None: a system line), time, marked by U+200E

@@ -17,6 +17,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import IO
 
@@ -105,11 +106,16 @@ class ChatText:
         self.path, self.inner, self.name = path, None, chat_name(path)
         self.position = 0  # bytes of the file read so far (inside a zip: in proportion to the text read)
         self._scale = 1.0
+        # the day the export was written: a zip member's own date, else the file's modification time
+        self.written = datetime.fromtimestamp(path.stat().st_mtime, UTC).date()
         if path.suffix.lower() == ".zip":
             info = _chat_member(path)
             self.inner = info.filename
             self._scale = path.stat().st_size / max(1, info.file_size)
             self.name = self.name or chat_name(Path(self.inner))
+            if info.date_time[0] >= 2009:  # else no date (1980, zip's first day): the file's own
+                with contextlib.suppress(ValueError):
+                    self.written = date(*info.date_time[:3])
 
     def lines(self) -> Iterator[tuple[str, bool]]:
         """(the line without invisible marks, whether its text after "Name: " began with U+200E, which iOS puts
