@@ -53,6 +53,11 @@ test: setup browser
 	$(VENV)/bin/mypy
 	DOPPEL_REQUIRE_LLAMA=$(WITH_LLAMA) $(VENV)/bin/pytest -q
 
+# docs/cli.md, the CLI reference, from every command's --help (tests/test_docs.py fails when it is stale)
+.PHONY: docs
+docs: setup
+	$(PY) -m doppel.docs_cli
+
 bench-prepare: setup
 	$(VENV)/bin/doppel bench prepare --messages 1000000
 

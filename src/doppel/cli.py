@@ -78,7 +78,7 @@ def progress_bars(*descriptions: str) -> Iterator[list[Callable[[int, int], None
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="doppel")
 def main() -> None:
-    """doppel: turn a Telegram chat export into a model that writes like you and your friends.
+    """doppel: turn a chat export into a model that writes like you and your friends.
 
     \b
     doppel prepare result.json -o data      # export → sessions dataset

@@ -92,7 +92,7 @@ class TrainConfig:
         "AMX), else fp32")
     attention: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = knob(
         "auto", "attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa on CUDA, varlen on "
-        "CPU; varlen: each packed session's attention alone, see doppel/attention.py)")
+        "CPU; varlen: each packed session's attention alone, see doppel/training/attention.py)")
     liger: bool = knob(False, "fused Liger kernels (RMSNorm, SwiGLU, RoPE; CUDA, liger-kernel installed)")
     optim: Literal["auto", "adamw", "adamw_8bit"] = knob(
         "auto", "optimizer (auto: fused AdamW on GPU; adamw_8bit halves a full fine-tune's optimizer memory)")
@@ -377,7 +377,8 @@ def click_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
                 decl = [f"{flag}/--no-{flag[2:]}", f.name]
             else:
                 decl = [flag, *([f.metadata["alias"]] if "alias" in f.metadata else []), f.name]
-                inner = next((a for a in args if a is not type(None)), kind)
+                union = typing.get_origin(kind) in (types.UnionType, typing.Union)
+                inner = next((a for a in args if a is not type(None)), kind) if union else kind
                 if typing.get_origin(kind) is tuple:
                     extra.update(multiple=True, default=())
                     inner = args[0]
