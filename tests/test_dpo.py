@@ -102,7 +102,7 @@ def test_pairs_are_training_windows_where_only_the_rejected_turn_differs(tuned, 
     pairs = _pairs(tuned)
     # every trained turn that answers one, of the six training sessions, once each
     assert sorted((p.session, p.turn) for p in pairs) == sorted((s, i) for s in sessions for i in (1, 2, 3))
-    assert sum(bool(blocks[p.session]) for p in pairs) == 15  # all but the first session recall an earlier one
+    assert sum(bool(blocks[p.session][p.turn]) for p in pairs) == 15  # all but the first session recall an earlier one
     im_end = tok.convert_tokens_to_ids(IM_END)
     for pair in pairs:
         session = sessions[pair.session]
@@ -114,7 +114,8 @@ def test_pairs_are_training_windows_where_only_the_rejected_turn_differs(tuned, 
         assert found.chosen_ids == [i for i, label in zip(ids, labels, strict=True) if label != -100]
         assert found.chosen_ids[-1] == im_end and found.rejected_ids[-1] == im_end
         head = segment_ids(tok, IM_START) + segment_ids(tok, f"{header_name(turn.speaker)}\n")
-        assert found.prompt_ids[:len(blocks[pair.session])] == blocks[pair.session]
+        block = blocks[pair.session][pair.turn]  # the block chat recalls before that reply
+        assert found.prompt_ids[:len(block)] == block
         assert found.prompt_ids[-len(head):] == head
         start, end = len(found.prompt_ids), len(found.prompt_ids) + len(found.chosen_ids)
         assert any(row["input_ids"][:end] == found.prompt_ids + found.chosen_ids
@@ -131,7 +132,7 @@ def test_no_held_out_session_is_ever_used(tuned, smollm2_tokenizer):
     sessions = _train_sessions(tuned.parent / "data")
     memory = Memory.open(dataset.memory_path)
     blocks = packing.memory_blocks(list(sessions.values()), "train", smollm2_tokenizer, memory, MEMORY_TOKENS)
-    said = "".join(smollm2_tokenizer.decode(b) for b in blocks)
+    said = "".join(smollm2_tokenizer.decode(b) for turns in blocks for b in turns)
     assert "alpaca" in said and "dynamo" in said  # earlier sessions are recalled …
     assert "gizmo" not in said and "hummus" not in said  # … the two held out never
 
@@ -152,7 +153,7 @@ class Counting:
 def test_a_resumed_generation_makes_each_pair_once(sft, smollm2_tokenizer, tmp_path):
     sessions = _train_sessions(sft.parent / "data")
     chosen = preferences.contexts(list(sessions.values()), 3, seed=0)
-    blocks = {s: [] for s in sessions}
+    blocks: dict[str, Any] = {s: None for s in sessions}
     model, tok = Run.open(sft).load()
     path = tmp_path / preferences.PREFERENCES_FILE
     engine = Counting(model)

@@ -10,7 +10,7 @@ import pytest
 
 from doppel.dataset import Dataset
 from doppel.memory.index import Memory, build, entries_of, windows_of
-from doppel.memory.recall import Recall, for_sessions, recall_turns
+from doppel.memory.recall import Recall, for_turns, recall_turns
 from doppel.memory.text import keywords
 from doppel.records import ChatRef, Session, Turn
 from doppel.render import IGNORE, memory_ids, memory_segments
@@ -84,14 +84,18 @@ def test_training_never_recalls_itself_a_later_session_or_a_held_out_one(sample_
     memory = Memory.open(dataset.memory_path)
     train = list(dataset.sessions("train"))
     ends = {e.session: (e.end, e.split) for e in memory.entries}
-    blocks = for_sessions(memory, train, smollm2_tokenizer, 128, {"train"})
-    recalled = 0
-    for s, (ids, entries) in zip(train, blocks, strict=True):
-        assert ids == memory_ids(smollm2_tokenizer, entries) and len(ids) <= 128
-        for entry in entries:
-            assert entry.session != s.id and ends[entry.session] == (entry.end, "train") and entry.end < s.start
-            recalled += 1
-    assert recalled > len(train)  # nearly every session recalls one or two earlier ones
+    blocks = for_turns(memory, train, smollm2_tokenizer, 128, {"train"})
+    recalled = trained = 0
+    for s, turns in zip(train, blocks, strict=True):
+        assert len(turns) == len(s.turns) and turns[0] == ([], [])  # the first turn answers nothing
+        for turn, (ids, entries) in zip(s.turns, turns, strict=True):
+            assert ids == memory_ids(smollm2_tokenizer, entries) and len(ids) <= 128
+            assert turn.train or not entries
+            trained += turn.train
+            for entry in entries:
+                assert entry.session != s.id and ends[entry.session] == (entry.end, "train") and entry.end < s.start
+            recalled += bool(entries)
+    assert recalled > trained // 2  # most trained turns recall something earlier
 
 
 def test_the_memory_block_is_never_a_training_target(sample_data, smollm2_tokenizer):
@@ -111,7 +115,9 @@ def test_the_memory_block_is_never_a_training_target(sample_data, smollm2_tokeni
     assert opened >= len(rows) // 2
 
 
-def test_training_and_chat_render_the_same_block(sample_data, smollm2_tokenizer, tiny):
+def test_training_and_chat_render_the_same_block_before_every_reply(sample_data, smollm2_tokenizer, tiny):
+    """Each trained turn of a session is given the block chat builds before that reply (the two turns before it as
+    the query), byte for byte, and the chat prompt opens with it."""
     from doppel.models import load_model
     from doppel.serving.chat import Conversation
 
@@ -119,18 +125,25 @@ def test_training_and_chat_render_the_same_block(sample_data, smollm2_tokenizer,
     memory = Memory.open(dataset.memory_path)
     train = list(dataset.sessions("train"))
     first_eval = min(s.start for s in dataset.sessions("eval"))  # before it, every entry that ended is a training one
-    target = next(s for s in train[10:] if len({t.speaker for t in s.turns}) == 2 and s.start < first_eval)
-    ids, entries = for_sessions(memory, [target], smollm2_tokenizer, 128, {"train"})[0]
-    assert entries
-    persona, user = target.turns[1].speaker, target.turns[0].speaker
-    chat = Conversation(load_model(str(tiny)), smollm2_tokenizer, persona, user, max_context=2048,
-                        memory=Recall(memory, 128, before=target.start))
-    chat.add(list(target.turns[0].messages))
-    prompt, prompt_ids = chat.prompt(), chat.prompt_ids()
-    block = "".join(piece for piece, _ in memory_segments(entries))
-    assert chat.recalled == entries
-    assert prompt.startswith(block) and prompt_ids[:len(ids)] == ids
-    assert prompt.startswith("<|im_start|>memory\n")
+    target = next(s for s in train[10:] if len({t.speaker for t in s.turns}) == 2 and s.start < first_eval
+                  and len(s.turns) >= 4 and all(t.train for t in s.turns))
+    blocks = for_turns(memory, [target], smollm2_tokenizer, 128, {"train"})[0]
+    recall = Recall(memory, 128, before=target.start)
+    people = {t.speaker for t in target.turns}
+    for i in range(1, len(target.turns)):
+        assert recall.block(smollm2_tokenizer, target.turns[:i], people) == blocks[i], i
+    assert len({tuple(ids) for ids, _ in blocks[1:]}) > 1  # the block changes as the conversation goes on
+    model = load_model(str(tiny))
+    for i in (1, 3):
+        persona = target.turns[i].speaker
+        user = next(p for p in people if p != persona)
+        chat = Conversation(model, smollm2_tokenizer, persona, user, max_context=2048, memory=recall)
+        chat.history = list(target.turns[:i])
+        prompt, prompt_ids = chat.prompt(), chat.prompt_ids()
+        ids, entries = blocks[i]
+        assert entries and chat.recalled == entries
+        assert prompt.startswith("".join(piece for piece, _ in memory_segments(entries)))
+        assert prompt_ids[:len(ids)] == ids and prompt.startswith("<|im_start|>memory\n")
 
 
 def test_recall_turns_mention_a_rare_word_told_before(memory):
@@ -625,3 +638,22 @@ def test_an_entry_of_the_person_the_query_names_comes_first(tmp_path):
     for query in ("What did Lena think of the concert?", "What did Lena Volkova think of the concert?"):
         assert [e.id for e in memory.search(query)] == ["lena", "max"], query
     assert [e.id for e in memory.search("What did Max think of the concert?")] == ["max", "lena"]
+
+
+def test_a_question_in_the_third_turn_is_answered_after_the_block_it_recalls(memory, smollm2_tokenizer):
+    """The turn that answers "how is the cat?" is trained after the block that holds the cat, not after the one the
+    session's opening ("gym later?") recalled: a block a trained turn, as chat recalls before every reply."""
+    from doppel.render import encode
+
+    later = session("later", 500, ("Max", "gym later?"), ("Me", "yes, at 7"), ("Max", "and how is the cat, Персик?"),
+                    ("Me", "уже здоров"))
+    blocks = for_turns(memory, [later], smollm2_tokenizer, 40, None)[0]
+    assert [[e.session for e in entries] for _, entries in blocks] == [[], ["gym"], ["gym"], ["cat"]]
+    samples = encode(later, smollm2_tokenizer, 1024, blocks=[ids for ids, _ in blocks])
+    said = [smollm2_tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE])
+            for ids, labels in samples]
+    assert said == [">>> gym later?<|im_end|>", ">>> yes, at 7<|im_end|>>>> and how is the cat, Персик?<|im_end|>",
+                    ">>> уже здоров<|im_end|>"]
+    last = smollm2_tokenizer.decode(samples[2][0])
+    assert last.startswith("<|im_start|>memory\n1970-01-01 · Max, Me\nMax: у меня кот Персик заболел")
+    assert last.endswith("<|im_start|>Me\n>>> уже здоров<|im_end|>\n")

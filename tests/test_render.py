@@ -62,6 +62,40 @@ def test_long_sessions_are_split_at_turn_boundaries_with_context(smollm2):
     assert smollm2.decode(second_ids).startswith("<|im_start|>Lena Volkova\n>>> го))")
 
 
+def test_each_trained_turn_follows_its_own_memory_block(smollm2):
+    """Per reply: turns 1 and 2 share a block (one run), turn 4 has its own (a run opened by the block, then the
+    turns before it as context); the first turn answers nothing and has none. Every trained turn is a target once."""
+    im_start = smollm2.convert_tokens_to_ids("<|im_start|>")
+    first, second = [im_start, 11, 12], [im_start, 13]  # stand-ins for two memory blocks
+    turns = [render.turn_ids(smollm2, t) for t in SESSION.turns]
+    samples = render.encode(SESSION, smollm2, 1024, blocks=[[], [], [], second])
+    whole = [t for ids, _ in turns for t in ids]
+    assert len(samples) == 2  # turn 1 has no block (nor turn 2: its run), turn 4 its own
+    (one_ids, one_labels), (two_ids, two_labels) = samples
+    assert one_ids == [t for ids, _ in turns[:3] for t in ids]  # the run of turns 1-3 (3 untrained)
+    assert targets(smollm2, one_ids, one_labels) == ">>> yo\n>>> gym later?<|im_end|>>>> го))\n>>> в 7 🙂<|im_end|>"
+    assert two_ids == second + whole  # the block, turns 1-3 as context, turn 4
+    assert targets(smollm2, two_ids, two_labels) == ">>> Bye!<|im_end|>"
+    assert two_labels[:len(second) + len(one_ids)] == [render.IGNORE] * (len(second) + len(one_ids))
+    # a block for each of the three trained turns: three runs, each trained turn once, after its own block
+    samples = render.encode(SESSION, smollm2, 1024, blocks=[[], first, second, second])
+    assert [(ids, targets(smollm2, ids, labels)) for ids, labels in samples] == [
+        (turns[0][0], ">>> yo\n>>> gym later?<|im_end|>"),
+        (first + [t for ids, _ in turns[:3] for t in ids], ">>> го))\n>>> в 7 🙂<|im_end|>"),
+        (second + whole, ">>> Bye!<|im_end|>")]
+    # `targets`: the same windows, one turn's labels kept
+    assert render.encode(SESSION, smollm2, 1024, blocks=[[], first, second, second], targets={3}) == samples[2:]
+    # the first trained turn's block opens the first run
+    assert [ids[:3] for ids, _ in render.encode(SESSION, smollm2, 1024, blocks=[first] * 4)] == [first]
+    # a run opens with its block and the turns before it that fit in a quarter of the window: at 37 tokens, 9, so
+    # turn 4 (13) comes after its block alone; at 48 (12; the first run then holds turns 1-3), after turn 3 (12)
+    for length, first_size, size in ((15 + 20 + 2, 35, 2 + 13), (48, 47, 2 + 12 + 13)):
+        samples = render.encode(SESSION, smollm2, length, blocks=[[], [], [], second])
+        assert [(len(ids), targets(smollm2, ids, labels)) for ids, labels in samples] == [
+            (first_size, ">>> yo\n>>> gym later?<|im_end|>>>> го))\n>>> в 7 🙂<|im_end|>"),
+            (size, ">>> Bye!<|im_end|>")]
+
+
 def test_a_turn_longer_than_the_limit_is_cut_into_pieces(smollm2):
     long = Session("1:2", SESSION.chat, 0, 1, (Turn("A", "u1", ("hi",), False),
                                               Turn("B", "u2", ("word " * 40,), True)))

@@ -289,12 +289,11 @@ def _time_replies(loaded: Any, tokens: int, repeats: int) -> tuple[int, dict[str
     import time
 
     from doppel.config import Sampling
-    from doppel.records import Turn
     from doppel.serving.chat import Conversation
 
     conversation = Conversation(loaded.model, loaded.tokenizer, "Me", "Friend",
                                 Sampling(temperature=0, max_new_tokens=tokens))
-    conversation.history.append(Turn("Friend", "", ("hey", "what's up?"), False))
+    conversation.add(["hey", "what's up?"])
     ids = conversation.prompt_ids()
     engine = conversation.engine
     firsts, rates = [], []
@@ -378,10 +377,9 @@ def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -
     from doppel.config import PrepareConfig
     from doppel.dataset import Dataset
     from doppel.memory.index import Memory
-    from doppel.memory.recall import Recall, for_sessions
+    from doppel.memory.recall import Recall, for_turns
     from doppel.preparing.pipeline import prepare
     from doppel.readers.synthetic import write_large_export
-    from doppel.records import Turn
     from doppel.run import open_model
     from doppel.serving.chat import Conversation
 
@@ -412,17 +410,20 @@ def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -
         loaded = open_model(None)
         sessions = list(itertools.islice(Dataset.open(data).sessions("train"), 2000))
         began = time.perf_counter()
-        for_sessions(memory, sessions, loaded.tokenizer, 256, {"train"})
+        for_turns(memory, sessions, loaded.tokenizer, 256, {"train"})
         per_session = (time.perf_counter() - began) / len(sessions)
+        recalled = sum(1 for s in sessions for i, t in enumerate(s.turns) if i and t.train)
         result["index"] = {"messages": messages, "entries": stats.memory["entries"],
                            "prepare_without_memory_s": round(plain, 1), "prepare_s": round(total, 1),
                            "rerun_embedded": again.memory["embedded"], "rerun_prepare_s": round(rerun, 1),
                            "search_ms": round(search_ms, 1),
-                           "training_recall_ms_per_session": round(per_session * 1000, 2)}
+                           "training_recall_ms_per_session": round(per_session * 1000, 2),
+                           "training_recall_ms_per_turn": round(per_session * len(sessions) / max(1, recalled)
+                                                                * 1000, 2)}
         times = {}
         for label, recall in (("without", None), ("with", Recall(memory, 256))):
             chat = Conversation(loaded.model, loaded.tokenizer, "Me Owner", "Friend 1", memory=recall)
-            chat.history = [Turn("Friend 1", "", ("hey", "what are you doing tonight?"), False)]
+            chat.add(["hey", "what are you doing tonight?"])
             runs = []
             for k in range(repeats + 1):  # the first round warms up
                 began = time.perf_counter()

@@ -4,8 +4,9 @@
     >>> yo
     >>> gym later?<|im_end|>
 
-The header is never a target; a trained turn's body and its `<|im_end|>` are. Before the turns may come one
-memory block (memory/): earlier conversations, oldest first, never a target:
+The header is never a target; a trained turn's body and its `<|im_end|>` are. A window may open with a memory
+block (memory/): earlier conversations, oldest first, never a target; with memory, each trained turn is in a
+window opened by the block chat would recall before that reply (`encode`'s `blocks`):
 
     <|im_start|>memory
     2024-03-02 · Max Orlov, Lena Volkova
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from doppel.records import MemoryEntry, Session, Turn
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+RUN_CONTEXT = 4  # with a block a reply, a window opens with at most max_length / 4 tokens of the turns before
 PREFIX = ">>> "
 
 
@@ -187,23 +189,28 @@ def memory_ids(tokenizer: Any, entries: Sequence[MemoryEntry]) -> list[int]:
     return [i for piece, _ in memory_segments(entries) for i in segment_ids(tokenizer, piece)]
 
 
-def fit_memory(tokenizer: Any, ranked: Sequence[MemoryEntry], budget: int) -> tuple[list[int], list[MemoryEntry]]:
+def fit_memory(tokenizer: Any, ranked: Sequence[MemoryEntry], budget: int, counts: dict[str, int] | None = None
+               ) -> tuple[list[int], list[MemoryEntry]]:
     """(the block's ids, the entries in it): the best-ranked entries whose block fits in `budget` tokens, an entry
     that does not fit whole with its first lines that do, one that cannot keep a line left out.
 
     What fits is counted line by line (each line's tokens and its line break, a session's heading once, two line
     breaks between sessions), in one tokenizer call; the block chosen is then tokenized whole, and while it is
-    longer than the count (a merge across lines), the last entry taken goes, a line at a time."""
+    longer than the count (a merge across lines), the last entry taken goes, a line at a time. `counts` ({line:
+    its tokens and line break}) is kept across calls by a caller that fits many blocks (training: one a turn)."""
     if budget <= 0 or not ranked:
         return [], []
     frame = len(memory_ids(tokenizer, [replace(ranked[0], lines=())])) - len(segment_ids(
         tokenizer, memory_heading(ranked[0])))  # the markers, the header and its line break
     headings = {e.session: memory_heading(e) for e in ranked}
     texts = list(headings.values()) + [memory_line(s, m) for e in ranked for s, m in e.lines]
-    counts = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)[
-        "input_ids"]]
-    heading_cost = dict(zip(headings, counts, strict=False))
-    line_costs = iter(counts[len(headings):])
+    counts = {} if counts is None else counts
+    todo = list(dict.fromkeys(t for t in texts if t not in counts))
+    if todo:
+        counts.update(zip(todo, (len(ids) + 1 for ids in tokenizer(
+            todo, add_special_tokens=False, split_special_tokens=True)["input_ids"]), strict=True))
+    heading_cost = {session: counts[text] for session, text in headings.items()}
+    line_costs = iter([counts[t] for t in texts[len(headings):]])
     used = frame - 1  # the first heading needs no blank line before it, the last line no break after it
     taken: list[MemoryEntry] = []
     sessions: set[str] = set()
@@ -225,27 +232,64 @@ def fit_memory(tokenizer: Any, ranked: Sequence[MemoryEntry], budget: int) -> tu
     return ids, sorted(taken, key=memory_order)
 
 
-def encode(session: Session, tokenizer: Any, max_length: int,
-           memory: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
+def encode(session: Session, tokenizer: Any, max_length: int, memory: list[int] | None = None,
+           blocks: Sequence[list[int]] | None = None, targets: Collection[int] | None = None
+           ) -> list[tuple[list[int], list[int]]]:
     """Samples of at most `max_length` tokens, split at turn boundaries, never truncated mid-turn.
 
     Each window after the first starts with as many preceding turns as fit, as untrained context.
     A single turn longer than `max_length` is cut into pieces (it cannot fit any other way).
-    `memory`, a memory block's ids, opens every window, never a target.
+    `memory`, a memory block's ids, opens every window, never a target. `blocks` (one per turn, what chat would
+    recall before it: memory/recall.py `for_turns`) instead gives each trained turn its own: the trained turns are
+    taken in runs of the same block, and each run's windows open with its block, then as many turns before the run
+    as fit in a quarter of `max_length` (`RUN_CONTEXT`: a window a reply, each with all the turns before it,
+    would cost the square of a session's length), untrained, then the run's turns: every trained turn is predicted
+    after the block chat would have shown before it, and the newest turns before it.
+
+    `targets` (turn indexes) keeps the labels of those trained turns only, the windows the same: what one turn, or
+    one speaker's turns, is trained on, in the windows training gives them (the preference step, eval).
     """
-    memory = memory or []
-    samples = [(memory + ids, [IGNORE] * len(memory) + labels)
-               for ids, labels in _windows(session, tokenizer, max_length - len(memory))]
+    turns = [turn_ids(tokenizer, t) for t in session.turns]
+    if targets is not None:
+        turns = [(ids, labels if i in targets else [IGNORE] * len(ids)) for i, (ids, labels) in enumerate(turns)]
+    samples = []
+    context = None if blocks is None else max_length // RUN_CONTEXT
+    for block, first, stop in _runs(session, memory or [], blocks):
+        samples += [(block + ids, [IGNORE] * len(block) + labels)
+                    for ids, labels in _windows(turns, max_length - len(block), first, stop, context)]
     return samples
 
 
-def _windows(session: Session, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
-    turns = [turn_ids(tokenizer, t) for t in session.turns]
+def _runs(session: Session, memory: list[int], blocks: Sequence[list[int]] | None
+          ) -> list[tuple[list[int], int, int]]:
+    """(block, first turn, end) of the runs of turns that share a block: one, the whole session with `memory`,
+    without `blocks`; else a new run at each trained turn whose block differs from the run's."""
+    if blocks is None:
+        return [(memory, 0, len(session.turns))]
+    runs: list[tuple[list[int], int, int]] = []
+    block: list[int] | None = None
+    first = 0
+    for i, turn in enumerate(session.turns):
+        if turn.train and blocks[i] != block:
+            if block is not None:
+                runs.append((block, first, i))
+            block, first = blocks[i], i
+    if block is not None:
+        runs.append((block, first, len(session.turns)))
+    return runs
+
+
+def _windows(turns: list[tuple[list[int], list[int]]], max_length: int, first: int = 0,
+             stop: int | None = None, context: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """The windows of turns `first`…`stop`, each opened by as many earlier turns as fit (in `context` tokens, when
+    given), untrained."""
+    stop = len(turns) if stop is None else stop
+    context = max_length if context is None else context
     samples = []
-    i = 0
-    while i < len(turns):
+    i = first
+    while i < stop:
         j, size = i, 0
-        while j < len(turns) and size + len(turns[j][0]) <= max_length:
+        while j < stop and size + len(turns[j][0]) <= max_length:
             size += len(turns[j][0])
             j += 1
         if j == i:  # one turn alone is too long
@@ -254,10 +298,11 @@ def _windows(session: Session, tokenizer: Any, max_length: int) -> list[tuple[li
                         for k in range(0, len(ids), max_length)]
             i += 1
             continue
-        k = i
-        while k > 0 and size + len(turns[k - 1][0]) <= max_length:
+        k, before = i, 0
+        while k > 0 and size + len(turns[k - 1][0]) <= max_length and before + len(turns[k - 1][0]) <= context:
             k -= 1
             size += len(turns[k][0])
+            before += len(turns[k][0])
         ids = [t for turn in turns[k:j] for t in turn[0]]
         labels = [IGNORE] * sum(len(turn[0]) for turn in turns[k:i])
         labels += [t for turn in turns[i:j] for t in turn[1]]

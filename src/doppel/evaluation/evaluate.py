@@ -9,12 +9,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from msgspec.structs import replace
 
 from doppel.config import EvalConfig, Sampling
 from doppel.dataset import Dataset
@@ -33,10 +31,11 @@ OPENERS = {"en": ("hey", "what's up?"), "ru": ("привет", "как дела?
 
 
 def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_length: int,
-                   blocks: list[list[int]] | None = None, recall: dict[str, set[int]] | None = None,
+                   blocks: Sequence[list[list[int]] | None] | None = None, recall: dict[str, set[int]] | None = None,
                    per_session: list[dict[str, tuple[float, int]]] | None = None) -> dict[str, tuple[float, int]]:
-    """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, masked as in training; each session
-    opened by its memory block from `blocks`, if given. With `recall` ({session id: turn indexes}), also
+    """{speaker: (summed NLL, target tokens)} over the sessions' trained turns, in the windows and masks of
+    training; with `blocks` (each session's, a memory block before each turn: memory/recall.py `for_turns`), each
+    turn after the block chat would recall before it. With `recall` ({session id: turn indexes}), also
     {"speaker/recall": …} over those turns only. `per_session` receives each session's own totals, in order."""
     import torch
     import torch.nn.functional as F
@@ -54,10 +53,10 @@ def speaker_losses(model: Any, tokenizer: Any, sessions: list[Session], max_leng
             if any(session.turns[i].speaker == speaker for i in chosen):
                 sets.append((f"{speaker}/recall", chosen))
             for key, only_turns in sets:
-                only = replace(session, turns=tuple(
-                    replace(t, train=t.train and t.speaker == speaker and (only_turns is None or i in only_turns))
-                    for i, t in enumerate(session.turns)))
-                for ids, labels in encode(only, tokenizer, max_length, blocks[k] if blocks else None):
+                mine = {i for i, t in enumerate(session.turns)
+                        if t.train and t.speaker == speaker and (only_turns is None or i in only_turns)}
+                for ids, labels in encode(session, tokenizer, max_length, blocks=blocks[k] if blocks else None,
+                                          targets=mine):
                     windows.setdefault(tuple(ids), []).append((key, labels))
         for window, by_speaker in windows.items():
             with torch.no_grad():
@@ -90,7 +89,7 @@ def generate_turns(model: Any, tokenizer: Any, sessions: list[Session], cfg: Eva
         chat = Conversation(model, tokenizer, turn.speaker, session.turns[index - 1].speaker,
                             Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + i),
                             memory=_before(memory, session))
-        chat.history = list(session.turns[:index - 1])
+        chat.load(session.turns[:index - 1])
         try:
             said = tuple(chat.reply(list(session.turns[index - 1].messages)))
         except ContextTooLong:  # a turn too long for the model's context (a pasted log): nothing to answer from
@@ -138,7 +137,7 @@ def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language
                 for k in range(cfg.probe_turns):
                     speaker, other = (persona, user) if k % 2 == 0 else (user, persona)
                     chat.persona, chat.user = speaker, other
-                    chat.history = turns[:-1]
+                    chat.load(turns[:-1])
                     said = tuple(chat.reply(list(turns[-1].messages)))
                     turns.append(Turn(speaker, "", said or ("…",), False))
                 out.append({"model_as": persona, "facing": user, "language": opener_language,
@@ -171,7 +170,7 @@ def recall_probes(model: Any, tokenizer: Any, sessions: list[Session], recall: d
             chat = Conversation(model, tokenizer, turn.speaker, before.speaker,
                                 Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed),
                                 memory=_before(memory, session) if with_memory else None)
-            chat.history = list(session.turns[:index - 1])
+            chat.load(session.turns[:index - 1])
             try:
                 said[with_memory] = list(chat.reply(list(before.messages)))
             except ContextTooLong:
@@ -227,9 +226,10 @@ def evaluate(run: str | Path | Run, cfg: EvalConfig | None = None,
     memory = _memory(run, dataset)
     blocks, recall = None, None
     if memory is not None:
-        from doppel.memory.recall import for_sessions, recall_turns
+        from doppel.memory.recall import for_turns, recall_turns
 
-        blocks = [ids for ids, _ in for_sessions(memory.memory, sessions, tokenizer, memory.budget, None)]
+        blocks = [[ids for ids, _ in turns] for turns in
+                  for_turns(memory.memory, sessions, tokenizer, memory.budget, None)]
         recall = recall_turns(memory.memory, sessions)
     results: dict[str, Any] = {}
     # a run compared with is measured as it chats too: with memory when it trained with it (the base never did)

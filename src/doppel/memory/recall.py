@@ -1,10 +1,11 @@
-"""Recalling: which entries open a conversation, the same way in training, evaluation and chat.
+"""Recalling: the memory block before a reply, the same way in training, evaluation and chat.
 
-A training (or held-out) session is given the entries that best answer its first turn, among the sessions that
-ended before it started (for training: training sessions only), its own people preferred. In chat, before each
-reply, the query is the newest two turns, among every entry but the conversation itself. For a conversation of one
-turn the two queries are the same, and both go through `render.fit_memory`, so the block is the same, byte for
-byte, as the model saw in training.
+Before each reply, the query is the newest two turns (`chat_query`). In chat it searches every entry but the
+conversation itself; in training (and evaluation), each trained turn of a session gets the block chat would have
+built before it (the two turns before it as the query) from the sessions that ended before the session started
+(for training: training sessions only), its own people preferred; a session's first turn, which answers nothing,
+gets none. Both go through `render.fit_memory`, so the block is the same, byte for byte, as the model saw in
+training, before every reply (`render.encode` with `for_turns`'s blocks).
 """
 
 from __future__ import annotations
@@ -26,22 +27,35 @@ def _messages(turns: Sequence[Turn]) -> str:
     return "\n".join(m for turn in turns for m in turn.messages)
 
 
-def session_query(session: Session) -> str:
-    return _messages(session.turns[:1])
-
-
 def chat_query(history: Sequence[Turn]) -> str:
     return _messages(history[-QUERY_TURNS:])
 
 
-def for_sessions(memory: Memory, sessions: Sequence[Session], tokenizer: Any, budget: int,
-                 splits: Collection[str] | None, progress: Callable[[int], None] | None = None
-                 ) -> list[tuple[list[int], list[MemoryEntry]]]:
-    """Each session's memory block (ids, entries): recalled by its first turn from the sessions of `splits` (None:
-    all) that ended before it started."""
-    found = memory.search_many([session_query(s) for s in sessions], [s.start for s in sessions], splits,
-                               [{t.speaker for t in s.turns} for s in sessions], progress=progress)
-    return [fit_memory(tokenizer, ranked, budget) for ranked in found]
+def for_turns(memory: Memory, sessions: Sequence[Session], tokenizer: Any, budget: int,
+              splits: Collection[str] | None, progress: Callable[[int], None] | None = None
+              ) -> list[list[tuple[list[int], list[MemoryEntry]]]]:
+    """Each session's memory block (ids, entries) before each of its turns: for a trained turn after the first,
+    the block chat builds before that reply (`chat_query` of the turns before it), from the sessions of `splits`
+    (None: all) that ended before the session started; ([], []) for the other turns. `progress` is given the
+    searches done, as `Memory.search_many` counts them."""
+    queries: list[str] = []
+    starts: list[int | None] = []
+    people: list[set[str]] = []
+    where: list[tuple[int, int]] = []
+    for k, session in enumerate(sessions):
+        speakers = {t.speaker for t in session.turns}
+        for i, turn in enumerate(session.turns):
+            if i and turn.train:
+                queries.append(chat_query(session.turns[:i]))
+                starts.append(session.start)
+                people.append(speakers)
+                where.append((k, i))
+    found = memory.search_many(queries, starts, splits, people, progress=progress) if queries else []
+    out: list[list[tuple[list[int], list[MemoryEntry]]]] = [[([], []) for _ in s.turns] for s in sessions]
+    counts: dict[str, int] = {}
+    for (k, i), ranked in zip(where, found, strict=True):
+        out[k][i] = fit_memory(tokenizer, ranked, budget, counts)
+    return out
 
 
 class Recall:

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 
 def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: int, memory: Memory | None = None,
               memory_tokens: int = 0) -> Any:
-    """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session; with a `memory`, each opens
-    with the session's memory block (memory/recall.py): for training sessions, recalled from the training sessions
-    that ended before it; for held-out ones, from any session that did."""
+    """A `datasets.Dataset` of `input_ids`/`labels` windows, one or more per session; with a `memory`, each trained
+    turn is predicted after the memory block chat would recall before it (memory/recall.py): for training sessions,
+    from the training sessions that ended before the session; for held-out ones, from any session that did."""
     from datasets import Dataset
 
     from doppel.render import encode
@@ -34,23 +34,24 @@ def tokenized(dataset: DoppelDataset, split: Split, tokenizer: Any, max_length: 
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     sessions = list(dataset.sessions(split))
-    for session, block in zip(sessions, memory_blocks(sessions, split, tokenizer, memory, memory_tokens), strict=True):
-        for sample_ids, sample_labels in encode(session, tokenizer, max_length, block):
+    for session, blocks in zip(sessions, memory_blocks(sessions, split, tokenizer, memory, memory_tokens),
+                               strict=True):
+        for sample_ids, sample_labels in encode(session, tokenizer, max_length, blocks=blocks):
             ids.append(sample_ids)
             labels.append(sample_labels)
     return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
 def memory_blocks(sessions: list[Session], split: Split, tokenizer: Any, memory: Memory | None,
-                  memory_tokens: int) -> list[list[int]]:
-    """Each session's memory block ids as training gives them (empty without a `memory`); the preference step
-    (tuning/preferences.py) opens its prompts with the same."""
-    from doppel.memory.recall import for_sessions
+                  memory_tokens: int) -> list[list[list[int]] | None]:
+    """Each session's memory block ids before each of its turns as training gives them (None without a
+    `memory`); the preference step (tuning/preferences.py) opens its prompts with the same."""
+    from doppel.memory.recall import for_turns
 
     if memory is None:
-        return [[] for _ in sessions]
-    return [block for block, _ in
-            for_sessions(memory, sessions, tokenizer, memory_tokens, {"train"} if split == "train" else None)]
+        return [None for _ in sessions]
+    return [[ids for ids, _ in turns] for turns in
+            for_turns(memory, sessions, tokenizer, memory_tokens, {"train"} if split == "train" else None)]
 
 
 def cached(path: Path, build: Any) -> Any:

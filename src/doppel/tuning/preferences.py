@@ -71,15 +71,14 @@ def targets(ids: list[int], labels: list[int]) -> list[int]:
     return [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
 
 
-def pair_ids(session: Session, index: int, block: list[int], rejected: tuple[str, ...], tokenizer: Any,
+def pair_ids(session: Session, index: int, blocks: list[list[int]] | None, rejected: tuple[str, ...], tokenizer: Any,
              max_length: int) -> Rendered | None:
-    """The pair of turn `index` as training renders it: `encode` of the whole session with that turn the only
-    target gives the one window training trains it in (where a session splits into windows depends on the turns'
-    lengths, never on which are targets): the memory block, the window's earlier turns, the turn's header. The
-    prompt is that window up to the first target, and the rejected turn's body and end are rendered as the real
-    one's. None when the turn alone does not fit `max_length` (training cuts it into pieces)."""
-    only = replace(session, turns=tuple(replace(t, train=k == index) for k, t in enumerate(session.turns)))
-    windows = encode(only, tokenizer, max_length, block)
+    """The pair of turn `index` as training renders it: `encode` of the session as training encodes it (`blocks`:
+    the memory block before each turn, None without memory), with that turn's labels the only ones kept, gives the
+    one window training trains it in: its memory block, the window's earlier turns, the turn's header. The prompt
+    is that window up to the turn's targets, and the rejected turn's body and end are rendered as the real one's.
+    None when the turn alone does not fit `max_length` (training cuts it into pieces)."""
+    windows = encode(session, tokenizer, max_length, blocks=blocks, targets={index})
     if len(windows) != 1:
         return None
     ids, labels = windows[0]
@@ -141,11 +140,11 @@ def generate(engine: Any, tokenizer: Any, prompt: list[int], sampling: Sampling)
 
 
 def make(path: Path, model: Any, tokenizer: Any, chosen: list[tuple[Session, int]], known: dict[str, Session],
-         blocks: dict[str, list[int]], max_length: int, seed: int,
+         blocks: dict[str, list[list[int]] | None], max_length: int, seed: int,
          progress: Callable[[int, int], None] = lambda done, total: None) -> list[Preference]:
     """Every pair of `chosen` in `path`: those already there are read, the others generated and appended one line
     at a time. `known`: the training sessions by id (what a line may name); `blocks`: each chosen session's memory
-    block ids. Sampling is `doppel chat`'s, seeded per context, so a
+    block ids before each turn (None: no memory). Sampling is `doppel chat`'s, seeded per context, so a
     pair made again (a cut-off line) is the same pair."""
     from doppel.engines import as_engine
 
@@ -175,8 +174,8 @@ def make(path: Path, model: Any, tokenizer: Any, chosen: list[tuple[Session, int
     return [done[(s.id, i)] for s, i in chosen if (s.id, i) in done]
 
 
-def rendered(pairs: list[Preference], sessions: dict[str, Session], blocks: dict[str, list[int]], tokenizer: Any,
-             max_length: int) -> list[Rendered]:
+def rendered(pairs: list[Preference], sessions: dict[str, Session], blocks: dict[str, list[list[int]] | None],
+             tokenizer: Any, max_length: int) -> list[Rendered]:
     """The kept pairs as token ids, rendered as training renders their turns."""
     out = []
     for pair in pairs:
