@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from doppel import config, errors
 from doppel.cli import main
-from doppel.records import Turn
+from doppel.records import ChatRef, Session, Turn
 from doppel.serving import chat
 
 
@@ -36,12 +36,12 @@ def test_prompt_in_both_directions(memorised):
 
     model, tokenizer = Run(memorised).load()
     as_owner = chat.Conversation(model, tokenizer, "Me Owner", "Max Orlov")
-    as_owner.history.append(Turn("Max Orlov", "", ("hey", "what's up?"), False))
+    as_owner.add(["hey", "what's up?"])
     assert as_owner.prompt() == ("<|im_start|>Max Orlov\n>>> hey\n>>> what's up?<|im_end|>\n"
                                  "<|im_start|>Me Owner\n")
     as_friend = chat.Conversation(model, tokenizer, "Max Orlov", "Me Owner", max_context=220)
-    as_friend.history += [Turn("Me Owner", "", ("hey",), False), Turn("Max Orlov", "", ("yo",), False),
-                          Turn("Me Owner", "", ("what's up?",), False)]
+    as_friend.load([Turn("Me Owner", "", ("hey",), False), Turn("Max Orlov", "", ("yo",), False),
+                    Turn("Me Owner", "", ("what's up?",), False)])
     assert as_friend.prompt().endswith("<|im_start|>Me Owner\n>>> what's up?<|im_end|>\n<|im_start|>Max Orlov\n")
     # a short context keeps the newest whole turns: 220 - 200 new - 5 header tokens = 15, one turn of 12
     assert as_friend.prompt() == "<|im_start|>Me Owner\n>>> what's up?<|im_end|>\n<|im_start|>Max Orlov\n"
@@ -127,7 +127,7 @@ def test_a_model_that_fails_raises_and_leaves_the_history_as_it_was(memorised):
     model, tokenizer = Run(memorised).load()
     conversation = chat.Conversation(model, tokenizer, "Me Owner", "Max Orlov", config.Sampling(temperature=0))
     earlier = [Turn("Max Orlov", "", ("hey",), False), Turn("Me Owner", "", ("hi",), False)]
-    conversation.history += earlier
+    conversation.load(earlier)
 
     def fail(module, args, output):
         raise RuntimeError("the layer broke\nits second line")
@@ -140,7 +140,7 @@ def test_a_model_that_fails_raises_and_leaves_the_history_as_it_was(memorised):
         hook.remove()
     assert str(failed.value) == "generation failed: the layer broke"
     assert conversation.history == earlier
-    conversation.history.clear()  # the memorised replies come after no history
+    conversation.reset()  # the memorised replies come after no history
     assert within(60, list, conversation.reply(["yo", "gym later?"])) == ["го))", "в 7 🙂"]
 
 
@@ -222,7 +222,7 @@ def test_the_newest_turn_is_always_in_the_prompt_or_refused(memorised):
     # 40 tokens - 20 for the reply - 5 for the header: 15, exactly the turn "yo", "gym later?"
     conversation = chat.Conversation(model, tokenizer, "Me Owner", "Max Orlov",
                                      config.Sampling(temperature=0, max_new_tokens=20), max_context=40)
-    conversation.history.append(Turn("Max Orlov", "", ("hey",), False))
+    conversation.add(["hey"])
     conversation.add(["yo", "gym later?"])
     assert conversation.prompt() == "<|im_start|>Max Orlov\n>>> yo\n>>> gym later?<|im_end|>\n<|im_start|>Me Owner\n"
     assert len(conversation.prompt_ids()) == 20
@@ -316,9 +316,61 @@ def test_a_reader_that_stops_stops_the_model_and_a_shared_cancel_event_is_left_a
     for _ in conversation.reply(["yo", "gym later?"]):
         break
     assert set(threading.enumerate()) - threads == set()  # the generation thread is done (others may have ended)
-    conversation.history.clear()
+    conversation.reset()
     cancel = threading.Event()
     for _ in range(2):
         assert list(conversation.reply(["yo", "gym later?"], cancel)) == ["го))", "в 7 🙂"]
-        conversation.history.clear()
+        conversation.reset()
     assert not cancel.is_set()
+
+
+def test_a_long_chat_tokenizes_each_turn_once(tiny, smollm2_tokenizer, monkeypatch):
+    """200 turns: one `turn_ids` a turn, and the same tokenizer calls for every reply however long the chat grows
+    (each reply used to tokenize every turn again, the newest three times: quadratic in the turns)."""
+    from doppel.models import load_model
+    from doppel.render import header, segment_ids, text, turn_ids
+
+    tokenizer = smollm2_tokenizer
+    tokenized: list[Turn] = []
+
+    def counted_turn_ids(tok: Any, turn: Turn) -> tuple[list[int], list[int]]:
+        tokenized.append(turn)
+        return turn_ids(tok, turn)
+
+    calls = [0]
+    encode = type(tokenizer).__call__
+
+    def counted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "turn_ids", counted_turn_ids)
+    monkeypatch.setattr(type(tokenizer), "__call__", counted_call)
+    model = load_model(str(tiny))
+    conversation = chat.Conversation(model, tokenizer, "Me", "Max", max_context=512)
+    per_reply = []
+    for k in range(100):
+        conversation.sampling = config.Sampling(temperature=1, max_new_tokens=4, seed=k)  # no two replies alike
+        before = calls[0]
+        conversation.reply([f"message {k}"]).wait()
+        per_reply.append(calls[0] - before)
+        # each turn once (the user's as it is added, the reply's when a prompt needs it)
+        assert sorted(map(repr, tokenized)) == sorted(map(repr, conversation.history[:-1]))
+    assert len(set(conversation.history)) == 200
+    # the first reply: the persona's header and the user's turn; then the persona's last turn and the user's
+    assert per_reply == [9] + [14] * 99
+    # what is cached is what tokenizing the turns kept afresh gives (the prompt's text is built only when asked)
+    monkeypatch.undo()
+    history = conversation.history
+    ids = conversation.prompt_ids()
+    kept = next(m for m in range(len(history), 0, -1) if conversation.prompt() == text(
+        Session("s", ChatRef(1, "c"), 0, 0, tuple(history[-m:]))) + header("Me"))
+    head = segment_ids(tokenizer, "<|im_start|>") + segment_ids(tokenizer, "Me\n")
+    assert ids == [i for turn in history[-kept:] for i in turn_ids(tokenizer, turn)[0]] + head
+    assert len(ids) <= 512 - 4 < len(ids) + len(turn_ids(tokenizer, history[-kept - 1])[0])
+    # a history loaded again (as the server and the bot do for every reply) is not tokenized again
+    monkeypatch.setattr(chat, "turn_ids", counted_turn_ids)
+    tokenized.clear()
+    conversation.load(list(history))
+    conversation.history = list(conversation.history)  # assigning the history is `load`
+    assert conversation.prompt_ids() == ids and tokenized == []

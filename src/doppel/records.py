@@ -8,6 +8,7 @@ frozen dataclass makes ten times slower.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,11 @@ class Turn(msgspec.Struct, frozen=True):
     speaker_id: str
     messages: tuple[str, ...]
     train: bool
+
+
+def spoken(speaker: str, messages: Iterable[str]) -> Turn:
+    """A turn said in a conversation with the model (chat, serve, the bot, evaluation): no id, not a target."""
+    return Turn(speaker, "", tuple(messages), False)
 
 
 class Session(msgspec.Struct, frozen=True):

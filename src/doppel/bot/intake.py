@@ -21,7 +21,7 @@ from doppel.bot.state import Chat, Connection, Draft, Op, State
 from doppel.config import BotConfig
 from doppel.errors import ChatError, ContextTooLong
 from doppel.feedback import FeedbackPair, Source, record
-from doppel.records import Turn
+from doppel.records import Turn, spoken
 from doppel.serving.chat import check_name, pick_people
 
 SHOWN = 2000  # characters of the contact's messages a draft shows, at most
@@ -278,7 +278,7 @@ class Intake:
         chosen = [m for m in chosen if m.strip()]
         if self.feedback is None or context is None or persona is None or not chosen:
             return
-        turns = tuple(Turn(speaker, "", tuple(messages), False) for speaker, messages in context)
+        turns = tuple(spoken(speaker, messages) for speaker, messages in context)
         self.pending.append(FeedbackPair(turns, persona, tuple(chosen), tuple(rejected), source, int(time.time())))
 
     def flush(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 import msgspec
 
 from doppel.errors import BotError
-from doppel.records import Turn
+from doppel.records import Turn, spoken
 
 KEEP_TURNS = 200  # turns of history kept per chat; far more than a prompt holds
 
@@ -106,7 +106,7 @@ class Chat:
     outbox: list[Op] = field(default_factory=list)
 
     def turns(self) -> list[Turn]:
-        return [Turn(speaker, "", tuple(messages), False) for speaker, messages in self.history]
+        return [spoken(speaker, messages) for speaker, messages in self.history]
 
     def keep(self, turns: list[Turn]) -> None:
         self.history = [(t.speaker, list(t.messages)) for t in turns if t.messages][-KEEP_TURNS:]

@@ -40,7 +40,7 @@ from doppel.errors import BotError, ChatError
 from doppel.feedback import FEEDBACK_FILE
 from doppel.memory.recall import Recall
 from doppel.records import Turn
-from doppel.serving.chat import Conversation, open_memory
+from doppel.serving.chat import Conversation, add_messages, open_memory
 
 if TYPE_CHECKING:
     from doppel.run import Loaded, Run
@@ -197,7 +197,10 @@ class Twin:
                 if conversation is not None and conversation.memory is not None:
                     conversation.memory.reset()
             elif item["owner"]:
-                turns = _add(_add(turns, chat.user, said), chat.persona, [item["text"]])
+                if chat.user is not None:
+                    add_messages(turns, chat.user, said)
+                if chat.persona is not None:
+                    add_messages(turns, chat.persona, [item["text"]])
                 said = []
             else:
                 said.append(item["text"])
@@ -256,7 +259,7 @@ class Twin:
                 self.model, self.tokenizer, chat.persona or "", chat.user or "", self.sampling, self.cfg.max_context,
                 memory=memory)
         conversation.persona, conversation.user = chat.persona or "", chat.user or ""
-        conversation.history = list(turns)
+        conversation.load(turns)  # what was tokenized for the last reply is not tokenized again
         return conversation
 
     async def _generate(self, conversation: Conversation, said: list[str]) -> list[str]:
@@ -315,12 +318,3 @@ class Twin:
         wait = min(MAX_PAUSE, self.cfg.pace * len(text)) - (loop.time() - self.spoke.get(key, -math.inf))
         if wait > 0:
             await self._typing_during(chat, asyncio.sleep(wait))
-
-
-def _add(turns: list[Turn], speaker: str | None, messages: list[str]) -> list[Turn]:
-    """`turns` and the messages of `speaker`, joined to the last turn when it is theirs."""
-    if not messages or speaker is None:
-        return turns
-    if turns and turns[-1].speaker == speaker:
-        return [*turns[:-1], Turn(speaker, "", (*turns[-1].messages, *messages), False)]
-    return [*turns, Turn(speaker, "", tuple(messages), False)]

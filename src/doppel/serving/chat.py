@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doppel.config import Sampling
 from doppel.engines import as_engine
 from doppel.errors import ChatError, ContextTooLong, GenerationFailed
-from doppel.records import MemoryEntry, Turn
+from doppel.records import MemoryEntry, Turn, spoken
 from doppel.render import (
     IM_END,
     IM_START,
@@ -100,8 +101,50 @@ def split_messages(body: str) -> list[str]:
     return [m.strip() for m in messages if m.strip()]
 
 
+def add_messages(turns: list[Turn], speaker: str, messages: Sequence[str]) -> None:
+    """Add `speaker`'s messages to `turns`: consecutive messages of one writer are one turn, like a burst in a
+    messenger, so they join the last turn when it is theirs."""
+    if not messages:
+        return
+    if turns and turns[-1].speaker == speaker:
+        turns[-1] = spoken(speaker, (*turns[-1].messages, *messages))
+    else:
+        turns.append(spoken(speaker, messages))
+
+
+class TurnIds:
+    """Each turn's prompt token ids, tokenized once: a turn is text, so the same turn has the same ids whoever asks.
+
+    Bounded (the least recently used go first) and safe to share between threads: the server hands one to the
+    conversation of every request, so a conversation that comes back one turn longer tokenizes that turn alone.
+    """
+
+    def __init__(self, tokenizer: Any, size: int = 4096) -> None:
+        self.tokenizer, self.size = tokenizer, size
+        self._ids: OrderedDict[Turn, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, turn: Turn) -> list[int]:
+        with self._lock:
+            ids = self._ids.get(turn)
+            if ids is not None:
+                self._ids.move_to_end(turn)
+                return ids
+        ids = turn_ids(self.tokenizer, turn)[0]
+        with self._lock:
+            self._ids[turn] = ids
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+        return ids
+
+
 class Conversation:
     """One chat: who the model plays, who writes, the turns so far.
+
+    The history changes through the conversation's own methods: `add` (the writer's turn), `said` (a turn of the
+    persona's that it did not generate), `load` (a whole history, as the server and the bot rebuild one per reply),
+    `rewrite`, `reset`, and the replies of `reply` and `answer`. Each turn is tokenized once (`TurnIds`), so a reply
+    costs the new turns' tokenization, however long the chat. `history` is the turns (assigning it is `load`).
 
     `max_context` is the model's window (prompt and reply); `max_prompt` caps the prompt alone. Older turns
     are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be. `memory`
@@ -110,22 +153,42 @@ class Conversation:
     """
 
     def __init__(self, model: Any, tokenizer: Any, persona: str, user: str, sampling: Sampling | None = None,
-                 max_context: int | None = None, max_prompt: int | None = None, memory: Recall | None = None) -> None:
+                 max_context: int | None = None, max_prompt: int | None = None, memory: Recall | None = None,
+                 turn_cache: TurnIds | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = as_engine(model)
         self.persona, self.user, self.sampling = persona, user, sampling or Sampling()
         limit = self.engine.context
         self.max_context = min(max_context or limit, limit)
         self.max_prompt = max_prompt
-        self.history: list[Turn] = []
+        self._turns: list[Turn] = []
+        self._ids = turn_cache if turn_cache is not None else TurnIds(tokenizer)
+        self._heads: dict[str, list[int]] = {}
         self.last: Reply | None = None  # the newest reply
         self.memory = memory
         self.recalled: list[MemoryEntry] = []
         ends = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, IM_START)]
         self.stops = ends + [t for t in [tokenizer.eos_token_id] if t is not None and t not in ends]
 
+    @property
+    def history(self) -> list[Turn]:
+        """The turns so far, oldest first (change them through the methods)."""
+        return self._turns
+
+    @history.setter
+    def history(self, turns: Iterable[Turn]) -> None:
+        self.load(turns)
+
+    def load(self, turns: Iterable[Turn]) -> None:
+        """Make `turns` the history (the turns tokenized before are not tokenized again)."""
+        self._turns = list(turns)
+
     def _head(self) -> list[int]:
-        return segment_ids(self.tokenizer, IM_START) + segment_ids(self.tokenizer, f"{header_name(self.persona)}\n")
+        name = header_name(self.persona)
+        head = self._heads.get(name)
+        if head is None:
+            head = self._heads[name] = segment_ids(self.tokenizer, IM_START) + segment_ids(self.tokenizer, f"{name}\n")
+        return head
 
     def _budget(self, head: list[int]) -> int:
         """Prompt tokens left for the turns once the reply and the persona's header have their room."""
@@ -140,35 +203,34 @@ class Conversation:
 
     def reset(self) -> None:
         """Start a new conversation (a remembered one stays remembered)."""
-        self.history.clear()
+        self._turns = []
         self.recalled = []
         if self.memory is not None:
             self.memory.reset()
 
-    def _fit(self) -> tuple[list[int], str]:
-        """(prompt ids, prompt text): the memory block, the newest turns that fit, then the persona's header."""
+    def _fit(self) -> tuple[list[int], list[list[int]], list[int]]:
+        """(the memory block's ids, the ids of the newest turns that fit, oldest first, the persona's header ids)."""
         head = self._head()
         budget = self._budget(head)
         block: list[int] = []
         self.recalled = []
-        if self.memory is not None and self.history:
-            newest = len(turn_ids(self.tokenizer, self.history[-1])[0])
-            block, self.recalled = self.memory.block(self.tokenizer, self.history, {self.persona, self.user},
+        turns = self._turns
+        if self.memory is not None and turns:
+            newest = len(self._ids(turns[-1]))
+            block, self.recalled = self.memory.block(self.tokenizer, turns, {self.persona, self.user},
                                                      min(self.memory.budget, budget - newest))
             budget -= len(block)
-        ids: list[int] = []
-        texts: list[str] = []
-        for n, turn in enumerate(reversed(self.history)):
-            size_ids, _ = turn_ids(self.tokenizer, turn)
+        kept: list[list[int]] = []
+        for n, turn in enumerate(reversed(turns)):
+            ids = self._ids(turn)
             if n == 0:
-                self._check_fits(len(size_ids), budget)
-            elif len(size_ids) > budget:
+                self._check_fits(len(ids), budget)
+            elif len(ids) > budget:
                 break
-            ids[:0] = size_ids
-            texts.insert(0, "".join(piece for piece, _ in turn_segments(turn)))
-            budget -= len(size_ids)
-        memory = "".join(piece for piece, _ in memory_segments(self.recalled))
-        return block + ids + head, memory + "".join(texts) + header(self.persona)
+            kept.append(ids)
+            budget -= len(ids)
+        kept.reverse()
+        return block, kept, head
 
     def _too_long(self, size: int, budget: int) -> str:
         room = f"{self.max_context} tokens of context, {self.sampling.max_new_tokens} kept for the reply"
@@ -179,28 +241,38 @@ class Conversation:
         return f"the newest turn is {size} tokens, more than fit ({room})"
 
     def prompt(self) -> str:
-        """History (trimmed by whole turns to fit) + the persona's header, as text."""
-        return self._fit()[1]
+        """History (trimmed by whole turns to fit) + the persona's header, as text: what `prompt_ids` holds."""
+        _, kept, _ = self._fit()
+        turns = self._turns[len(self._turns) - len(kept):]
+        return "".join(piece for piece, _ in [*memory_segments(self.recalled),
+                                              *(p for turn in turns for p in turn_segments(turn))]) + \
+            header(self.persona)
 
     def prompt_ids(self) -> list[int]:
         """The prompt's token ids: text is text, only the ChatML markers are control tokens."""
-        return self._fit()[0]
+        block, kept, head = self._fit()
+        return block + [i for ids in kept for i in ids] + head
 
-    def add(self, messages: list[str]) -> None:
+    def add(self, messages: Sequence[str]) -> None:
         """Add the user's messages as one turn; `ContextTooLong` (and no turn added) if it cannot fit."""
-        turn = Turn(self.user, "", tuple(messages), False)
-        self._check_fits(len(turn_ids(self.tokenizer, turn)[0]), self._budget(self._head()))  # the rest: `_fit`
-        self.history.append(turn)
+        turn = spoken(self.user, messages)
+        self._check_fits(len(self._ids(turn)), self._budget(self._head()))  # the rest: `_fit`
+        self._turns.append(turn)
 
-    def rewrite(self, messages: list[str]) -> Turn:
+    def said(self, messages: Sequence[str]) -> None:
+        """Add the persona's messages as one turn, as if it had generated them (evaluation's probes, a bot's owner
+        who wrote in the chat)."""
+        self._turns.append(spoken(self.persona, messages))
+
+    def rewrite(self, messages: Sequence[str]) -> Turn:
         """Put `messages` in place of the persona's last reply, as if the persona had written them (the owner's "that
         is not how I'd say it"); the reply replaced. `ChatError` when the last turn is not the persona's."""
-        if not self.history or self.history[-1].speaker != self.persona:
+        if not self._turns or self._turns[-1].speaker != self.persona:
             raise ChatError(f"nothing to rewrite: {header_name(self.persona)} has not answered the last turn")
-        replaced = self.history[-1]
-        self.history[-1] = Turn(self.persona, "", tuple(messages), False)
+        replaced = self._turns[-1]
+        self._turns[-1] = spoken(self.persona, messages)
         if self.memory is not None:
-            self.memory.keep(self.history)
+            self.memory.keep(self._turns)
         return replaced
 
     def answer(self, cancel: threading.Event | None = None) -> Reply:
@@ -214,7 +286,7 @@ class Conversation:
         reply._source = self._turn(reply, ids, cancel or threading.Event())
         return reply
 
-    def reply(self, messages: list[str], cancel: threading.Event | None = None) -> Reply:
+    def reply(self, messages: Sequence[str], cancel: threading.Event | None = None) -> Reply:
         """`add` the user's messages, then `answer`; a failed turn leaves the history as it was."""
         self.add(messages)
         reply = self.answer(cancel)
@@ -225,14 +297,14 @@ class Conversation:
         try:
             yield from messages
         except GenerationFailed:
-            self.history.pop()
+            self._turns.pop()
             raise
 
     def _turn(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         yield from self._stream(reply, ids, cancel)
-        self.history.append(Turn(self.persona, "", tuple(reply.messages), False))
+        self._turns.append(spoken(self.persona, reply.messages))  # tokenized when a prompt needs it
         if self.memory is not None:
-            self.memory.keep(self.history)
+            self.memory.keep(self._turns)
 
     def _stream(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         """Generate one turn body; yield each message once the next one starts (or the turn ends)."""

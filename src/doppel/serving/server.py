@@ -43,7 +43,7 @@ from doppel.feedback import FeedbackPair, record
 from doppel.memory.recall import Recall
 from doppel.records import MemoryEntry, Turn
 from doppel.render import header_name
-from doppel.serving.chat import Conversation, Reply
+from doppel.serving.chat import Conversation, Reply, TurnIds, add_messages
 
 PAGE = Path(__file__).with_name("page.html")
 DEFAULTS = Sampling()
@@ -144,13 +144,7 @@ def turns_of(messages: list[Message], persona: str, default_user: str) -> list[T
             raise ApiError(400, f"A user message cannot be written as {persona!r}, the persona the model plays: "
                                 "name another writer", "messages")
         speaker = persona if message.role == "assistant" else (message.name or default_user)
-        lines = tuple(line for line in message.text().split("\n") if line.strip())
-        if not lines:
-            continue
-        if turns and turns[-1].speaker == speaker:
-            turns[-1] = Turn(speaker, "", turns[-1].messages + lines, False)
-        else:
-            turns.append(Turn(speaker, "", lines, False))
+        add_messages(turns, speaker, [line for line in message.text().split("\n") if line.strip()])
     return turns
 
 
@@ -161,6 +155,7 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
     cfg = cfg or ServeConfig()
     app = FastAPI(title="doppel", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one generation at a time on the one model; the others wait their turn
+    turn_cache = TurnIds(tokenizer)  # a conversation that comes back one turn longer tokenizes that turn alone
     names = personas or [default_persona or "Me"]
 
     @app.exception_handler(ApiError)
@@ -219,8 +214,8 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                 recall = Recall(memory.memory, memory.budget, memory.remember, Recall.new_conversation(
                     json.dumps(seed, ensure_ascii=False)), scope=request.user or None)
             chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
-                                max_prompt=cfg.max_prompt_tokens, memory=recall)
-            chat.history = earlier
+                                max_prompt=cfg.max_prompt_tokens, memory=recall, turn_cache=turn_cache)
+            chat.load(earlier)
             chat.add(list(last.messages))
         except ContextTooLong as exc:
             raise ApiError(400, f"This request does not fit the model's context: {exc}", "messages",
