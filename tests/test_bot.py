@@ -562,6 +562,27 @@ def test_as_chooses_whom_the_writer_plays_not_whose_memory_they_read(api, run, l
     assert recalled == [("Max Orlov", []), ("Max Orlov", MAX_SESSIONS)]
 
 
+def test_a_telegram_message_of_two_lines_is_one_message(api, run, loaded, monkeypatch):
+    """The API's rule seen from the bot: a Telegram message is a message, its newline kept inside it, as a text part
+    is through serve (tests/test_server.py) and a message is in training."""
+    from doppel.bot import telegram
+    from doppel.serving.chat import Conversation
+
+    prompts: list[str] = []
+
+    class Recording(Conversation):
+        def prompt_ids(self) -> list[int]:
+            prompts.append(self.prompt())
+            return super().prompt_ids()
+
+    monkeypatch.setattr(telegram, "Conversation", Recording)
+    api.push(text(IMPOSTOR, "hey\nwhat's up?"))  # not Max's account: no memory in the prompt
+    bot = Running(run, config(api, allow=("301",)), loaded)
+    until(lambda: prompts and not state(run)["chats"]["301"]["outbox"])
+    bot.stop()
+    assert prompts[0] == "<|im_start|>Max Orlov\n>>> hey\nwhat's up?<|im_end|>\n<|im_start|>Me Owner\n"
+
+
 def test_a_huge_flood_wait_is_cut_short_and_other_chats_go_on(api, run, loaded, monkeypatch, caplog):
     from doppel.bot import api as bot_api
 

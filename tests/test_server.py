@@ -140,8 +140,8 @@ def test_official_openai_client(server):
         api.chat.completions.create(model="Me Owner", messages=ASK, n=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
-    assert api.chat.completions.create(model="Me Owner", messages=ASK, temperature=0).choices[0].message.content \
-        == REPLY  # still serving after the errors
+    again = api.chat.completions.create(model="Me Owner", messages=ASK, temperature=0)  # still serving after the errors
+    assert (again.choices[0].message.content, again.doppel["messages"]) == (REPLY, REPLY.split("\n"))
 
 
 @pytest.fixture
@@ -422,6 +422,32 @@ def test_what_openai_clients_send(loaded):
     assert broken.json()["error"]["message"].startswith("The body is not valid JSON")
     assert error_of(api.get("/v1/nothing")) == (404, {"message": "Not Found", "type": "invalid_request_error",
                                                       "param": None, "code": None})
+
+
+def test_a_string_is_a_message_a_line_and_a_text_part_a_message(loaded):
+    """The API's rule: a content string holds a message a line, a list of text parts a message a part, a newline
+    inside a part kept in its message (as the bot takes a Telegram message and `Conversation.add` a message)."""
+    from doppel.config import Sampling
+    from doppel.serving.chat import Conversation
+
+    model, tokenizer = loaded
+    api = client(loaded)
+
+    def prompt_tokens(content):
+        return api.post("/v1/chat/completions", json={"model": "Me Owner", "temperature": 0, "messages": [
+            {"role": "user", "name": "Max Orlov", "content": content}]}).json()["usage"]["prompt_tokens"]
+
+    two = "<|im_start|>Max Orlov\n>>> hey\n>>> what's up?<|im_end|>\n<|im_start|>Me Owner\n"
+    one = "<|im_start|>Max Orlov\n>>> hey\nwhat's up?<|im_end|>\n<|im_start|>Me Owner\n"
+    assert [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in (two, one)] == [20, 19]
+    assert prompt_tokens("hey\nwhat's up?") == prompt_tokens([{"type": "text", "text": "hey"},
+                                                              {"type": "text", "text": "what's up?"}]) == 20
+    assert prompt_tokens([{"type": "text", "text": "hey\nwhat's up?"}]) == 19
+    chat = Conversation(model, tokenizer, "Me Owner", "Max Orlov", Sampling())
+    chat.add(["hey\nwhat's up?"])
+    assert (chat.prompt(), len(chat.prompt_ids())) == (one, 19)
+    body = api.post("/v1/chat/completions", json={"model": "Me Owner", "messages": ASK, "temperature": 0}).json()
+    assert body["doppel"] == {"messages": ["го))", "в 7 🙂"]}  # each message on its own; content joins them
 
 
 def test_a_reply_cut_by_max_tokens_never_splits_a_character(loaded):

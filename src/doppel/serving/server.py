@@ -2,7 +2,9 @@
 
 `model` in a request names the persona; each `user` message's `name` says who writes (default: the
 server's `--as`); `assistant` messages are the persona's earlier replies. A reply's content is the
-persona's messages joined by newlines. One model is in memory and requests take turns on it. With a memory, each
+persona's messages joined by newlines, and each message on its own in `doppel.messages` (a list: a message may hold
+a newline). A request's message is a message a line when its content is a string, a message a text part when it is
+a list (`Message.messages`). One model is in memory and requests take turns on it. With a memory, each
 reply opens with what it recalls, and the response says what in an extension field, `doppel.memory` (in a stream,
 on the first chunk); clients that do not know it ignore it. With `--remember`, a request's `user` (OpenAI's id of the
 end user) is the scope of the conversation remembered: it is recalled only for requests of the same `user`.
@@ -59,10 +61,13 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None  # a list of text parts, as newer OpenAI clients send
     name: str | None = None
 
-    def text(self) -> str:
+    def messages(self) -> list[str]:
+        """The API's rule for what one OpenAI message holds: a string is a message a line (as an OpenAI client's
+        text box, and as `doppel chat` reads them); a list of text parts is a message a part, a newline in a part
+        kept inside its message (as the bot takes a Telegram message, and training a message of the export)."""
         if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content or ""
+            return [part.text.strip() for part in self.content if part.text.strip()]
+        return [line for line in (self.content or "").split("\n") if line.strip()]
 
 
 class ChatRequest(BaseModel):
@@ -144,7 +149,7 @@ def turns_of(messages: list[Message], persona: str, default_user: str) -> list[T
             raise ApiError(400, f"A user message cannot be written as {persona!r}, the persona the model plays: "
                                 "name another writer", "messages")
         speaker = persona if message.role == "assistant" else (message.name or default_user)
-        add_messages(turns, speaker, [line for line in message.text().split("\n") if line.strip()])
+        add_messages(turns, speaker, message.messages())
     return turns
 
 
@@ -274,7 +279,8 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                 "choices": [{"index": 0, "finish_reason": reply.finish_reason or "length", "logprobs": None,
                              "message": {"role": "assistant", "content": "\n".join(said)}}],
                 "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                          "total_tokens": reply.prompt_tokens + reply.completion_tokens}, **extension}
+                          "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+                "doppel": {**extension.get("doppel", {}), "messages": said}}
 
     @app.post("/doppel/feedback")
     async def rewrite(body: FeedbackRequest) -> dict[str, Any]:
