@@ -535,7 +535,7 @@ def test_the_index_is_the_files_of_embedding_every_entry_at_once(tmp_path):
     import bm25s
     import numpy as np
 
-    from doppel.memory.index import search_texts, window_hash, window_text
+    from doppel.memory.index import BM25_B, search_texts, window_hash, window_text
     from doppel.memory.text import Encoder
 
     encoder = Encoder()
@@ -566,7 +566,7 @@ def test_the_index_is_the_files_of_embedding_every_entry_at_once(tmp_path):
         expected = io.BytesIO()
         np.save(expected, vectors)
         assert (folder / "vectors.npy").read_bytes() == expected.getvalue()
-        plain = bm25s.BM25()
+        plain = bm25s.BM25(b=BM25_B)
         plain.index([keywords(t) for t in search_texts(entries)], show_progress=False)
         ours = Memory.open(folder)._keywords
         for query in ("the trip number 3", "long story", "кот Персик", "message 250"):

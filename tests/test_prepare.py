@@ -56,7 +56,7 @@ def test_prepare_writes_the_documented_schema(write, tmp_path):
         "speakers": [{"id": f"user{MAX}", "name": "Max Orlov", "messages": 40, "turns": 20},
                      {"id": f"user{ME}", "name": "Me Owner", "messages": 20, "turns": 20}],
         "dropped": {}, "excluded_chats": {}, "warnings": [],
-        "memory": {"entries": 20, "embedded": 20, "reused": 0}}
+        "memory": {"entries": 20, "embedded": 20, "reused": 0, "windows": 20}}
     assert "session_gap: 10.0" in (tmp_path / "data" / "config.yaml").read_text()
 
 
