@@ -374,3 +374,22 @@ def test_a_long_chat_tokenizes_each_turn_once(tiny, smollm2_tokenizer, monkeypat
     conversation.load(list(history))
     conversation.history = list(conversation.history)  # assigning the history is `load`
     assert conversation.prompt_ids() == ids and tokenized == []
+
+
+def test_a_recall_copied_for_another_conversation_keeps_its_memory_and_budget():
+    """The server's requests, the bot's chats and evaluation's sessions each recall as their own conversation."""
+    from doppel.bot.people import OwnRecall
+    from doppel.memory.recall import Recall
+
+    memory: Any = object()  # a copy never searches
+    recall = Recall(memory, 128, remember=True, scope="someone")
+    copy = recall.for_conversation("telegram:1")
+    assert (copy.memory, copy.budget, copy.remember, copy.conversation, copy.scope, copy.before) == (
+        memory, 128, True, "telegram:1", None, None)
+    assert recall.conversation.startswith("remembered:") and recall.scope == "someone"  # the original as it was
+    session = recall.for_conversation("chat:1", scope="user-1", before=99)
+    assert (session.conversation, session.scope, session.before) == ("chat:1", "user-1", 99)
+    own = OwnRecall(recall.for_conversation("telegram:2"), ["Max Orlov"])
+    assert (own.memory, own.budget, own.conversation, own.people) == (memory, 128, "telegram:2",
+                                                                       frozenset({"Max Orlov"}))
+    assert type(own.for_conversation("telegram:3")) is Recall

@@ -291,7 +291,7 @@ def _time_replies(loaded: Any, tokens: int, repeats: int) -> tuple[int, dict[str
     from doppel.config import Sampling
     from doppel.serving.chat import Conversation
 
-    conversation = Conversation(loaded.model, loaded.tokenizer, "Me", "Friend",
+    conversation = Conversation(loaded.engine, loaded.tokenizer, "Me", "Friend",
                                 Sampling(temperature=0, max_new_tokens=tokens))
     conversation.add(["hey", "what's up?"])
     ids = conversation.prompt_ids()
@@ -376,6 +376,7 @@ def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -
 
     from doppel.config import PrepareConfig
     from doppel.dataset import Dataset
+    from doppel.engines import TransformersEngine
     from doppel.memory.index import Memory
     from doppel.memory.recall import Recall, for_turns
     from doppel.preparing.pipeline import prepare
@@ -408,6 +409,7 @@ def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -
             memory.search(query)
         search_ms = (time.perf_counter() - began) / (len(queries) * 5) * 1000
         loaded = open_model(None)
+        assert isinstance(loaded.engine, TransformersEngine)  # the embedded model: transformers
         sessions = list(itertools.islice(Dataset.open(data).sessions("train"), 2000))
         began = time.perf_counter()
         for_turns(memory, sessions, loaded.tokenizer, 256, {"train"})
@@ -422,14 +424,14 @@ def _memory_speed(messages: int, keep: Path | None, tokens: int, repeats: int) -
                                                                 * 1000, 2)}
         times = {}
         for label, recall in (("without", None), ("with", Recall(memory, 256))):
-            chat = Conversation(loaded.model, loaded.tokenizer, "Me Owner", "Friend 1", memory=recall)
+            chat = Conversation(loaded.engine, loaded.tokenizer, "Me Owner", "Friend 1", memory=recall)
             chat.add(["hey", "what are you doing tonight?"])
             runs = []
             for k in range(repeats + 1):  # the first round warms up
                 began = time.perf_counter()
                 ids = chat.prompt_ids()  # the search and the block, with memory
                 with torch.inference_mode():  # `tokens` new tokens each way: no early end
-                    loaded.model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+                    loaded.engine.model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
                                           do_sample=False)
                 if k:
                     runs.append(time.perf_counter() - began)

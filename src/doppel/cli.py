@@ -343,7 +343,7 @@ def chat(run: Path | None, persona: str | None, as_: str | None, list_: bool, ma
             raise Failure("standard input is closed: type in a terminal, or pipe the turns in")
         recall = chatting.open_memory(found if found is not None and found.finished else None, memory, remember)
         loaded = open_model(run, engine, gguf)
-        conversation = chatting.Conversation(loaded.model, loaded.tokenizer, persona, user, sampling, max_context,
+        conversation = chatting.Conversation(loaded.engine, loaded.tokenizer, persona, user, sampling, max_context,
                                              memory=recall)
         recorded = found.path / FEEDBACK_FILE if feedback and found is not None and found.finished else None
         interactive = sys.stdin.isatty()
@@ -516,13 +516,13 @@ def serve(run: Path | None, as_: str | None, engine: str, gguf: Path | None, **f
                                       cfg.remember)
         loaded = open_model(run, engine, gguf)
         feedback = found.path / FEEDBACK_FILE if cfg.feedback and found is not None and found.finished else None
-        app = create_app(loaded.model, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall,
+        app = create_app(loaded.engine, loaded.tokenizer, personas, user, cfg, default_persona=me, memory=recall,
                          feedback=feedback)
     if not cfg.loopback and cfg.api_key is None:
         click.secho(f"doppel: WARNING: serving on {cfg.host} without an API key (--insecure): anyone who can reach "
                     "this address can use the model", err=True, fg="red", bold=True)
     click.echo(f"doppel: serving {run or 'the embedded model'} on http://{cfg.host}:{cfg.port} "
-               f"(personas: {', '.join(personas) or 'any name'}; engine: {chatting.as_engine(loaded.model).name}; "
+               f"(personas: {', '.join(personas) or 'any name'}; engine: {loaded.engine.name}; "
                "memory: "
                f"{f'{len(recall.memory.entries):,} entries' if recall else 'off'})", err=True)
     # a request still generating when the server is asked to stop is cut after a few seconds

@@ -6,7 +6,8 @@ reply into messages and the conversation itself stay in `serving/chat.py`, the s
 follows transformers' order on both: repetition penalty over the whole context (prompt included), temperature,
 top-k 50, top-p; a temperature under 0.01 is greedy.
 
-One generation at a time per engine: the server and the bot hold a lock around it.
+One generation at a time per model: `tokens` waits its turn (`Turns`, first come first served), and a caller
+that sets `cancel` while it waits gives up its place, so the server, the bot and chat keep no lock of their own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import queue
+import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +29,7 @@ from doppel.errors import GenerationFailed, ModelError
 INSTALL_LLAMA = "pip install 'doppel[llama]' (llama-cpp-python; it compiles llama.cpp, about 10 minutes on 2 cores)"
 TOP_K = 50  # transformers' default, which doppel never changes
 MAX_CONTEXT = 8192  # llama.cpp allocates its whole key-value cache up front: a context of at most this many tokens
+CANCEL_CHECK = 0.05  # seconds: how soon a caller waiting its turn notices that its `cancel` was set
 
 
 class Engine(Protocol):
@@ -35,7 +39,10 @@ class Engine(Protocol):
     def tokens(self, ids: list[int], sampling: Sampling, stops: list[int], cancel: threading.Event,
                exact: bool = False) -> Iterator[int]:
         """New token ids after `ids`; a stop token is yielded, then generation ends. `exact`: ignore the stops and
-        generate `sampling.max_new_tokens` tokens (benchmarks)."""
+        generate `sampling.max_new_tokens` tokens (benchmarks).
+
+        Generation on one engine is one at a time: iterating waits for the generations before it, and yields
+        nothing when `cancel` is set first. A seeded `sampling` leaves the process's random state as it was."""
         ...
 
     def forget(self) -> None:
@@ -67,8 +74,58 @@ def llama_cpp() -> Any:
 
 
 def as_engine(model: Any) -> Engine:
-    """An engine as it is, or a transformers model wrapped as one."""
-    return model if hasattr(model, "tokens") and hasattr(model, "context") else TransformersEngine(model)
+    """The entry point of the Python API, which may be given a transformers model (`Run.load`): a PyTorch module is
+    wrapped in `TransformersEngine`; anything else is an engine already (`open_model` returns one)."""
+    torch = sys.modules.get("torch")  # a PyTorch module exists only once torch is imported
+    return TransformersEngine(model) if torch is not None and isinstance(model, torch.nn.Module) else model
+
+
+class Turns:
+    """Generations on one model, one at a time, in the order they asked; a caller whose `cancel` is set while it
+    waits leaves the queue (a client that left the server gives up its place).
+
+    `take` and `give` may run in different threads (a stream is read by whichever thread reads it next)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._busy = False
+
+    def take(self, cancel: threading.Event) -> bool:
+        """Wait for this caller's turn: True once it has it (then `give` it back), False when `cancel` came first."""
+        me = object()
+        with self._changed:
+            self._waiting.append(me)
+            try:
+                while self._busy or self._waiting[0] is not me:
+                    if cancel.is_set():
+                        return False
+                    self._changed.wait(CANCEL_CHECK)  # woken at once by `give`; `cancel` is seen within the timeout
+                if cancel.is_set():  # … or just before its turn came
+                    return False
+                self._busy = True
+                return True
+            finally:
+                self._waiting.remove(me)
+                self._changed.notify_all()  # the next in line may go (or, when this one went, waits on)
+
+    def give(self) -> None:
+        with self._changed:
+            self._busy = False
+            self._changed.notify_all()
+
+
+_TURNS: weakref.WeakKeyDictionary[Any, Turns] = weakref.WeakKeyDictionary()  # a transformers model's, however wrapped
+_TURNS_LOCK = threading.Lock()
+
+
+def _turns_of(model: Any) -> Turns:
+    """The one queue of `model`: two engines (or two conversations) on the same model wait for each other."""
+    with _TURNS_LOCK:
+        turns = _TURNS.get(model)
+        if turns is None:
+            turns = _TURNS[model] = Turns()
+        return turns
 
 
 class TransformersEngine:
@@ -79,6 +136,7 @@ class TransformersEngine:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.turns = _turns_of(model)
 
     def forget(self) -> None:
         pass  # generate keeps no cache between calls
@@ -98,26 +156,29 @@ class TransformersEngine:
                                                                        top_p=s.top_p, top_k=TOP_K)
         if exact:
             kwargs.update(min_new_tokens=s.max_new_tokens)
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
         failure: list[BaseException] = []
 
         def work() -> None:
             try:
-                with torch.inference_mode():
+                with _seeded(torch, s.seed, self.model.device), torch.inference_mode():
                     self.model.generate(**kwargs)
             except BaseException as exc:  # reported to the caller below, never lost in this thread
                 failure.append(exc)
             finally:
                 tokens.end()
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
+        if not self.turns.take(cancel):
+            return
         try:
-            yield from tokens
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            try:
+                yield from tokens
+            finally:
+                stopped.set()  # the caller stopped early (a client that left): the model stops too
+                worker.join()
         finally:
-            stopped.set()  # the caller stopped early (a client that left): the model stops too
-            worker.join()
+            self.turns.give()
         if failure:
             raise GenerationFailed(f"generation failed: {_short(failure[0])}") from failure[0]
 
@@ -135,6 +196,7 @@ class LlamaCppEngine:
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such GGUF file")
         self.context = context or min(trained_context(self.path), MAX_CONTEXT)
+        self.turns = Turns()
         threads = threads or len(os.sched_getaffinity(0))
         try:
             self.llm = _llama_class()(model_path=str(self.path), n_ctx=self.context, n_batch=512,
@@ -150,12 +212,14 @@ class LlamaCppEngine:
 
     def tokens(self, ids: list[int], sampling: Sampling, stops: list[int], cancel: threading.Event,
                exact: bool = False) -> Iterator[int]:
+        if not self.turns.take(cancel):
+            return
         s = sampling
         llm = self.llm
-        llm.prompt = ids  # the repetition penalty counts the prompt's tokens too, as transformers' does
-        if s.seed is not None:
-            llm.set_seed(s.seed & 0xFFFFFFFF)
         try:
+            llm.prompt = ids  # the repetition penalty counts the prompt's tokens too, as transformers' does
+            if s.seed is not None:
+                llm.set_seed(s.seed & 0xFFFFFFFF)  # llama.cpp's own generator: the process's stays as it is
             generated = llm.generate(ids, temp=0.0 if s.greedy else s.temperature, top_p=s.top_p, top_k=TOP_K,
                                      repeat_penalty=s.repetition_penalty, reset=True)
             for n, token in enumerate(generated, 1):
@@ -166,6 +230,8 @@ class LlamaCppEngine:
                     return
         except RuntimeError as exc:  # llama_decode failing (out of context, out of memory)
             raise GenerationFailed(f"generation failed: {_short(exc)}") from exc
+        finally:
+            self.turns.give()
 
 
 def trained_context(path: Path) -> int:
@@ -218,6 +284,29 @@ def _llama_class() -> Any:
             return sampler
 
     return Llama
+
+
+def _seeded(torch: Any, seed: int | None, device: Any) -> Any:
+    """A context in which sampling draws from the generators seeded with `seed`, the process's random state put back
+    after it (transformers' sampling takes no generator of its own: `torch.multinomial` draws from the global one);
+    None: no seed, the global generators as they are."""
+    import contextlib
+
+    if seed is None:
+        return contextlib.nullcontext()
+    kind = device.type if device.type != "cpu" else None  # the CPU's state is always forked
+    devices = range(torch.get_device_module(kind).device_count()) if kind else ()
+
+    @contextlib.contextmanager
+    def forked() -> Iterator[None]:
+        with torch.random.fork_rng(devices=devices, device_type=kind or "cuda"):
+            if kind:
+                torch.manual_seed(seed)  # the CPU's and every device's (all of this kind are put back)
+            else:
+                torch.random.default_generator.manual_seed(seed)  # the one a model on the CPU samples from
+            yield
+
+    return forked()
 
 
 def _short(exc: BaseException) -> str:

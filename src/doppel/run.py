@@ -28,7 +28,7 @@ from typing import Any
 
 from doppel.config import TrainConfig
 from doppel.dataset import DatasetStats
-from doppel.engines import llama_cpp_installed
+from doppel.engines import Engine, llama_cpp_installed
 from doppel.errors import ModelError, RunError
 
 RUN_FILE, CONFIG_FILE, METRICS_FILE, STATS_FILE = "run.json", "config.yaml", "metrics.jsonl", "dataset_stats.json"
@@ -235,10 +235,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class Loaded:
     """A model ready to talk: from a run, a model directory, or the embedded default."""
 
-    model: Any  # in eval mode
+    engine: Engine  # what generates: the transformers model (in eval mode) in `TransformersEngine`, or llama.cpp
     tokenizer: Any
     name: str  # the base model's name, or the folder's
     run: Run | None  # None for a model that is not a doppel run
+
+    @property
+    def model(self) -> Engine:
+        """`engine`, by the name the Python API gave it first (`Conversation(loaded.model, …)` keeps working)."""
+        return self.engine
 
     @property
     def personas(self) -> list[str]:
@@ -255,13 +260,15 @@ GGUF_PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "f16", "bf16", "f32")  # 
 
 
 def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path | None = None) -> Loaded:
-    """A finished run, a merged or Hugging Face model directory, a GGUF file, or (None) the embedded model, loaded.
+    """A finished run, a merged or Hugging Face model directory, a GGUF file, or (None) the embedded model, loaded
+    behind an engine (`Loaded.engine`).
 
     `engine` "transformers" loads the weights into PyTorch (a GGUF dequantized); "llama.cpp" runs `gguf`, else the
     run's GGUF export (`doppel export`) or the GGUF file `path` names; "auto" is llama.cpp when there is such a file
     and llama-cpp-python is installed, transformers otherwise.
     """
     from doppel import models
+    from doppel.engines import TransformersEngine
 
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
@@ -288,14 +295,14 @@ def open_model(path: str | Path | None, engine: str = "auto", gguf: str | Path |
         tokenizer = models.load_tokenizer(None)
         model = models.load_model(None)
         models.fit_embeddings(model, tokenizer)
-        return Loaded(model.eval(), tokenizer, models.base_name(None), None)
+        return Loaded(TransformersEngine(model.eval()), tokenizer, models.base_name(None), None)
     if run is not None:
         model, tokenizer = run.load()
-        return Loaded(model, tokenizer, models.base_name(run.info.base), run)
+        return Loaded(TransformersEngine(model), tokenizer, models.base_name(run.info.base), run)
     tokenizer = models.load_tokenizer(str(folder))
     model = models.load_model(str(folder))
     models.fit_embeddings(model, tokenizer)
-    return Loaded(model.eval(), tokenizer, str(folder), None)
+    return Loaded(TransformersEngine(model.eval()), tokenizer, str(folder), None)
 
 
 def find_run(folder: Path) -> Run | None:

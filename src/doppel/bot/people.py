@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from doppel.config import BotConfig
 from doppel.errors import BotError
-from doppel.memory.index import TOP, Memory
+from doppel.memory.index import TOP
 from doppel.memory.recall import Recall, chat_query
 from doppel.readers import telegram_ids
 from doppel.records import MemoryEntry, Turn
@@ -102,8 +102,10 @@ class OwnRecall(Recall):
     speakers of the chat's Telegram ids (`People.recalled`), so that the bot never tells one contact what another
     wrote."""
 
-    def __init__(self, memory: Memory, budget: int, people: Collection[str], conversation: str) -> None:
-        super().__init__(memory, budget, False, conversation)
+    def __init__(self, recall: Recall, people: Collection[str]) -> None:
+        """`recall`: the chat's own (`Recall.for_conversation`), narrowed to `people`."""
+        super().__init__(recall.memory, recall.budget, recall.remember, recall.conversation, recall.before,
+                         recall.scope)
         self.people = frozenset(people)
 
     def block(self, tokenizer: Any, history: Sequence[Turn], people: Collection[str],

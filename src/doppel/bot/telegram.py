@@ -43,6 +43,7 @@ from doppel.records import Turn
 from doppel.serving.chat import Conversation, add_messages, open_memory
 
 if TYPE_CHECKING:
+    from doppel.engines import Engine
     from doppel.run import Loaded, Run
 
 UPDATES = ("message", "callback_query", "business_connection", "business_message")
@@ -74,7 +75,7 @@ async def serve(run: Run, token: str, cfg: BotConfig, sampling: Sampling, loaded
         if loaded is None:
             loaded = await asyncio.to_thread(open_model, run.path, engine, gguf)
         feedback = run.path / FEEDBACK_FILE if cfg.business and cfg.feedback else None
-        twin = Twin(bot, cfg, sampling, people, state, loaded.model, loaded.tokenizer, recall, feedback)
+        twin = Twin(bot, cfg, sampling, people, state, loaded.engine, loaded.tokenizer, recall, feedback)
         if ready is not None:
             ready(_describe(me.username, people, cfg, recall))
         await twin.run()
@@ -95,18 +96,18 @@ def _describe(username: str | None, people: People, cfg: BotConfig, recall: Reca
 
 
 class Twin:
-    """The running bot: the poll loop, a worker per chat, the model behind a lock."""
+    """The running bot: the poll loop, a worker per chat. The chats' replies take turns on the engine (it writes
+    one at a time), each in a thread, so that updates keep coming in meanwhile."""
 
-    def __init__(self, bot: Bot, cfg: BotConfig, sampling: Sampling, people: People, state: State, model: Any,
+    def __init__(self, bot: Bot, cfg: BotConfig, sampling: Sampling, people: People, state: State, engine: Engine,
                  tokenizer: Any, recall: Recall | None, feedback: Path | None = None) -> None:
         self.bot, self.cfg, self.sampling, self.people, self.state = bot, cfg, sampling, people, state
         self.api = Api(bot)
         self.intake = Intake(self.api, cfg, people, state, self._wake, feedback)
-        self.model, self.tokenizer, self.recall = model, tokenizer, recall
+        self.engine, self.tokenizer, self.recall = engine, tokenizer, recall
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.conversations: dict[str, Conversation] = {}
-        self.model_lock = asyncio.Lock()
-        self.cancel = threading.Event()  # stops a generation under way when the bot stops
+        self.cancel = threading.Event()  # stops the generation under way, and those waiting, when the bot stops
         self.arrived: dict[str, float] = {}  # when a chat's newest message came (loop time)
         self.spoke: dict[str, float] = {}  # when the bot began or last sent a message in a chat (loop time)
         self.failed: asyncio.Future[None] | None = None
@@ -250,21 +251,21 @@ class Twin:
         if conversation is None:
             memory: Recall | None = None
             if self.recall is not None and chat.business is None and chat.contact.get("owner"):
-                memory = Recall(self.recall.memory, self.recall.budget, False, f"telegram:{key}")
+                memory = self.recall.for_conversation(f"telegram:{key}")
             elif self.recall is not None:  # by the Telegram id Telegram gave, never by a name or by /as
                 people = self.people.recalled(chat.contact.get("id", 0))
                 if people is not None:
-                    memory = OwnRecall(self.recall.memory, self.recall.budget, people, f"telegram:{key}")
+                    memory = OwnRecall(self.recall.for_conversation(f"telegram:{key}"), people)
             conversation = self.conversations[key] = Conversation(
-                self.model, self.tokenizer, chat.persona or "", chat.user or "", self.sampling, self.cfg.max_context,
+                self.engine, self.tokenizer, chat.persona or "", chat.user or "", self.sampling, self.cfg.max_context,
                 memory=memory)
         conversation.persona, conversation.user = chat.persona or "", chat.user or ""
         conversation.load(turns)  # what was tokenized for the last reply is not tokenized again
         return conversation
 
     async def _generate(self, conversation: Conversation, said: list[str]) -> list[str]:
-        async with self.model_lock:
-            return await asyncio.to_thread(lambda: conversation.reply(said, self.cancel).wait())
+        """The reply to `said`, in a thread: it waits there for the replies of other chats before it (engines.Turns)."""
+        return await asyncio.to_thread(lambda: conversation.reply(said, self.cancel).wait())
 
     async def _typing_during(self, chat: Chat, work: Awaitable[T]) -> T:
         """Await `work` with "typing…" shown in the chat, from before it starts to its end."""

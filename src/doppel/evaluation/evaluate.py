@@ -147,10 +147,7 @@ def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language
 
 def _before(memory: Recall | None, session: Session) -> Recall | None:
     """The recall of a held-out session: from the sessions that ended before it started."""
-    from doppel.memory.recall import Recall
-
-    return None if memory is None else Recall(memory.memory, memory.budget, conversation=session.id,
-                                              before=session.start)
+    return None if memory is None else memory.for_conversation(session.id, before=session.start)
 
 
 def recall_probes(model: Any, tokenizer: Any, sessions: list[Session], recall: dict[str, set[int]],

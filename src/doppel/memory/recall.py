@@ -79,6 +79,12 @@ class Recall:
         key = hashlib.sha1(seed.encode()).hexdigest()[:16] if seed is not None else uuid.uuid4().hex[:16]
         return f"remembered:{key}"
 
+    def for_conversation(self, conversation: str, *, scope: str | None = None, before: int | None = None) -> Recall:
+        """This recall for another conversation (the server's requests, the bot's chats, evaluation's sessions): the
+        same memory, budget and `remember`; `scope` (who talks) and `before` (evaluation: only what ended before it)
+        are the new conversation's. Always a plain `Recall`, whatever recall it is copied from."""
+        return Recall(self.memory, self.budget, self.remember, conversation, before, scope)
+
     def reset(self) -> None:
         self.conversation = self.new_conversation()
 

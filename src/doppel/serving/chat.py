@@ -146,6 +146,9 @@ class Conversation:
     `rewrite`, `reset`, and the replies of `reply` and `answer`. Each turn is tokenized once (`TurnIds`), so a reply
     costs the new turns' tokenization, however long the chat. `history` is the turns (assigning it is `load`).
 
+    `model` is what generates: an engine (`open_model`'s `Loaded.engine`), or a transformers model (`Run.load`'s),
+    wrapped in a `TransformersEngine` here. Conversations on one model take turns on it (engines.Turns).
+
     `max_context` is the model's window (prompt and reply); `max_prompt` caps the prompt alone. Older turns
     are left out to fit; the newest turn is always in, or `ContextTooLong` says why it cannot be. `memory`
     recalls earlier conversations before each reply (within its budget and the room the newest turn leaves);
@@ -278,7 +281,8 @@ class Conversation:
     def answer(self, cancel: threading.Event | None = None) -> Reply:
         """Generate the persona's turn after the history: a `Reply` that streams its messages as each is complete.
 
-        Generation stops when `cancel` is set or when the caller stops iterating. If the model fails,
+        Generation waits for the others on the same engine (one at a time), and stops when `cancel` is set or when
+        the caller stops iterating; cancelled before its first token, it adds no turn. If the model fails,
         `GenerationFailed` is raised and no turn is added.
         """
         ids = self.prompt_ids()
@@ -302,6 +306,8 @@ class Conversation:
 
     def _turn(self, reply: Reply, ids: list[int], cancel: threading.Event) -> Iterator[str]:
         yield from self._stream(reply, ids, cancel)
+        if reply.finish_reason is None:  # cancelled while it waited for the model: no turn, nothing remembered
+            return
         self._turns.append(spoken(self.persona, reply.messages))  # tokenized when a prompt needs it
         if self.memory is not None:
             self.memory.keep(self._turns)
@@ -311,7 +317,7 @@ class Conversation:
         text = _Text(self.tokenizer)
         done = 0
         finish = "length"
-        for token in self.engine.tokens(ids, self.sampling, self.stops, cancel):
+        for token in self.engine.tokens(ids, self.sampling, self.stops, cancel):  # waits for the model's turn
             reply.completion_tokens += 1
             if token in self.stops:
                 finish = "stop"
@@ -321,6 +327,8 @@ class Conversation:
             if complete > done:
                 yield from split_messages(text.value[done:complete])
                 done = complete + 1
+        if not reply.completion_tokens and cancel.is_set():
+            return  # it never had the model (`finish_reason` stays None)
         yield from split_messages(text.finish()[done:])
         reply.finish_reason = finish
 

@@ -156,10 +156,11 @@ def turns_of(messages: list[Message], persona: str, default_user: str) -> list[T
 def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: str,
                cfg: ServeConfig | None = None, default_persona: str | None = None,
                memory: Recall | None = None, feedback: Path | None = None) -> FastAPI:
-    """The app; `feedback`: the run's feedback.jsonl that POST /doppel/feedback writes (None: it refuses)."""
+    """The app of `model` (`open_model`'s engine, or a transformers model: `Conversation` takes either); `feedback`:
+    the run's feedback.jsonl that POST /doppel/feedback writes (None: it refuses). Generations take turns on the
+    model in the engine, first come first served."""
     cfg = cfg or ServeConfig()
     app = FastAPI(title="doppel", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # one generation at a time on the one model; the others wait their turn
     turn_cache = TurnIds(tokenizer)  # a conversation that comes back one turn longer tokenizes that turn alone
     names = personas or [default_persona or "Me"]
 
@@ -216,8 +217,8 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             if memory is not None:  # a conversation that goes on opens with the same turn: the same remembered id
                 opening = earlier[0] if earlier else last
                 seed = [request.model, opening.speaker, opening.messages] + ([request.user] if request.user else [])
-                recall = Recall(memory.memory, memory.budget, memory.remember, Recall.new_conversation(
-                    json.dumps(seed, ensure_ascii=False)), scope=request.user or None)
+                recall = memory.for_conversation(Recall.new_conversation(json.dumps(seed, ensure_ascii=False)),
+                                                 scope=request.user or None)
             chat = Conversation(model, tokenizer, request.model, last.speaker, request.sampling(),
                                 max_prompt=cfg.max_prompt_tokens, memory=recall, turn_cache=turn_cache)
             chat.load(earlier)
@@ -229,14 +230,9 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
             raise ApiError(400, str(exc)) from None
         return chat
 
-    def replies(reply: Reply, stops: list[str], cancel: threading.Event) -> Iterator[str]:
-        """The persona's messages, cut at the first stop string, once the model is free."""
-        while not lock.acquire(timeout=0.05):
-            if cancel.is_set():
-                return  # the client left while waiting its turn
-        if cancel.is_set():  # … or just before its turn came
-            lock.release()
-            return
+    def replies(reply: Reply, stops: list[str]) -> Iterator[str]:
+        """The persona's messages, cut at the first stop string, once the model is free (a client that leaves while
+        it waits sets the reply's `cancel`, and gives up its place: the engine's queue)."""
         try:
             for message in reply:
                 cut = min((message.find(s) for s in stops if s in message), default=-1)
@@ -248,7 +244,6 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
                 yield message
         finally:
             reply.close()
-            lock.release()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def completions(body: ChatRequest, request: Request) -> Any:
@@ -260,10 +255,10 @@ def create_app(model: Any, tokenizer: Any, personas: list[str], default_user: st
         extension = {"doppel": {"memory": [_entry(e) for e in chat.recalled]}} if memory is not None else {}
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            return StreamingResponse(_events(replies(reply, stops, cancel), cancel, lambda: reply.finish_reason or
+            return StreamingResponse(_events(replies(reply, stops), cancel, lambda: reply.finish_reason or
                                              "length", ident, created, body.model, extension),
                                      media_type="text/event-stream")
-        work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(reply, stops, cancel))))
+        work = asyncio.ensure_future(asyncio.to_thread(lambda: list(replies(reply, stops))))
         try:
             while not work.done():
                 await asyncio.wait({work}, timeout=0.25)
