@@ -709,7 +709,7 @@ def test_a_finished_run_trains_on_to_a_larger_budget(tiny, sample_data, tmp_path
     assert str(err.value) == f"{run} already holds a finished run; choose another out, or resume it with a larger " \
                              "max_steps or epochs to train it further"
     result = run_cli("train", sample_data, "-o", run, "--resume")  # the saved config: max_steps 4
-    assert (result.exit_code, result.output) == (2, f"doppel: error: {run} has already trained 4 steps (0.0597 "
+    assert (result.exit_code, result.output) == (2, f"doppel: error: {run} has already trained 4 steps (0.058 "
                                                     "epochs): nothing more to do with max_steps 4; give a larger "
                                                     "max_steps or epochs\n")
     assert Run(run).finished
