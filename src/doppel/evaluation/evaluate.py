@@ -19,7 +19,7 @@ from doppel.dataset import Dataset
 from doppel.errors import ContextTooLong, EvalError
 from doppel.evaluation import style
 from doppel.evaluation.judge import Judge
-from doppel.records import Session, Turn
+from doppel.records import Session, spoken
 from doppel.run import EVAL_DIR, Run, RunInfo
 
 if TYPE_CHECKING:
@@ -133,13 +133,13 @@ def probes(model: Any, tokenizer: Any, owner: str, contacts: list[str], language
             for persona, user in ((owner, contact), (contact, owner)):
                 chat = Conversation(model, tokenizer, persona, user,
                                     Sampling(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
-                turns = [Turn(user, "", OPENERS[opener_language], False)]
+                turns = [spoken(user, OPENERS[opener_language])]
                 for k in range(cfg.probe_turns):
                     speaker, other = (persona, user) if k % 2 == 0 else (user, persona)
                     chat.persona, chat.user = speaker, other
                     chat.load(turns[:-1])
                     said = tuple(chat.reply(list(turns[-1].messages)))
-                    turns.append(Turn(speaker, "", said or ("…",), False))
+                    turns.append(spoken(speaker, said or ("…",)))
                 out.append({"model_as": persona, "facing": user, "language": opener_language,
                             "turns": [{"speaker": t.speaker, "messages": list(t.messages)} for t in turns]})
     return out

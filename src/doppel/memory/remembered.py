@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from doppel.memory.index import DIMENSIONS, checked_entry, clip, problem, window_hash, window_text, windows_of
-from doppel.records import ChatRef, MemoryEntry, Session, Turn
+from doppel.records import ChatRef, MemoryEntry, Session, Turn, spoken
 from doppel.render import is_time
 
 LINE_BYTES = 1 << 20
@@ -51,7 +51,7 @@ class Held:
 def kept(turn: Turn) -> Turn:
     """A turn as it is remembered: its first `TURN_MESSAGES` messages that hold text, each cut as in the index."""
     messages = tuple(clip(m) for m in turn.messages if m.strip())[:TURN_MESSAGES]
-    return Turn(clip(turn.speaker, NAME_CHARS), "", messages, False)
+    return spoken(clip(turn.speaker, NAME_CHARS), messages)
 
 
 def change(held: Held | None, turns: Sequence[Turn], scope: str | None, now: int) -> tuple[Held, int] | None:
@@ -126,7 +126,7 @@ def read(path: Path) -> Read:
                 if not (isinstance(conversation, str) and (scope is None or isinstance(scope, str)) and type(n) is int
                         and isinstance(speaker, str) and all(isinstance(m, str) for m in messages)):
                     raise ValueError("not a remembered turn")
-                turn = kept(Turn(speaker, "", messages, False))
+                turn = kept(spoken(speaker, messages))
                 if conversation not in held or n == 0:
                     held[conversation] = Held(scope)
                 so_far = held[conversation]
